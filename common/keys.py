@@ -1,0 +1,116 @@
+"""Every Redis key this project reads or writes, in one place.
+
+All keys start with a prefix (``REDIS_PREFIX``, default ``rec``); tests isolate by prefix.
+A model *version* is an immutable snapshot of the streaming ALS model. It is made of
+*segments*: the segment written by version ``s`` holds the factor records of every user and
+item that changed in that micro-batch (a *delta*), or of all of them (a *full* segment).
+A version's segments, read oldest to newest with later records overriding earlier ones,
+give the complete model. The modeler starts a new full segment when the chain grows long,
+so readers touch a bounded number of hashes.
+
+========================================  ========  =============================================
+key                                       type      contents
+========================================  ========  =============================================
+``{p}:current``                           string    JSON pointer ``{"version": v, "segments":
+                                                    [s0, ..., v]}``: the visible version. Flipped
+                                                    last, in MULTI/EXEC with ``{p}:ver:{v}``.
+``{p}:ver:{v}``                           hash      version metadata (see :data:`META_FIELDS`);
+                                                    ``offsets`` = JSON ``{"topic:partition":
+                                                    next offset}`` consumed by this version.
+``{p}:versions``                          zset      live versions, score = created unix time;
+                                                    garbage collection walks it.
+``{p}:seg:{s}:users``                     hash      user id -> factor record (float32 LE bytes:
+                                                    ``[bias, f1..f_rank]``, see ``codec``)
+``{p}:seg:{s}:items``                     hash      item id -> factor record
+``{p}:rated:{user}``                      hash      item id -> rating (decimal string): what the
+                                                    user has rated (top-N excludes these).
+                                                    Not versioned; writes are idempotent.
+``{p}:metrics``                           list      JSON per micro-batch, newest first, capped
+                                                    (version, ratings_seen, prequential_rmse,
+                                                    ratings_per_s, batch_seconds, lag, time)
+``{p}:catalog``                           hash      item id -> JSON ``{"title", "genres": [..]}``
+``{p}:popular``                           string    JSON ``[[item, count], ...]`` most rated
+                                                    first: the fallback before any model exists
+``{p}:lease:modeler``                     string    owner token of the one modeler allowed to
+                                                    publish (SET NX PX, renewed each batch)
+``{p}:events`` (pub/sub channel)          channel   a new version's number, published in the
+                                                    same MULTI/EXEC that flips ``current``
+========================================  ========  =============================================
+
+Readers: ``GET {p}:current``, then read ``{p}:ver:{v}`` and the listed segments. A segment
+referenced by any version still in ``{p}:versions`` is never deleted, and the modeler keeps
+the last few versions, so a reader that fetched the pointer a moment ago can finish. A
+reader that finds a segment missing re-reads the pointer and starts over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+USERS = "users"
+ITEMS = "items"
+KINDS = (USERS, ITEMS)
+
+# Fields of {p}:ver:{v}. Scalars are decimal strings; structured values are JSON.
+META_FIELDS = (
+    "version",  # int
+    "rank",  # int
+    "mu",  # float: global mean of every rating seen
+    "reg_param",  # float: λ, used by the predictor's fold-in
+    "n_users",  # int
+    "n_items",  # int
+    "ratings_seen",  # int: valid ratings the model has learned from, ever
+    "created",  # float unix time
+    "segments",  # JSON list of segment ids, oldest first
+    "offsets",  # JSON {"topic:partition": next offset to read}
+    "metrics",  # JSON dict of this batch's training metrics
+    "popular",  # JSON [[item, count], ...], top items by number of ratings
+    "rating_min",  # float
+    "rating_max",  # float
+)
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under one prefix: ``Keys("rec").segment(7, "items") == "rec:seg:7:items"``."""
+
+    prefix: str = "rec"
+
+    @property
+    def current(self) -> str:
+        return f"{self.prefix}:current"
+
+    @property
+    def versions(self) -> str:
+        return f"{self.prefix}:versions"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}:events"
+
+    @property
+    def metrics(self) -> str:
+        return f"{self.prefix}:metrics"
+
+    @property
+    def catalog(self) -> str:
+        return f"{self.prefix}:catalog"
+
+    @property
+    def popular(self) -> str:
+        return f"{self.prefix}:popular"
+
+    @property
+    def lease(self) -> str:
+        return f"{self.prefix}:lease:modeler"
+
+    def meta(self, version: int) -> str:
+        return f"{self.prefix}:ver:{version}"
+
+    def segment(self, segment: int, kind: str) -> str:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+        return f"{self.prefix}:seg:{segment}:{kind}"
+
+    def rated(self, user: str) -> str:
+        return f"{self.prefix}:rated:{user}"

@@ -1,0 +1,249 @@
+"""Read and write model versions in Redis, following the layout in :mod:`common.keys`.
+
+Writers (the modeler) call :func:`write_segment` per partition, from wherever the data
+lives, then :func:`publish_version` once, on the driver, to make the version visible
+atomically. Readers (the predictor, tests, any plain Redis client) call
+:func:`read_pointer`, :func:`read_meta`, :func:`read_factors` and :func:`read_all_factors`.
+Vectors travel as float32 bytes; metadata as decimal strings and JSON. No pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import redis
+
+from common.codec import decode_matrix, decode_record, encode_matrix
+from common.keys import ITEMS, KINDS, Keys
+
+
+class SnapshotChanged(RuntimeError):
+    """A segment of the version being read was garbage-collected: re-read the pointer."""
+
+
+@dataclass(frozen=True)
+class Pointer:
+    version: int
+    segments: tuple[int, ...]
+
+
+@dataclass
+class Meta:
+    version: int
+    rank: int
+    mu: float
+    reg_param: float
+    n_users: int
+    n_items: int
+    ratings_seen: int
+    created: float
+    segments: tuple[int, ...]
+    offsets: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    popular: list[tuple[str, int]] = field(default_factory=list)
+    rating_min: float = 0.5
+    rating_max: float = 5.0
+
+    def to_redis(self) -> dict[str, str]:
+        return {
+            "version": str(self.version),
+            "rank": str(self.rank),
+            "mu": repr(float(self.mu)),
+            "reg_param": repr(float(self.reg_param)),
+            "n_users": str(self.n_users),
+            "n_items": str(self.n_items),
+            "ratings_seen": str(self.ratings_seen),
+            "created": repr(float(self.created)),
+            "segments": json.dumps(list(self.segments)),
+            "offsets": json.dumps(self.offsets, sort_keys=True),
+            "metrics": json.dumps(self.metrics, sort_keys=True),
+            "popular": json.dumps([[i, int(c)] for i, c in self.popular]),
+            "rating_min": repr(float(self.rating_min)),
+            "rating_max": repr(float(self.rating_max)),
+        }
+
+    @classmethod
+    def from_redis(cls, raw: Mapping[bytes | str, bytes | str]) -> Meta:
+        d = {_s(k): _s(v) for k, v in raw.items()}
+        return cls(
+            version=int(d["version"]),
+            rank=int(d["rank"]),
+            mu=float(d["mu"]),
+            reg_param=float(d["reg_param"]),
+            n_users=int(d["n_users"]),
+            n_items=int(d["n_items"]),
+            ratings_seen=int(d["ratings_seen"]),
+            created=float(d["created"]),
+            segments=tuple(int(s) for s in json.loads(d["segments"])),
+            offsets={k: int(v) for k, v in json.loads(d.get("offsets", "{}")).items()},
+            metrics=json.loads(d.get("metrics", "{}")),
+            popular=[(str(i), int(c)) for i, c in json.loads(d.get("popular", "[]"))],
+            rating_min=float(d.get("rating_min", 0.5)),
+            rating_max=float(d.get("rating_max", 5.0)),
+        )
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_segment(
+    client: redis.Redis | redis.client.Pipeline,
+    keys: Keys,
+    segment: int,
+    kind: str,
+    ids: Sequence[str],
+    biases: np.ndarray,
+    vectors: np.ndarray,
+    chunk: int = 2000,
+) -> int:
+    """HSET factor records of ``ids`` into segment ``segment``; returns records written.
+
+    Safe to repeat (a retried partition writes the same bytes again).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}")
+    if not len(ids):
+        return 0
+    records = encode_matrix(np.asarray(biases), np.asarray(vectors))
+    key = keys.segment(segment, kind)
+    pipe = client.pipeline(transaction=False) if isinstance(client, redis.Redis) else client
+    for start in range(0, len(ids), chunk):
+        pipe.hset(key, mapping=dict(zip(ids[start : start + chunk], records[start : start + chunk])))
+    if isinstance(client, redis.Redis):
+        pipe.execute()
+    return len(ids)
+
+
+def write_rated(
+    client: redis.Redis, keys: Keys, rated: Iterable[tuple[str, str, float]]
+) -> None:
+    """Record (user, item, rating) triples in ``{p}:rated:{user}``; idempotent."""
+    by_user: dict[str, dict[str, str]] = {}
+    for user, item, rating in rated:
+        by_user.setdefault(user, {})[item] = repr(float(rating))
+    pipe = client.pipeline(transaction=False)
+    for user, items in by_user.items():
+        pipe.hset(keys.rated(user), mapping=items)
+    pipe.execute()
+
+
+def publish_version(client: redis.Redis, keys: Keys, meta: Meta, extra: Any = None) -> None:
+    """Make ``meta.version`` visible: metadata, pointer and announcement in one MULTI/EXEC.
+
+    Its segments must already be written. ``extra`` may be a callable taking the
+    transaction pipeline, to add writes that must land atomically with the flip.
+    """
+    pointer = json.dumps({"version": meta.version, "segments": list(meta.segments)})
+    pipe = client.pipeline(transaction=True)
+    pipe.hset(keys.meta(meta.version), mapping=meta.to_redis())
+    pipe.zadd(keys.versions, {str(meta.version): meta.created})
+    pipe.set(keys.current, pointer)
+    if callable(extra):
+        extra(pipe)
+    pipe.publish(keys.events, str(meta.version))
+    pipe.execute()
+
+
+def collect_garbage(client: redis.Redis, keys: Keys, keep: int = 3, min_age_s: float = 5.0) -> int:
+    """Drop versions beyond the newest ``keep`` (older than ``min_age_s``) and any segment
+    no surviving version references. Returns the number of keys deleted."""
+    live = [int(_s(v)) for v in client.zrange(keys.versions, 0, -1)]
+    if len(live) <= keep:
+        return 0
+    live.sort()
+    now = time.time()
+    survivors = live[-keep:]
+    doomed = []
+    for v in live[:-keep]:
+        created = client.zscore(keys.versions, str(v)) or 0.0
+        if now - created >= min_age_s:
+            doomed.append(v)
+        else:
+            survivors.append(v)
+    if not doomed:
+        return 0
+    referenced: set[int] = set()
+    for v in survivors:
+        segs = client.hget(keys.meta(v), "segments")
+        if segs is not None:
+            referenced.update(json.loads(_s(segs)))
+    dead_keys = [keys.meta(v) for v in doomed]
+    for v in doomed:
+        segs = client.hget(keys.meta(v), "segments")
+        for s in json.loads(_s(segs)) if segs is not None else []:
+            if s not in referenced:
+                dead_keys.extend(keys.segment(s, k) for k in KINDS)
+    pipe = client.pipeline(transaction=True)
+    pipe.zrem(keys.versions, *[str(v) for v in doomed])
+    pipe.delete(*set(dead_keys))
+    return int(pipe.execute()[1])
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_pointer(client: redis.Redis, keys: Keys) -> Pointer | None:
+    raw = client.get(keys.current)
+    if raw is None:
+        return None
+    d = json.loads(_s(raw))
+    return Pointer(version=int(d["version"]), segments=tuple(int(s) for s in d["segments"]))
+
+
+def read_meta(client: redis.Redis, keys: Keys, version: int) -> Meta | None:
+    raw = client.hgetall(keys.meta(version))
+    return Meta.from_redis(raw) if raw else None
+
+
+def read_factors(
+    client: redis.Redis, keys: Keys, pointer: Pointer, kind: str, ids: Sequence[str], rank: int
+) -> dict[str, tuple[float, np.ndarray]]:
+    """Records of ``ids`` as of ``pointer``'s version (newest segment wins); absent ids omitted."""
+    if not ids:
+        return {}
+    pipe = client.pipeline(transaction=False)
+    newest_first = list(reversed(pointer.segments))
+    for s in newest_first:
+        pipe.hmget(keys.segment(s, kind), list(ids))
+    if kind == ITEMS or len(newest_first) > 1:
+        pipe.exists(*[keys.meta(pointer.version)])
+    replies = pipe.execute()
+    out: dict[str, tuple[float, np.ndarray]] = {}
+    for values in replies[: len(newest_first)]:
+        for i, raw in zip(ids, values):
+            if raw is not None and i not in out:
+                out[i] = decode_record(raw, rank)
+    if len(replies) > len(newest_first) and not replies[-1]:
+        raise SnapshotChanged(f"version {pointer.version} was garbage-collected while reading")
+    return out
+
+
+def read_all_factors(
+    client: redis.Redis, keys: Keys, pointer: Pointer, kind: str, rank: int
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The complete ``kind`` matrix of a version: ``(ids, biases (n,), vectors (n, rank))``."""
+    merged: dict[str, bytes] = {}
+    for s in pointer.segments:
+        key = keys.segment(s, kind)
+        if not client.exists(key) and s == pointer.segments[0]:
+            # The base segment always holds at least one record; gone means collected.
+            if client.exists(keys.meta(pointer.version)) == 0:
+                raise SnapshotChanged(f"version {pointer.version} was garbage-collected")
+        for k, v in client.hscan_iter(key, count=5000):
+            merged[_s(k)] = v
+    if client.exists(keys.meta(pointer.version)) == 0:
+        raise SnapshotChanged(f"version {pointer.version} was garbage-collected while reading")
+    ids = list(merged)
+    if not ids:
+        return ids, np.zeros(0, np.float32), np.zeros((0, rank), np.float32)
+    biases, vectors = decode_matrix([merged[i] for i in ids], rank)
+    return ids, biases, vectors
