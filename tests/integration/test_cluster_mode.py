@@ -1,0 +1,176 @@
+"""Cluster mode proven locally: a Spark standalone master and two workers on 127.0.0.1,
+the modeler's streaming ALS driven against them, and the same factors as in local mode.
+
+The master and workers are the classes pyspark ships (``bin/spark-class`` with
+``org.apache.spark.deploy.master.Master`` / ``...worker.Worker``), exactly what the
+``spark-master`` / ``spark-worker`` services in docker-compose.yml and the
+``spark-standalone`` overlay run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from devstack.services import check_java, free_port, wait_for_port
+
+pytestmark = pytest.mark.spark
+
+ROOT = Path(__file__).resolve().parents[2]
+DRIVER = Path(__file__).with_name("cluster_driver.py")
+WORKERS = 2
+TOLERANCE = 1e-5
+
+
+def _load_driver():
+    spec = importlib.util.spec_from_file_location("streamrec_cluster_driver", DRIVER)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def spark_home() -> Path:
+    import pyspark
+
+    return Path(pyspark.__file__).resolve().parent
+
+
+@dataclass
+class Standalone:
+    url: str
+    webui: str
+    procs: list[subprocess.Popen]
+    logs: list[Path]
+
+    def alive_workers(self) -> int:
+        with urllib.request.urlopen(f"{self.webui}/json/", timeout=2) as resp:  # noqa: S310 - loopback
+            state = json.load(resp)
+        return sum(1 for w in state.get("workers", []) if w.get("state") == "ALIVE")
+
+    def tail(self, lines: int = 15) -> str:
+        out = []
+        for path in self.logs:
+            text = path.read_text(errors="replace").splitlines() if path.exists() else []
+            out.append(f"--- {path.name}\n" + "\n".join(text[-lines:]))
+        return "\n".join(out)
+
+
+def _spawn(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+    # spark-class ends with `exec java ...`, so the pid is the JVM; its own session lets
+    # us stop it and anything it forked (executors) by process group.
+    return subprocess.Popen(
+        [str(spark_home() / "bin" / "spark-class"), *args],
+        stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        env=env, start_new_session=True,
+    )
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def standalone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Standalone]:
+    """A Spark standalone master and two 1-core/1 GiB workers, all bound to 127.0.0.1."""
+    check_java()
+    work = tmp_path_factory.mktemp("spark-standalone")
+    env = dict(os.environ)
+    env.update({
+        "SPARK_HOME": str(spark_home()),
+        # Binds the web UIs and RPC to loopback (the UIs default to 0.0.0.0).
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "SPARK_LOCAL_DIRS": str(work / "local"),
+        # The REST submission server has a fixed port (6066) that parallel runs would fight over.
+        "SPARK_MASTER_OPTS": "-Dspark.master.rest.enabled=false",
+        "SPARK_WORKER_OPTS": "-Dspark.worker.cleanup.enabled=false",
+        "SPARK_DAEMON_MEMORY": "256m",
+        "PYSPARK_PYTHON": sys.executable,
+    })
+    port, ui_port = free_port(), free_port()
+    url, webui = f"spark://127.0.0.1:{port}", f"http://127.0.0.1:{ui_port}"
+    procs: list[subprocess.Popen] = []
+    logs: list[Path] = []
+    try:
+        logs.append(work / "master.log")
+        procs.append(_spawn(
+            ["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
+             "--port", str(port), "--webui-port", str(ui_port)],
+            logs[-1], env,
+        ))
+        wait_for_port("127.0.0.1", port, 60, procs[0])
+        for n in range(WORKERS):
+            logs.append(work / f"worker{n}.log")
+            procs.append(_spawn(
+                ["org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
+                 "--cores", "1", "--memory", "1g", "--webui-port", str(free_port()),
+                 "--work-dir", str(work / f"worker{n}"), url],
+                logs[-1], env,
+            ))
+        cluster = Standalone(url, webui, procs, logs)
+        deadline = time.monotonic() + 90
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                if cluster.alive_workers() == WORKERS:
+                    break
+            dead = [p.args for p in procs if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                raise RuntimeError(f"standalone cluster did not come up (dead: {dead})\n{cluster.tail()}")
+            time.sleep(0.3)
+        yield cluster
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+def test_standalone_cluster_trains_same_model_as_local_mode(
+    standalone: Standalone, spark, ml_small: Path, tmp_path: Path
+) -> None:
+    driver = _load_driver()
+    out = tmp_path / "cluster.npz"
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, SPARK_DRIVER_MEMORY="768m",
+               PYTHONPATH=str(ROOT))
+    run = subprocess.run(
+        [sys.executable, str(DRIVER), "--master", standalone.url, "--ratings",
+         str(ml_small / "ratings.csv"), "--out", str(out), "--executors", str(WORKERS)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert run.returncode == 0, f"driver failed:\n{run.stderr[-4000:]}\n{standalone.tail()}"
+    cluster = dict(np.load(out))
+    assert str(cluster["master"]) == standalone.url
+    # The work really ran on the two workers' executors, not in the driver.
+    assert int(cluster["executors"]) == WORKERS
+
+    local = driver.train_batches(spark, driver.load_batches(ml_small / "ratings.csv"))
+    assert str(local["master"]).startswith("local")
+
+    for side in ("user", "item"):
+        np.testing.assert_array_equal(cluster[f"{side}_ids"], local[f"{side}_ids"])
+        assert len(local[f"{side}_ids"]) > 10
+        np.testing.assert_allclose(cluster[f"{side}_bias"], local[f"{side}_bias"], atol=TOLERANCE)
+        np.testing.assert_allclose(cluster[f"{side}_vec"], local[f"{side}_vec"], atol=TOLERANCE)
+        # Training moved the factors: equality of two untouched initialisations proves nothing.
+        assert np.abs(local[f"{side}_bias"]).max() > 1e-3
