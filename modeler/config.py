@@ -1,0 +1,42 @@
+"""Settings of the modeler service (environment variables; built in ``main()``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from common.settings import CommonSettings
+
+
+class ModelerSettings(CommonSettings):
+    # Streaming ALS parameters (see modeler.streaming_als).
+    model_rank: int = Field(10, alias="MODEL_RANK", ge=1, le=512)
+    model_iterations: int = Field(1, alias="MODEL_ITERATIONS", ge=1)
+    model_reg_param: float = Field(0.05, alias="MODEL_REG_PARAM", ge=0.0)
+    model_learning_rate: float = Field(0.05, alias="MODEL_LEARNING_RATE", gt=0.0)
+    model_seed: int = Field(42, alias="MODEL_SEED")
+    model_num_partitions: int = Field(4, alias="MODEL_NUM_PARTITIONS", ge=1)
+    model_scale: float = Field(0.1, alias="MODEL_INIT_SCALE", gt=0.0)
+
+    # Micro-batch trigger: a batch reads at most this many records (over all partitions)...
+    batch_max_records: int = Field(20_000, alias="BATCH_MAX_RECORDS", ge=1)
+    # ...and the stream is polled at least this often while it is idle.
+    batch_max_interval_s: float = Field(1.0, alias="BATCH_MAX_INTERVAL_S", gt=0.0)
+    # Partitions of the ratings topic created when it does not exist yet.
+    ratings_topic_partitions: int = Field(4, alias="RATINGS_TOPIC_PARTITIONS", ge=1)
+
+    # Publishing: keep this many versions live; start a full segment after this many deltas.
+    keep_versions: int = Field(3, alias="KEEP_VERSIONS", ge=2)
+    max_segment_chain: int = Field(8, alias="MAX_SEGMENT_CHAIN", ge=1)
+    popular_size: int = Field(100, alias="POPULAR_SIZE", ge=1)
+    metrics_history: int = Field(1000, alias="METRICS_HISTORY", ge=1)
+    # Single-writer lease: another modeler waits until this has expired.
+    lease_ttl_s: float = Field(15.0, alias="MODELER_LEASE_TTL_S", gt=0.0)
+
+    # Retries of Kafka/Redis/Spark trouble: exponential backoff capped here.
+    retry_max_backoff_s: float = Field(10.0, alias="RETRY_MAX_BACKOFF_S", gt=0.0)
+
+    metrics_port: int = Field(9400, alias="MODELER_METRICS_PORT", ge=0)
+    # Optional batch bootstrap (file of ratings) used only when Redis holds no model.
+    bootstrap_ratings: str | None = Field(None, alias="BOOTSTRAP_RATINGS")
+    checkpoint_dir: str | None = Field(None, alias="SPARK_CHECKPOINT_DIR")
+    log_format: str = Field("json", alias="LOG_FORMAT")
