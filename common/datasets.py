@@ -241,9 +241,9 @@ def iter_movies(
                     bad(lineno, "expected id|title|release date|...|genre flags")
                     continue
                 flags = parts[-len(ML100K_GENRES):] if len(parts) >= 5 + len(ML100K_GENRES) else []
-                genres = tuple(g for g, f in zip(ML100K_GENRES, flags) if f.strip() == "1")
+                flagged = tuple(g for g, f in zip(ML100K_GENRES, flags) if f.strip() == "1")
                 report.rows += 1
-                yield Movie(parts[0].strip(), parts[1].strip(), genres)
+                yield Movie(parts[0].strip(), parts[1].strip(), flagged)
 
 
 def _split_genres(text: str) -> tuple[str, ...]:

@@ -117,7 +117,8 @@ def write_segment(
     key = keys.segment(segment, kind)
     pipe = client.pipeline(transaction=False) if isinstance(client, redis.Redis) else client
     for start in range(0, len(ids), chunk):
-        pipe.hset(key, mapping=dict(zip(ids[start : start + chunk], records[start : start + chunk])))
+        mapping: dict[str | bytes, bytes] = dict(zip(ids[start : start + chunk], records[start : start + chunk]))
+        pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
     if isinstance(client, redis.Redis):
         pipe.execute()
     return len(ids)
@@ -132,7 +133,7 @@ def write_rated(
         by_user.setdefault(user, {})[item] = repr(float(rating))
     pipe = client.pipeline(transaction=False)
     for user, items in by_user.items():
-        pipe.hset(keys.rated(user), mapping=items)
+        pipe.hset(keys.rated(user), mapping=items)  # type: ignore[arg-type]
     pipe.execute()
 
 
@@ -144,7 +145,7 @@ def publish_version(client: redis.Redis, keys: Keys, meta: Meta, extra: Any = No
     """
     pointer = json.dumps({"version": meta.version, "segments": list(meta.segments)})
     pipe = client.pipeline(transaction=True)
-    pipe.hset(keys.meta(meta.version), mapping=meta.to_redis())
+    pipe.hset(keys.meta(meta.version), mapping=meta.to_redis())  # type: ignore[arg-type]
     pipe.zadd(keys.versions, {str(meta.version): meta.created})
     pipe.set(keys.current, pointer)
     if callable(extra):
@@ -156,7 +157,7 @@ def publish_version(client: redis.Redis, keys: Keys, meta: Meta, extra: Any = No
 def collect_garbage(client: redis.Redis, keys: Keys, keep: int = 3, min_age_s: float = 5.0) -> int:
     """Drop versions beyond the newest ``keep`` (older than ``min_age_s``) and any segment
     no surviving version references. Returns the number of keys deleted."""
-    live = [int(_s(v)) for v in client.zrange(keys.versions, 0, -1)]
+    live = [int(v) for v in client.zrange(keys.versions, 0, -1)]  # type: ignore[arg-type]
     if len(live) <= keep:
         return 0
     live.sort()
@@ -234,10 +235,9 @@ def read_all_factors(
     merged: dict[str, bytes] = {}
     for s in pointer.segments:
         key = keys.segment(s, kind)
-        if not client.exists(key) and s == pointer.segments[0]:
-            # The base segment always holds at least one record; gone means collected.
-            if client.exists(keys.meta(pointer.version)) == 0:
-                raise SnapshotChanged(f"version {pointer.version} was garbage-collected")
+        # The base segment always holds at least one record; gone means collected.
+        if s == pointer.segments[0] and not client.exists(key) and not client.exists(keys.meta(pointer.version)):
+            raise SnapshotChanged(f"version {pointer.version} was garbage-collected")
         for k, v in client.hscan_iter(key, count=5000):
             merged[_s(k)] = v
     if client.exists(keys.meta(pointer.version)) == 0:

@@ -29,7 +29,6 @@ from devstack.services import (
     create_topics,
     start_broker,
     start_redis,
-    wait_for_port,
 )
 
 log = logging.getLogger("devstack")
@@ -69,7 +68,7 @@ def find_dataset(explicit: str | None, workdir: Path) -> tuple[Path, str]:
         target.mkdir(parents=True, exist_ok=True)
         zip_path = target / "ml-latest-small.zip"
         log.info("downloading %s", GROUPLENS_SMALL)
-        with urllib.request.urlopen(GROUPLENS_SMALL, timeout=15) as resp:  # noqa: S310
+        with urllib.request.urlopen(GROUPLENS_SMALL, timeout=15) as resp:
             zip_path.write_bytes(resp.read())
         with zipfile.ZipFile(zip_path) as zf:
             zf.extractall(target)
@@ -117,10 +116,9 @@ def _wait_http(url: str, proc: Process, timeout: float) -> bool:
     while time.monotonic() < deadline:
         if not proc.alive():
             return False
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310
-                if resp.status < 500:
-                    return True
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as resp:
+            if resp.status < 500:
+                return True
         time.sleep(0.5)
     return False
 

@@ -81,7 +81,8 @@ def tansu_binary() -> str:
 
 def check_java(minimum: int = 17) -> str:
     """Return the Java version string, or raise saying what is missing."""
-    java = shutil.which("java", path=os.path.join(os.environ["JAVA_HOME"], "bin")) if os.environ.get("JAVA_HOME") else shutil.which("java")
+    java_home = os.environ.get("JAVA_HOME")
+    java = shutil.which("java", path=os.path.join(java_home, "bin")) if java_home else shutil.which("java")
     if not java:
         raise MissingDependency(
             f"Spark needs Java >= {minimum} and no `java` is on PATH or in JAVA_HOME "

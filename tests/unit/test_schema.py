@@ -67,7 +67,7 @@ def test_bad_json_is_an_invalid_rating_not_a_crash():
 def test_configurable_scale():
     scale = RatingScale(min=1, max=10)
     assert parse_rating({**GOOD, "rating": 9}, scale).rating == 9
-    with pytest.raises(InvalidRating, match="between 1.0 and 10.0"):
+    with pytest.raises(InvalidRating, match=r"between 1\.0 and 10\.0"):
         parse_rating({**GOOD, "rating": 0.5}, scale)
     assert scale.clip(11.2) == 10 and scale.clip(-3) == 1
 
