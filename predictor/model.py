@@ -1,0 +1,257 @@
+"""The in-memory model and its maths: numpy only, no Redis, no Spark.
+
+Prediction (bias matrix factorisation, the modeler's model)::
+
+    r̂(u, i) = mu + b_u + b_i + U_u · P_i         clipped to [rating_min, rating_max]
+
+A :class:`FactorModel` is immutable once built: a new version is a new object, swapped in by
+replacing one reference, so a request that took a reference at its start never sees a mix.
+Per-version caches (user vectors, rated sets) hang off the model object and die with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+F32 = np.float32
+
+
+@dataclass(frozen=True)
+class UserEntry:
+    """What one request needs about a user, as of one version."""
+
+    bias: float
+    vector: np.ndarray | None  # None: the model has no factors for this user
+    rated: np.ndarray  # int64 row indices of rated items known to the model
+    rated_ids: frozenset[str]  # every rated item id (also those the model lacks)
+
+
+@dataclass(eq=False)
+class FactorModel:
+    version: int
+    rank: int
+    mu: float
+    reg_param: float
+    n_users: int
+    ratings_seen: int
+    created: float
+    segments: tuple[int, ...]
+    rating_min: float
+    rating_max: float
+    item_ids: list[str]
+    index: dict[str, int]
+    item_bias: np.ndarray  # (n,) float32, b_i
+    # (n, rank + 1) float32 C-contiguous: [P_i | mu + b_i]; scores for all items are one
+    # matrix-vector product with [U_u, 1].
+    item_aug: np.ndarray
+    item_unit: np.ndarray  # (n, rank) float32, P_i / |P_i| (zero rows stay zero), for cosine
+    metrics: dict[str, Any] = field(default_factory=dict)
+    popular: list[tuple[str, int]] = field(default_factory=list)
+    user_cache: dict[str, UserEntry] = field(default_factory=dict)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def item_factors(self) -> np.ndarray:
+        return self.item_aug[:, : self.rank]
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        item_ids: list[str],
+        item_bias: np.ndarray,
+        item_factors: np.ndarray,
+        version: int,
+        rank: int,
+        mu: float,
+        reg_param: float = 0.05,
+        n_users: int = 0,
+        ratings_seen: int = 0,
+        created: float = 0.0,
+        segments: Sequence[int] = (),
+        rating_min: float = 0.5,
+        rating_max: float = 5.0,
+        metrics: dict[str, Any] | None = None,
+        popular: list[tuple[str, int]] | None = None,
+    ) -> FactorModel:
+        n = len(item_ids)
+        factors = np.asarray(item_factors, dtype=F32).reshape(n, rank)
+        bias = np.ascontiguousarray(item_bias, dtype=F32).reshape(n)
+        aug = np.empty((n, rank + 1), dtype=F32)
+        aug[:, :rank] = factors
+        aug[:, rank] = bias + F32(mu)
+        return cls(
+            version=version,
+            rank=rank,
+            mu=float(mu),
+            reg_param=float(reg_param),
+            n_users=n_users,
+            ratings_seen=ratings_seen,
+            created=created,
+            segments=tuple(segments),
+            rating_min=rating_min,
+            rating_max=rating_max,
+            item_ids=item_ids,
+            index={item: row for row, item in enumerate(item_ids)},
+            item_bias=bias,
+            item_aug=aug,
+            item_unit=unit_rows(factors),
+            metrics=metrics or {},
+            popular=popular or [],
+        )
+
+    def with_item_delta(
+        self, ids: Sequence[str], biases: np.ndarray, vectors: np.ndarray, **meta: Any
+    ) -> FactorModel:
+        """A new model: this one's items with ``ids`` overwritten or appended (a delta segment).
+
+        Copies the arrays (the old model may still be serving requests).
+        """
+        item_ids = list(self.item_ids)
+        index = dict(self.index)
+        rows = np.empty(len(ids), dtype=np.int64)
+        for k, item in enumerate(ids):
+            row = index.get(item)
+            if row is None:
+                row = len(item_ids)
+                index[item] = row
+                item_ids.append(item)
+            rows[k] = row
+        n = len(item_ids)
+        factors = np.zeros((n, self.rank), dtype=F32)
+        factors[: self.n_items] = self.item_factors
+        bias = np.zeros(n, dtype=F32)
+        bias[: self.n_items] = self.item_bias
+        if len(ids):
+            factors[rows] = vectors
+            bias[rows] = biases
+        fields = {
+            "version": self.version, "rank": self.rank, "mu": self.mu,
+            "reg_param": self.reg_param, "n_users": self.n_users,
+            "ratings_seen": self.ratings_seen, "created": self.created,
+            "segments": self.segments, "rating_min": self.rating_min,
+            "rating_max": self.rating_max, "metrics": self.metrics, "popular": self.popular,
+        }
+        fields.update(meta)
+        return FactorModel.build(item_ids=item_ids, item_bias=bias, item_factors=factors, **fields)
+
+    # ------------------------------------------------------------------ maths
+
+    def clip(self, values: np.ndarray | float) -> Any:
+        return np.clip(values, self.rating_min, self.rating_max)
+
+    def scores(self, user_bias: float, user_vector: np.ndarray | None) -> np.ndarray:
+        """Unclipped r̂(u, i) for every item: ``[P | mu + b] @ [U_u, 1] + b_u``."""
+        if user_vector is None:
+            return self.item_aug[:, self.rank] + F32(user_bias)
+        x = np.empty(self.rank + 1, dtype=F32)
+        x[: self.rank] = user_vector
+        x[self.rank] = 1.0
+        out = self.item_aug @ x
+        if user_bias:
+            out += F32(user_bias)
+        return out
+
+    def predict_rows(self, user_bias: float, user_vector: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
+        """Clipped r̂ for the item rows ``rows`` only."""
+        sub = self.item_aug[rows]
+        if user_vector is None:
+            raw = sub[:, self.rank] + user_bias
+        else:
+            raw = sub[:, : self.rank] @ np.asarray(user_vector, F32) + sub[:, self.rank] + user_bias
+        return self.clip(raw)
+
+    def similar(self, row: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and cosines of the ``n`` items whose factors point closest to item ``row``'s."""
+        cos = self.item_unit @ self.item_unit[row]
+        cos[row] = -np.inf
+        return top_k(cos, n)
+
+    def fold_in(self, rows: np.ndarray, ratings: np.ndarray) -> tuple[float, np.ndarray]:
+        """A temporary user ``(b_u, U_u)`` fitted to ratings of known item rows.
+
+        Regularised least squares on x = [b_u, U_u] with features a_i = [1, P_i]:
+
+            x = (AᵀA + λ m I)⁻¹ Aᵀ (r - mu - b_i)
+
+        with the model's λ scaled by the number m of ratings, the same weighting the modeler's
+        per-rating regularisation amounts to (ALS-WR style), so a visitor's vector is on the
+        same footing as a trained user's.
+        """
+        m = len(rows)
+        a = np.empty((m, self.rank + 1), dtype=np.float64)
+        a[:, 0] = 1.0
+        a[:, 1:] = self.item_factors[rows]
+        y = np.asarray(ratings, np.float64) - self.mu - self.item_bias[rows].astype(np.float64)
+        lam = max(self.reg_param, 1e-6) * m
+        gram = a.T @ a + lam * np.eye(self.rank + 1)
+        x = np.linalg.solve(gram, a.T @ y)
+        return float(x[0]), x[1:].astype(F32)
+
+
+def unit_rows(matrix: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length; all-zero rows stay zero (cosine 0 with everything)."""
+    norms = np.linalg.norm(matrix, axis=1)
+    norms[norms == 0] = 1.0
+    return np.ascontiguousarray(matrix / norms[:, None], dtype=F32)
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of the ``k`` largest finite scores, best first.
+
+    ``argpartition`` puts the k largest in front in O(n); only that slice is sorted.
+    Entries set to -inf (excluded items) never come out.
+    """
+    n = scores.shape[0]
+    k = min(k, n)
+    if k <= 0:
+        return np.empty(0, np.int64), np.empty(0, F32)
+    part = np.argpartition(scores, n - k)[n - k:] if k < n else np.arange(n)
+    order = part[np.argsort(-scores[part], kind="stable")]
+    vals = scores[order]
+    keep = np.isfinite(vals)
+    if not keep.all():
+        order, vals = order[keep], vals[keep]
+    return order, vals
+
+
+def recommend(
+    model: FactorModel,
+    user_bias: float,
+    user_vector: np.ndarray | None,
+    n: int,
+    exclude: np.ndarray | None = None,
+    candidates: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``n`` item rows and unclipped scores for a user vector.
+
+    ``exclude``: rows never returned (items already rated). ``candidates``: if given, only
+    these rows are ranked.
+    """
+    if candidates is not None:
+        cand = np.unique(candidates)
+        if exclude is not None and len(exclude):
+            cand = cand[~np.isin(cand, exclude)]
+        if not len(cand):
+            return np.empty(0, np.int64), np.empty(0, F32)
+        sub = model.item_aug[cand]
+        if user_vector is None:
+            raw = sub[:, model.rank] + F32(user_bias)
+        else:
+            raw = sub[:, : model.rank] @ np.asarray(user_vector, F32) + sub[:, model.rank]
+            raw += F32(user_bias)
+        order, vals = top_k(raw, n)
+        return cand[order], vals
+    scores = model.scores(user_bias, user_vector)
+    if exclude is not None and len(exclude):
+        scores[exclude] = -np.inf
+    return top_k(scores, n)

@@ -1,0 +1,354 @@
+"""Redis I/O for the predictor: the model watcher (a background thread per process) and the
+few per-request reads (user vector, rated set) done on the event loop.
+
+Layout: :mod:`common.keys`. One key is the predictor's own: ``{p}:prediction:{id}``, a
+jiminy-style prediction result (JSON, with a TTL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import redis
+import redis.asyncio as aioredis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from common.codec import decode_record
+from common.keys import ITEMS, USERS, Keys
+from common.snapshot import Pointer, SnapshotChanged, read_all_factors, read_meta, read_pointer
+from predictor.model import FactorModel, UserEntry
+
+log = logging.getLogger(__name__)
+
+REDIS_ERRORS: tuple[type[BaseException], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    OSError,
+)
+
+
+def prediction_key(keys: Keys, prediction_id: str) -> str:
+    return f"{keys.prefix}:prediction:{prediction_id}"
+
+
+def sync_client(url: str, timeout: float) -> redis.Redis:
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=max(timeout, 5.0),  # bulk model reads take longer than one request
+        socket_connect_timeout=timeout,
+        health_check_interval=10,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+    )
+
+
+def async_client(url: str, timeout: float) -> aioredis.Redis:
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),  # type: ignore[arg-type]
+    )
+
+
+# ---------------------------------------------------------------------- catalogue
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Item metadata loaded from ``{p}:catalog``: parallel lists, search by title substring."""
+
+    ids: list[str]
+    titles: list[str]
+    genres: list[list[str]]
+    lowered: list[str]
+    index: dict[str, int]
+
+    @classmethod
+    def empty(cls) -> Catalog:
+        return cls([], [], [], [], {})
+
+    @classmethod
+    def from_hash(cls, raw: dict[bytes, bytes]) -> Catalog:
+        rows: list[tuple[str, str, list[str]]] = []
+        for k, v in raw.items():
+            try:
+                d = json.loads(v)
+                title = str(d.get("title", ""))
+                genres = [str(g) for g in d.get("genres", [])]
+            except (ValueError, AttributeError, TypeError):
+                continue
+            rows.append((k.decode(), title, genres))
+        # MovieLens ids are integers: list them in numeric order, other ids after, by text.
+        rows.sort(key=lambda r: (0, int(r[0]), "") if r[0].isdigit() else (1, 0, r[0]))
+        ids = [r[0] for r in rows]
+        titles = [r[1] for r in rows]
+        return cls(
+            ids=ids,
+            titles=titles,
+            genres=[r[2] for r in rows],
+            lowered=[t.lower() for t in titles],
+            index={item: k for k, item in enumerate(ids)},
+        )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def get(self, item: str) -> tuple[str | None, list[str]]:
+        k = self.index.get(item)
+        if k is None:
+            return None, []
+        return self.titles[k], self.genres[k]
+
+    def search(self, q: str, genre: str | None, limit: int, offset: int) -> tuple[list[int], int]:
+        q = q.lower().strip()
+        g = genre.lower().strip() if genre else None
+        hits = []
+        for k, title in enumerate(self.lowered):
+            if q and q not in title:
+                continue
+            if g and g not in (x.lower() for x in self.genres[k]):
+                continue
+            hits.append(k)
+        return hits[offset : offset + limit], len(hits)
+
+
+# ---------------------------------------------------------------------- model loading
+
+
+def load_model(
+    client: redis.Redis, keys: Keys, pointer: Pointer, base: FactorModel | None = None
+) -> tuple[FactorModel, str]:
+    """Build the model of ``pointer``'s version; ``(model, "delta" | "full")``.
+
+    If ``base``'s segments are a prefix of the new version's, only the newer (delta)
+    segments are read and applied to a copy of ``base``. Raises ``SnapshotChanged`` if the
+    version was collected meanwhile.
+    """
+    meta = read_meta(client, keys, pointer.version)
+    if meta is None:
+        raise SnapshotChanged(f"version {pointer.version} has no metadata (collected?)")
+    fields: dict[str, Any] = {
+        "version": meta.version,
+        "rank": meta.rank,
+        "mu": meta.mu,
+        "reg_param": meta.reg_param,
+        "n_users": meta.n_users,
+        "ratings_seen": meta.ratings_seen,
+        "created": meta.created,
+        "segments": pointer.segments,
+        "rating_min": meta.rating_min,
+        "rating_max": meta.rating_max,
+        "metrics": meta.metrics,
+        "popular": list(meta.popular),
+    }
+    k = len(base.segments) if base is not None else 0
+    if (
+        base is not None
+        and base.rank == meta.rank
+        and 0 < k < len(pointer.segments)
+        and pointer.segments[:k] == base.segments
+    ):
+        delta = Pointer(version=pointer.version, segments=pointer.segments[k:])
+        ids, biases, vectors = read_all_factors(client, keys, delta, ITEMS, meta.rank)
+        return base.with_item_delta(ids, biases, vectors, **fields), "delta"
+    ids, biases, vectors = read_all_factors(client, keys, pointer, ITEMS, meta.rank)
+    return FactorModel.build(item_ids=ids, item_bias=biases, item_factors=vectors, **fields), "full"
+
+
+def parse_popular(raw: bytes | None) -> list[tuple[str, int]]:
+    if not raw:
+        return []
+    try:
+        return [(str(i), int(c)) for i, c in json.loads(raw)]
+    except (ValueError, TypeError):
+        log.warning("ignoring malformed popular list")
+        return []
+
+
+class ModelWatcher:
+    """Holds the current model; a daemon thread keeps it up to date.
+
+    New versions are noticed through the ``{p}:events`` channel, and by polling
+    ``{p}:current`` every ``poll_interval`` seconds in case a message was missed (pub/sub is
+    fire-and-forget: a restart or a dropped connection loses announcements).
+    Readers take ``watcher.model`` once per request: the attribute is replaced whole, never
+    mutated, so a request sees exactly one version.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        keys: Keys,
+        poll_interval: float = 2.0,
+        timeout: float = 1.0,
+        on_swap: Callable[[FactorModel, str], None] | None = None,
+    ) -> None:
+        self.url = url
+        self.keys = keys
+        self.poll_interval = poll_interval
+        self.timeout = timeout
+        self.on_swap = on_swap
+        self.model: FactorModel | None = None
+        self.fallback_popular: list[tuple[str, int]] = []
+        self.catalog = Catalog.empty()
+        self.redis_ok = False
+        self.last_error: str | None = None
+        self._catalog_len = -1
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client: redis.Redis | None = None
+
+    @property
+    def popular(self) -> list[tuple[str, int]]:
+        model = self.model
+        if model is not None and model.popular:
+            return model.popular
+        return self.fallback_popular
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="model-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close()
+
+    def poke(self) -> None:
+        """Check Redis now rather than at the next poll (used after a request saw trouble)."""
+        self._wake.set()
+
+    # -- the thread
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            pubsub = None
+            try:
+                self._client = self._client or sync_client(self.url, self.timeout)
+                pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self.keys.events)
+                self.refresh()
+                backoff = 0.1
+                next_poll = time.monotonic() + self.poll_interval
+                while not self._stop.is_set():
+                    wait = max(0.0, min(0.2, next_poll - time.monotonic()))
+                    msg = pubsub.get_message(timeout=wait)
+                    if msg is not None or self._wake.is_set() or time.monotonic() >= next_poll:
+                        self._wake.clear()
+                        self.refresh()
+                        next_poll = time.monotonic() + self.poll_interval
+            except REDIS_ERRORS as exc:
+                if self.redis_ok or self.last_error is None:
+                    log.warning("redis unreachable (%s); retrying", exc)
+                self.redis_ok = False
+                self.last_error = str(exc)
+                self._wake.wait(backoff)
+                self._wake.clear()
+                backoff = min(backoff * 2, 2.0)
+            except Exception:
+                # Anything else (a malformed snapshot) must not kill the thread: keep serving
+                # the model we have and try again later.
+                log.exception("model refresh failed; keeping version %s", self._version())
+                self.last_error = "model refresh failed"
+                self._wake.wait(self.poll_interval)
+            finally:
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        pubsub.close()
+
+    def _version(self) -> int | None:
+        return self.model.version if self.model is not None else None
+
+    def refresh(self) -> bool:
+        """One check of Redis: swap in a new version if there is one; True if swapped."""
+        if self._client is None:
+            self._client = sync_client(self.url, self.timeout)
+        client = self._client
+        self.fallback_popular = parse_popular(client.get(self.keys.popular))
+        n = int(client.hlen(self.keys.catalog))
+        if n != self._catalog_len:
+            self.catalog = Catalog.from_hash(client.hgetall(self.keys.catalog))
+            self._catalog_len = n
+            log.info("catalogue loaded: %d items", n)
+        self.redis_ok = True
+        self.last_error = None
+        for _ in range(5):
+            pointer = read_pointer(client, self.keys)
+            current = self.model
+            if pointer is None or (current is not None and current.version == pointer.version):
+                return False
+            try:
+                model, kind = load_model(client, self.keys, pointer, current)
+            except SnapshotChanged:
+                log.info("version %s collected while loading; re-reading the pointer", pointer.version)
+                continue
+            self.model = model
+            log.info(
+                "model version %d loaded (%s): %d items, rank %d",
+                model.version, kind, model.n_items, model.rank,
+            )
+            if self.on_swap is not None:
+                self.on_swap(model, kind)
+            return True
+        return False
+
+
+# ---------------------------------------------------------------------- per request
+
+
+async def read_user(
+    client: aioredis.Redis, keys: Keys, model: FactorModel, user: str
+) -> UserEntry:
+    """The user's factors as of ``model``'s version and their rated items: one round trip."""
+    pipe = client.pipeline(transaction=False)
+    newest_first = list(reversed(model.segments))
+    for s in newest_first:
+        pipe.hget(keys.segment(s, USERS), user)
+    pipe.hkeys(keys.rated(user))
+    pipe.exists(keys.meta(model.version))
+    replies = await pipe.execute()
+    if not replies[-1]:
+        raise SnapshotChanged(f"version {model.version} was collected")
+    record = next((r for r in replies[: len(newest_first)] if r is not None), None)
+    rated_ids = frozenset(k.decode() for k in replies[len(newest_first)])
+    index = model.index
+    rated = np.fromiter(
+        (index[i] for i in rated_ids if i in index), dtype=np.int64
+    )
+    if record is None:
+        return UserEntry(0.0, None, rated, rated_ids)
+    bias, vector = decode_record(record, model.rank)
+    return UserEntry(bias, vector, rated, rated_ids)
+
+
+async def user_entry(
+    client: aioredis.Redis, keys: Keys, model: FactorModel, user: str, cache_size: int
+) -> UserEntry:
+    """:func:`read_user` through the model's own cache (so a new version starts empty)."""
+    entry = model.user_cache.get(user)
+    if entry is not None:
+        return entry
+    entry = await read_user(client, keys, model, user)
+    if cache_size:
+        cache = model.user_cache
+        if len(cache) >= cache_size:
+            # FIFO eviction: dicts keep insertion order; cheap and good enough here.
+            with contextlib.suppress(StopIteration, KeyError, RuntimeError):
+                del cache[next(iter(cache))]
+        cache[user] = entry
+    return entry
