@@ -97,7 +97,7 @@ def parse_message(value: bytes | None, rating_min: float, rating_max: float) -> 
         r = parse_rating(value, RatingScale(min=rating_min, max=rating_max))
     except InvalidRating as exc:
         return None, exc.reason
-    except Exception as exc:  # noqa: BLE001 - a message must never stop the stream
+    except Exception as exc:
         return None, f"body: cannot be parsed ({type(exc).__name__}: {exc})"[:500]
     return (r.user, r.item, float(r.rating), int(r.timestamp)), ""
 
@@ -272,7 +272,7 @@ def _drop_clients(bootstrap: str) -> None:
 def read_range(
     rng: OffsetRange,
     bootstrap: str,
-    dlq_topic: str,
+    dlq_topic: str | None,
     rating_min: float,
     rating_max: float,
     idle_timeout_s: float = 2.0,
@@ -312,6 +312,8 @@ def read_range(
                     block.n_dlq += 1
                     if len(block.dlq_reasons) < 3:
                         block.dlq_reasons.append(f"offset {rec.offset}: {reason}")
+                    if dlq_topic is None:  # a read-only pass (rebuilding rated items)
+                        continue
                     dlq_futures.append(
                         _producer(bootstrap).send(
                             dlq_topic,
@@ -361,6 +363,21 @@ def read_ranges(
     """``mapPartitions`` body: one Spark partition holds one (or a few) offset ranges."""
     for rng in ranges:
         yield read_range(rng, bootstrap, dlq_topic, rating_min, rating_max)
+
+
+def read_range_rated(
+    rng: OffsetRange, bootstrap: str, rating_min: float, rating_max: float
+) -> Iterator[tuple[str, str, str, float]]:
+    """``("r", user, item, rating)`` of the valid ratings of ``rng``, read-only (no DLQ)."""
+    pos, end = rng.start, rng.start + rng.cap
+    while pos < end:
+        block = read_range(OffsetRange(rng.topic, rng.partition, pos, min(end - pos, 200_000)),
+                           bootstrap, None, rating_min, rating_max)
+        for u, i, r in zip(block.users, block.items, block.ratings, strict=True):
+            yield "r", u, i, r
+        if block.next_offset <= pos:
+            break
+        pos = block.next_offset
 
 
 # --------------------------------------------------------------------------- driver side

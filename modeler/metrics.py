@@ -50,7 +50,7 @@ class ModelerMetrics:
 
     def serve(self, port: int) -> None:
         if port:
-            start_http_server(port, addr="0.0.0.0", registry=self.registry)  # noqa: S104
+            start_http_server(port, addr="0.0.0.0", registry=self.registry)
             log.info("metrics on :%d/metrics", port)
 
     def observe_lag(self, lag: Mapping[int, int]) -> None:

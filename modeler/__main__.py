@@ -1,0 +1,95 @@
+"""``python -m modeler`` serves (Kafka -> streaming ALS -> Redis) until SIGTERM/SIGINT;
+``python -m modeler bootstrap --ratings FILE`` trains a batch model first (modeler.bootstrap)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from types import FrameType
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and the exception)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("kafka", "py4j"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def serve() -> int:
+    from devstack.services import MissingDependency, check_java
+    from modeler.config import ModelerSettings
+    from modeler.service import ModelerService
+
+    settings = ModelerSettings()
+    setup_logging(settings.log_level, settings.log_format)
+    log = logging.getLogger("modeler")
+    try:
+        check_java()
+    except MissingDependency as exc:
+        log.error("%s", exc)
+        return 2
+    service = ModelerService(settings)
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: stopping after the current batch", signum)
+        service.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    service.metrics.serve(settings.metrics_port)
+    log.info(
+        "modeler: topic %s on %s -> Redis %s prefix %r, Spark %s, batches of <= %d records",
+        settings.ratings_topic, settings.kafka_bootstrap_servers, _redact(settings.redis_url),
+        settings.redis_prefix, settings.spark_master, settings.batch_max_records,
+    )
+    service.run()
+    return 0
+
+
+def _redact(url: str) -> str:
+    # redis://user:password@host -> redis://***@host
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bootstrap":
+        from modeler import bootstrap
+
+        return int(bootstrap.main(argv[1:]) or 0)
+    if argv and argv[0] not in ("serve",):
+        sys.stderr.write("usage: python -m modeler [serve] | python -m modeler bootstrap --ratings FILE\n")
+        return 2
+    return serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""Model versions in Redis: executor-side segment writes, driver-side atomic publish, restore.
+
+Layout: :mod:`common.keys`. A version ``v`` is published in three steps:
+
+1. the driver deletes whatever a crashed earlier attempt may have left under segment ``v``
+   (segment ids are version numbers, and an unpublished ``v`` is re-used after a restart);
+2. executors write the factor records (the changed ones, or all of them for a *full*
+   segment) and each user's rated items per partition, where the data lives
+   (:func:`write_partition`, one Spark job for everything);
+3. the driver calls :func:`common.snapshot.publish_version`: metadata (with the Kafka
+   offsets the version has consumed), pointer flip, metrics entry, ``popular`` and the
+   pub/sub announcement in one MULTI/EXEC.
+
+Readers only ever follow the pointer, so a version that never got its step 3 is invisible,
+and the offsets stored with a version are exactly the ratings its factors have learned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Tags of the records a publish job writes (see write_partition).
+USER, ITEM, RATED, COUNT = "u", "i", "r", "c"
+
+_CLIENTS: dict[str, Any] = {}
+
+
+def redis_client(url: str) -> Any:
+    """A client per process and URL, reused across Spark tasks of one Python worker."""
+    import redis
+
+    client = _CLIENTS.get(url)
+    if client is None:
+        client = redis.Redis.from_url(
+            url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30
+        )
+        _CLIENTS[url] = client
+    return client
+
+
+def _drop_client(url: str) -> None:
+    client = _CLIENTS.pop(url, None)
+    if client is not None:
+        with contextlib.suppress(Exception):
+            client.close()
+
+
+# --------------------------------------------------------------------------- executor side
+
+
+def state_key(prefix: str, segment: int, name: str) -> str:
+    """``{p}:seg:{s}:state:{name}``: per-key model state versioned like the factor segments
+    (e.g. rating counts), so a restart restores exactly the published version's state."""
+    return f"{prefix}:seg:{segment}:state:{name}"
+
+
+def write_partition(
+    records: Iterable[tuple],
+    redis_url: str,
+    prefix: str,
+    segment: int,
+    chunk: int = 5000,
+) -> Iterator[int]:
+    """``mapPartitions`` body writing tagged records; yields the number written.
+
+    Records: ``("u"|"i", id, (bias, vector))`` factor records into segment ``segment``;
+    ``("r", user, item, rating)`` into ``{p}:rated:{user}`` (idempotent);
+    ``("c", name, id, value)`` into the state hash ``name`` of segment ``segment``.
+    """
+    from common.keys import ITEMS, USERS, Keys
+    from common.snapshot import write_segment
+
+    keys = Keys(prefix)
+    try:
+        client = redis_client(redis_url)
+        pipe = client.pipeline(transaction=False)
+        factors: dict[str, tuple[list, list, list]] = {USER: ([], [], []), ITEM: ([], [], [])}
+        rated: dict[str, dict[str, str]] = {}
+        state: dict[str, dict[str, str]] = {}
+        n = 0
+        pending = 0
+
+        def flush_factors(tag: str) -> None:
+            ids, biases, vectors = factors[tag]
+            if ids:
+                write_segment(
+                    pipe, keys, segment, USERS if tag == USER else ITEMS, ids,
+                    np.asarray(biases, dtype=np.float32), np.stack(vectors).astype(np.float32),
+                    chunk=chunk,
+                )
+                factors[tag] = ([], [], [])
+
+        for rec in records:
+            tag = rec[0]
+            if tag in factors:
+                ids, biases, vectors = factors[tag]
+                ids.append(str(rec[1]))
+                biases.append(float(rec[2][0]))
+                vectors.append(np.asarray(rec[2][1], dtype=np.float32))
+                if len(ids) >= chunk:
+                    flush_factors(tag)
+            elif tag == RATED:
+                rated.setdefault(str(rec[1]), {})[str(rec[2])] = repr(float(rec[3]))
+            elif tag == COUNT:
+                state.setdefault(rec[1], {})[str(rec[2])] = str(rec[3])
+            else:
+                raise ValueError(f"unknown record tag {tag!r}")
+            n += 1
+            pending += 1
+            if pending >= 4 * chunk:
+                flush_factors(USER)
+                flush_factors(ITEM)
+                for user, items in rated.items():
+                    pipe.hset(keys.rated(user), mapping=items)
+                for name, values in state.items():
+                    pipe.hset(state_key(prefix, segment, name), mapping=values)
+                rated.clear()
+                state.clear()
+                pipe.execute()
+                pending = 0
+        flush_factors(USER)
+        flush_factors(ITEM)
+        for user, items in rated.items():
+            pipe.hset(keys.rated(user), mapping=items)
+        for name, values in state.items():
+            pipe.hset(state_key(prefix, segment, name), mapping=values)
+        pipe.execute()
+    except Exception:
+        _drop_client(redis_url)
+        raise
+    yield n
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+@dataclass
+class Restored:
+    """A published version as read back: enough to rebuild the model and resume."""
+
+    meta: Any  # common.snapshot.Meta
+    user_ids: list[str]
+    user_biases: np.ndarray
+    user_vectors: np.ndarray
+    item_ids: list[str]
+    item_biases: np.ndarray
+    item_vectors: np.ndarray
+    state: dict[str, dict[str, str]]
+
+
+# Renew only our own lease; take it when free. Returns 1 when we hold it afterwards.
+_LEASE_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if cur == false or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+class Publisher:
+    """Driver-side Redis access of the modeler."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        prefix: str,
+        keep_versions: int = 3,
+        metrics_history: int = 1000,
+        lease_ttl_s: float = 15.0,
+        state_names: tuple[str, ...] = (),
+    ) -> None:
+        from common.keys import Keys
+
+        self.redis_url = redis_url
+        self.keys = Keys(prefix)
+        self.keep_versions = keep_versions
+        self.metrics_history = metrics_history
+        self.lease_ttl_ms = int(lease_ttl_s * 1000)
+        self.state_names = state_names
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            import redis
+
+            self._client = redis.Redis.from_url(
+                self.redis_url, socket_timeout=30, socket_connect_timeout=5
+            )
+        return self._client
+
+    def reset_client(self) -> None:
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close()
+        self._client = None
+
+    # ---------------------------------------------------------------- lease
+
+    def hold_lease(self, token: str) -> bool:
+        return bool(self.client.eval(_LEASE_LUA, 1, self.keys.lease, token, self.lease_ttl_ms))
+
+    def release_lease(self, token: str) -> None:
+        script = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+        with contextlib.suppress(Exception):
+            self.client.eval(script, 1, self.keys.lease, token)
+
+    # ---------------------------------------------------------------- reading
+
+    def pointer(self) -> Any:
+        from common.snapshot import read_pointer
+
+        return read_pointer(self.client, self.keys)
+
+    def restore(self) -> Restored | None:
+        """The current version's factors, metadata and state, or ``None`` if there is none."""
+        from common.keys import ITEMS, USERS
+        from common.snapshot import SnapshotChanged, read_all_factors, read_meta
+
+        for _ in range(5):
+            pointer = self.pointer()
+            if pointer is None:
+                return None
+            meta = read_meta(self.client, self.keys, pointer.version)
+            if meta is None:
+                continue
+            try:
+                u_ids, u_b, u_v = read_all_factors(self.client, self.keys, pointer, USERS, meta.rank)
+                i_ids, i_b, i_v = read_all_factors(self.client, self.keys, pointer, ITEMS, meta.rank)
+            except SnapshotChanged:
+                continue
+            state: dict[str, dict[str, str]] = {}
+            for name in self.state_names:
+                merged: dict[str, str] = {}
+                for s in pointer.segments:
+                    for k, v in self.client.hscan_iter(state_key(self.keys.prefix, s, name), count=5000):
+                        merged[k.decode()] = v.decode()
+                state[name] = merged
+            return Restored(meta, u_ids, u_b, u_v, i_ids, i_b, i_v, state)
+        raise RuntimeError("the current version kept changing while being restored")
+
+    # ---------------------------------------------------------------- writing
+
+    def clear_segment(self, segment: int) -> None:
+        """Drop leftovers of an attempt at ``segment`` that was never published."""
+        names = [self.keys.segment(segment, k) for k in ("users", "items")]
+        names += [state_key(self.keys.prefix, segment, n) for n in self.state_names]
+        self.client.delete(*names)
+
+    def segment_exists(self, segment: int) -> bool:
+        names = [self.keys.segment(segment, k) for k in ("users", "items")]
+        return bool(self.client.exists(*names))
+
+    def publish(
+        self,
+        meta: Any,
+        metrics_entry: dict[str, Any],
+        popular: list[tuple[str, int]],
+        extra: Callable[[Any], None] | None = None,
+    ) -> None:
+        """Flip to ``meta.version`` atomically, with its metrics entry and ``popular``."""
+        from common.snapshot import publish_version
+
+        def more(pipe: Any) -> None:
+            pipe.lpush(self.keys.metrics, json.dumps(metrics_entry, sort_keys=True))
+            pipe.ltrim(self.keys.metrics, 0, self.metrics_history - 1)
+            pipe.set(self.keys.popular, json.dumps([[i, int(c)] for i, c in popular]))
+            if extra is not None:
+                extra(pipe)
+
+        publish_version(self.client, self.keys, meta, extra=more)
+
+    def collect_garbage(self, min_age_s: float = 5.0) -> int:
+        """Old versions and their segments go (common.snapshot), and so do state hashes of
+        segments no live version references."""
+        from common.snapshot import collect_garbage
+
+        deleted = collect_garbage(self.client, self.keys, keep=self.keep_versions, min_age_s=min_age_s)
+        if deleted and self.state_names:
+            live = [int(v) for v in self.client.zrange(self.keys.versions, 0, -1)]
+            referenced: set[int] = set()
+            for v in live:
+                segs = self.client.hget(self.keys.meta(v), "segments")
+                if segs is not None:
+                    referenced.update(json.loads(segs))
+            doomed = []
+            pattern = f"{self.keys.prefix}:seg:*:state:*"
+            for key in self.client.scan_iter(match=pattern, count=1000):
+                parts = key.decode().split(":")
+                seg = parts[-3]
+                if seg.isdigit() and int(seg) not in referenced and int(seg) < max(live, default=0):
+                    doomed.append(key)
+            if doomed:
+                deleted += int(self.client.delete(*doomed))
+        return deleted
+
+
+def backoff_delays(first: float = 0.5, cap: float = 10.0) -> Iterator[float]:
+    """0.5, 1, 2, 4, ... seconds, capped: how long to wait before the next retry."""
+    delay = first
+    while True:
+        yield delay
+        delay = min(cap, delay * 2)
+
+
+def sleep_unless(stop: Callable[[], bool], seconds: float, step: float = 0.1) -> bool:
+    """Sleep ``seconds`` unless ``stop()`` turns true first; returns whether it did."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if stop():
+            return True
+        time.sleep(min(step, max(0.0, end - time.monotonic())))
+    return stop()

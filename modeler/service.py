@@ -1,0 +1,505 @@
+"""The modeler's loop: plan offsets -> read on executors -> train -> publish -> repeat.
+
+Exactly-once effect: a version's Redis metadata holds the Kafka offsets its model has
+consumed, written in the same MULTI/EXEC that makes the version visible. On start the
+model is restored from the current version and reading resumes at its offsets; whatever
+a crashed process trained or wrote after that is invisible and simply redone. So after
+``kill -9`` at any moment every rating counts exactly once in the published model.
+
+Failure handling:
+- Kafka or Spark trouble while reading: nothing was trained; retry the same offsets with
+  backoff.
+- Trouble while training: the in-memory model may be half-updated; restore it from the
+  current version (and its offsets) and go on.
+- Redis trouble while publishing: the in-memory model and offsets are consistent, so the
+  same version is retried with backoff until Redis answers. If Redis came back empty (or
+  the pointer is not ours), the retry writes a *full* segment: a complete model, its
+  offsets and counts, never double counting. Rated-item hashes lost with Redis are rebuilt
+  from the topic (a read-only pass over the offsets the model has consumed).
+- SIGTERM: the current batch is finished and published (or, if Redis is away, abandoned:
+  a restart redoes it), then the loop ends and the lease is released.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from modeler import kafka_source as ks
+from modeler import publish as pub
+from modeler.config import ModelerSettings
+from modeler.metrics import ModelerMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchReport:
+    """What one loop iteration did (also the JSON metrics entry of a published version)."""
+
+    version: int | None
+    n_ratings: int
+    n_dlq: int
+    seconds: float
+    read_seconds: float = 0.0
+    train_seconds: float = 0.0
+    publish_seconds: float = 0.0
+    full: bool = False
+    lag: dict[int, int] = field(default_factory=dict)
+
+
+class ModelerService:
+    """One modeler: owns a StreamingALS model, a Kafka offset plan and a Redis prefix."""
+
+    def __init__(
+        self,
+        settings: ModelerSettings,
+        spark: Any = None,
+        metrics: ModelerMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self._spark = spark
+        self.metrics = metrics or ModelerMetrics()
+        self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.publisher = pub.Publisher(
+            settings.redis_url,
+            settings.redis_prefix,
+            keep_versions=settings.keep_versions,
+            metrics_history=settings.metrics_history,
+            lease_ttl_s=settings.lease_ttl_s,
+            state_names=model_state_names(),
+        )
+        self.admin = ks.TopicAdmin(
+            settings.kafka_bootstrap_servers,
+            settings.ratings_topic,
+            settings.dlq_topic,
+            settings.ratings_topic_partitions,
+        )
+        self._stop = threading.Event()
+        self.model: Any = None
+        self.version = 0  # last version published (or restored)
+        self.segments: list[int] = []  # segments of that version
+        self.offsets: dict[int, int] = {}  # next offset per partition, consistent with model
+        self.backlog: dict[int, int | None] = {}
+        self.dlq_total = 0
+        self.n_users = 0
+        self.n_items = 0
+        self.ratings_per_s = 0.0
+        self._last_blocks: list[Any] = []
+        self._need_full = True
+        self._ready = False
+        self.reports: list[BatchReport] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def spark(self) -> Any:
+        if self._spark is None:
+            from modeler.spark import get_spark
+
+            self._spark = get_spark(
+                self.settings.spark_master, "streamrec-modeler",
+                checkpoint_dir=self.settings.checkpoint_dir,
+            )
+        return self._spark
+
+    def stop(self) -> None:
+        """Ask the loop to end after the current batch (signal-handler safe)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self, max_batches: int | None = None, until: Callable[[ModelerService], bool] | None = None) -> None:
+        """Loop until stopped (or ``max_batches`` non-empty batches, or ``until(self)``)."""
+        done = 0
+        try:
+            while not self.stopping:
+                if not self._ready:
+                    self._start()
+                    continue
+                report = self.step()
+                if report is not None and report.n_ratings + report.n_dlq > 0:
+                    done += 1
+                if max_batches is not None and done >= max_batches:
+                    break
+                if until is not None and until(self):
+                    break
+        except Stopped as exc:
+            log.info("stopped while %s", exc)
+        finally:
+            self.publisher.release_lease(self.token)
+            self.admin.close()
+            log.info("modeler stopped at version %d", self.version)
+
+    # ------------------------------------------------------------------ start / restore
+
+    def _retrying(self, what: str, component: str, fn: Callable[[], Any]) -> Any:
+        """Call ``fn`` until it succeeds or we are stopped (then ``None``)."""
+        delays = pub.backoff_delays(0.5, self.settings.retry_max_backoff_s)
+        while True:
+            try:
+                return fn()
+            except Stopped:
+                raise
+            except Exception as exc:
+                if self.stopping:
+                    raise Stopped(what) from exc
+                delay = next(delays)
+                self.metrics.retries.labels(component=component).inc()
+                log.warning("%s failed (%s: %s); retrying in %.1f s", what, type(exc).__name__, exc, delay)
+                if component == "redis":
+                    self.publisher.reset_client()
+                if pub.sleep_unless(lambda: self.stopping, delay):
+                    raise Stopped(what) from exc
+
+    def _start(self) -> None:
+        """Lease, topics, model restore (or fresh model), offsets."""
+        s = self.settings
+        self._retrying("taking the modeler lease", "redis", self._wait_lease)
+        self._retrying("creating topics", "kafka", self.admin.ensure_topics)
+        restored = self._retrying("restoring the model from Redis", "redis", self.publisher.restore)
+        partitions = self._retrying("reading topic metadata", "kafka", self.admin.partitions)
+        if restored is not None:
+            meta = restored.meta
+            self.model = restore_model(self.spark, s, restored)
+            self.version = meta.version
+            self.segments = list(meta.segments)
+            self.n_users, self.n_items = meta.n_users, meta.n_items
+            self.dlq_total = int(meta.metrics.get("dlq_total", 0))
+            self.offsets = ks.offsets_for_topic(meta.offsets, s.ratings_topic)
+            self._need_full = False
+            log.info(
+                "restored version %d (%d ratings seen, %d users, %d items), resuming at %s",
+                meta.version, meta.ratings_seen, meta.n_users, meta.n_items, self.offsets,
+            )
+        else:
+            self.model = new_model(s)
+            self.version = 0
+            self.segments = []
+            self.n_users = self.n_items = 0
+            self.dlq_total = 0
+            self.offsets = {}
+            self._need_full = True
+            log.info("no model in Redis under %r: training from the beginning of %s",
+                     s.redis_prefix, s.ratings_topic)
+        missing = [p for p in partitions if p not in self.offsets]
+        if missing:
+            begin = self._retrying("reading beginning offsets", "kafka",
+                                   lambda: self.admin.beginning_offsets(missing))
+            self.offsets.update(begin)
+        self.backlog = dict.fromkeys(self.offsets)
+        self._ready = True
+
+    def _wait_lease(self) -> None:
+        warned = False
+        while not self.publisher.hold_lease(self.token):
+            if not warned:
+                log.warning("another modeler holds %s; waiting for it to expire", self.publisher.keys.lease)
+                warned = True
+            if pub.sleep_unless(lambda: self.stopping, 0.5):
+                raise Stopped("waiting for the lease")
+
+    # ------------------------------------------------------------------ one batch
+
+    def step(self) -> BatchReport | None:
+        """One micro-batch; returns ``None`` when it had to be retried or the stream is idle."""
+        s = self.settings
+        t0 = time.perf_counter()
+        ranges = ks.plan_batch(s.ratings_topic, self.offsets, self.backlog, s.batch_max_records)
+        sc = self.spark.sparkContext
+        bootstrap, dlq, lo, hi = s.kafka_bootstrap_servers, s.dlq_topic, s.rating_min, s.rating_max
+        try:
+            blocks = (
+                sc.parallelize(ranges, len(ranges))
+                .mapPartitions(lambda it: ks.read_ranges(it, bootstrap, dlq, lo, hi))
+                .persist()
+            )
+            summaries = blocks.map(lambda b: b.summary()).collect()
+        except Exception as exc:
+            self.metrics.batches.labels(outcome="read_failed").inc()
+            log.warning("reading the batch failed (%s); retrying the same offsets", _short(exc))
+            self.metrics.retries.labels(component="kafka").inc()
+            pub.sleep_unless(lambda: self.stopping, min(s.retry_max_backoff_s, 2.0))
+            return None
+        t_read = time.perf_counter() - t0
+        n_valid = sum(x["n_valid"] for x in summaries)
+        n_dlq = sum(x["n_dlq"] for x in summaries)
+        reached = {x["partition"]: x["next_offset"] for x in summaries}
+        lag = {
+            x["partition"]: max(0, (x["highwater"] or x["next_offset"]) - x["next_offset"])
+            for x in summaries
+        }
+        self.metrics.observe_lag(lag)
+        for x in summaries:
+            for reason in x["dlq_reasons"]:
+                log.warning("dead-lettered partition %d %s", x["partition"], reason)
+        if n_valid == 0 and n_dlq == 0:
+            blocks.unpersist()
+            self.backlog = {p: lag.get(p, 0) for p in self.offsets}
+            if reached != self.offsets and reached:
+                # Only control records passed: remember it without a new version.
+                self.offsets.update(reached)
+            idle = s.batch_max_interval_s - (time.perf_counter() - t0)
+            if idle > 0:
+                pub.sleep_unless(lambda: self.stopping, idle)
+            return None
+
+        # ---- train
+        t1 = time.perf_counter()
+        stats: dict[str, Any] = {"n_ratings": 0, "prequential_sse": 0.0, "new_users": 0, "new_items": 0}
+        if n_valid:
+            ratings = blocks.flatMap(lambda b: b.rows())
+            try:
+                stats = train_model(self.model, ratings)
+            except Exception as exc:
+                self.metrics.batches.labels(outcome="train_failed").inc()
+                log.error("training failed (%s); restoring the model from Redis", _short(exc))
+                blocks.unpersist()
+                self._ready = False
+                return None
+        t_train = time.perf_counter() - t1
+        n_trained = int(stats.get("n_ratings", n_valid))
+
+        # ---- publish (the model and the offsets are consistent from here on)
+        t2 = time.perf_counter()
+        version = self.version + 1
+        new_offsets = dict(self.offsets)
+        new_offsets.update(reached)
+        self.dlq_total += n_dlq
+        self.n_users += int(stats.get("new_users", 0))
+        self.n_items += int(stats.get("new_items", 0))
+        batch_seconds_so_far = time.perf_counter() - t0
+        rmse = (float(stats["prequential_sse"]) / n_trained) ** 0.5 if n_trained else None
+        entry = {
+            "version": version,
+            "ratings_seen": int(self.model.ratings_seen),
+            "batch_ratings": n_trained,
+            "prequential_rmse": rmse,
+            "ratings_per_s": n_valid / batch_seconds_so_far if batch_seconds_so_far > 0 else 0.0,
+            "batch_seconds": batch_seconds_so_far,
+            "read_seconds": t_read,
+            "train_seconds": t_train,
+            "dlq": n_dlq,
+            "dlq_total": self.dlq_total,
+            "lag": {str(p): v for p, v in lag.items()},
+            "time": time.time(),
+        }
+        published = self._publish(version, blocks if n_valid else None, new_offsets, entry)
+        if not published:
+            # Stopped while Redis was away: abandon this batch; a restart redoes it.
+            self.dlq_total -= n_dlq
+            blocks.unpersist()
+            return None
+        t_pub = time.perf_counter() - t2
+        self.offsets = new_offsets
+        self.backlog = {p: lag.get(p, 0) for p in self.offsets}
+        # Keep the previous batch cached one more round: the model's RDDs may still
+        # be lazily derived from it.
+        for old in self._last_blocks:
+            old.unpersist()
+        self._last_blocks = [blocks]
+        seconds = time.perf_counter() - t0
+        self.ratings_per_s = n_valid / seconds if seconds > 0 else 0.0
+        m = self.metrics
+        m.batches.labels(outcome="published").inc()
+        m.ratings.inc(n_trained)
+        m.dlq.inc(n_dlq)
+        m.ratings_per_s.set(self.ratings_per_s)
+        m.batch_seconds.observe(seconds)
+        if rmse is not None:
+            m.prequential_rmse.set(rmse)
+        m.version.set(version)
+        m.ratings_seen.set(int(self.model.ratings_seen))
+        report = BatchReport(version, n_trained, n_dlq, seconds, t_read, t_train, t_pub,
+                             published == "full", lag)
+        self.reports.append(report)
+        del self.reports[:-100]
+        log.info(
+            "version %d: %d ratings (%d dead-lettered) in %.2f s (read %.2f, train %.2f, publish %.2f)"
+            " = %.0f ratings/s, prequential RMSE %s, ratings_seen %d%s",
+            version, n_trained, n_dlq, seconds, t_read, t_train, t_pub, self.ratings_per_s,
+            f"{rmse:.4f}" if rmse is not None else "-", int(self.model.ratings_seen),
+            " (full segment)" if published == "full" else "",
+        )
+        return report
+
+    def _publish(self, version: int, blocks: Any, offsets: dict[int, int], entry: dict) -> str | None:
+        """Write segment ``version`` and flip to it; retried while Redis is away.
+
+        Returns ``"full"``/``"delta"``, or ``None`` if stopped before it could publish.
+        """
+        s = self.settings
+        delays = pub.backoff_delays(0.5, s.retry_max_backoff_s)
+        while True:
+            try:
+                return self._publish_once(version, blocks, offsets, entry)
+            except Exception as exc:
+                self.metrics.retries.labels(component="redis").inc()
+                self.publisher.reset_client()
+                if self.stopping:
+                    log.warning("stopping with version %d unpublished (%s); a restart redoes it",
+                                version, _short(exc))
+                    return None
+                delay = next(delays)
+                log.warning("publishing version %d failed (%s); retrying in %.1f s",
+                            version, _short(exc), delay)
+                if pub.sleep_unless(lambda: self.stopping, delay):
+                    log.warning("stopping with version %d unpublished; a restart redoes it", version)
+                    return None
+
+    def _publish_once(self, version: int, blocks: Any, offsets: dict[int, int], entry: dict) -> str:
+        from common.snapshot import Meta
+
+        s = self.settings
+        publisher = self.publisher
+        if not publisher.hold_lease(self.token):
+            raise LeaseLost(f"{publisher.keys.lease} is held by another modeler")
+        pointer = publisher.pointer()
+        ours = pointer is not None and pointer.version == self.version and self.version > 0
+        redis_lost = not ours and self.version > 0
+        full = self._need_full or not ours or len(self.segments) >= s.max_segment_chain
+        if redis_lost:
+            log.warning("Redis no longer holds version %d (pointer %s): republishing the whole model",
+                        self.version, pointer)
+        publisher.clear_segment(version)
+        sc = self.spark.sparkContext
+        url, prefix = s.redis_url, s.redis_prefix
+        parts = publish_rdds(self.model, full, blocks)
+        if redis_lost:
+            parts.append(self._rated_backfill_rdd(sc, offsets, blocks))
+        records = sc.union(parts) if parts else None
+        written = 0
+        if records is not None:
+            written = sum(records.mapPartitions(lambda it: pub.write_partition(it, url, prefix, version)).collect())
+        segments = [version] if full else [*self.segments, version]
+        popular = top_items(self.model, s.popular_size)
+        meta = Meta(
+            version=version,
+            rank=int(self.model.rank),
+            mu=float(self.model.mu),
+            reg_param=float(self.model.reg_param),
+            n_users=self.n_users,
+            n_items=self.n_items,
+            ratings_seen=int(self.model.ratings_seen),
+            created=time.time(),
+            segments=tuple(segments),
+            offsets={ks.offsets_key(s.ratings_topic, p): int(o) for p, o in sorted(offsets.items())},
+            metrics=entry,
+            popular=popular,
+            rating_min=s.rating_min,
+            rating_max=s.rating_max,
+        )
+        if not publisher.segment_exists(version):
+            # An empty segment would make the version unreadable as a chain base.
+            if full:
+                raise RuntimeError(f"full segment {version} came out empty ({written} records)")
+            segments.remove(version)
+            meta.segments = tuple(segments)
+        publisher.publish(meta, entry, popular)
+        self.version = version
+        self.segments = segments
+        self._need_full = False
+        try:
+            publisher.collect_garbage()
+        except Exception as exc:  # a failed GC is retried after the next batch
+            log.warning("garbage collection failed: %s", _short(exc))
+        return "full" if full else "delta"
+
+    def _rated_backfill_rdd(self, sc: Any, offsets: dict[int, int], blocks: Any) -> Any:
+        """``("r", user, item, rating)`` of every rating before this batch: re-read from the
+        topic (read-only, no DLQ) to rebuild the rated-item hashes Redis lost."""
+        s = self.settings
+        begin = self.admin.beginning_offsets(list(self.offsets))
+        ranges = [
+            ks.OffsetRange(s.ratings_topic, p, begin.get(p, 0), max(0, self.offsets[p] - begin.get(p, 0)))
+            for p in sorted(self.offsets)
+            if self.offsets[p] > begin.get(p, 0)
+        ]
+        bootstrap, lo, hi = s.kafka_bootstrap_servers, s.rating_min, s.rating_max
+        log.info("rebuilding rated items from %d partitions of %s", len(ranges), s.ratings_topic)
+
+        def read(it: Any) -> Any:
+            for rng in it:
+                yield from ks.read_range_rated(rng, bootstrap, lo, hi)
+
+        return sc.parallelize(ranges, max(1, len(ranges))).mapPartitions(read)
+
+
+class Stopped(Exception):
+    """The service was asked to stop while waiting or retrying."""
+
+
+class LeaseLost(RuntimeError):
+    """Another modeler took the single-writer lease."""
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(exc).__name__}: {first[:300]}"
+
+
+# ------------------------------------------------------------------------------------------
+# Adapter to modeler.streaming_als (the numeric core, owned by another module)
+# ------------------------------------------------------------------------------------------
+
+
+def model_state_names() -> tuple[str, ...]:
+    return ()
+
+
+def new_model(settings: ModelerSettings) -> Any:
+    from modeler.streaming_als import StreamingALS
+
+    s = settings
+    return StreamingALS(
+        rank=s.model_rank,
+        iterations=s.model_iterations,
+        reg_param=s.model_reg_param,
+        learning_rate=s.model_learning_rate,
+        seed=s.model_seed,
+        num_partitions=s.model_num_partitions,
+        scale=s.model_scale,
+    )
+
+
+def restore_model(spark: Any, settings: ModelerSettings, restored: pub.Restored) -> Any:
+    raise NotImplementedError
+
+
+def train_model(model: Any, ratings: Any) -> dict[str, Any]:
+    stats = model.train(ratings)
+    if isinstance(stats, dict):
+        return stats
+    return {k: getattr(stats, k) for k in ("n_ratings", "n_rejected", "prequential_sse", "new_users", "new_items")}
+
+
+def publish_rdds(model: Any, full: bool, blocks: Any) -> list[Any]:
+    """Tagged-record RDDs for :func:`modeler.publish.write_partition`."""
+    users = model.user_factors if full else model.changed_users
+    items = model.item_factors if full else model.changed_items
+    parts = [
+        items.map(lambda kv: (pub.ITEM, kv[0], kv[1])),
+        users.map(lambda kv: (pub.USER, kv[0], kv[1])),
+    ]
+    if blocks is not None:
+        parts.append(blocks.flatMap(_rated_records))
+    return parts
+
+
+def _rated_records(block: ks.Block) -> Any:
+    return ((pub.RATED, u, i, r) for u, i, r in zip(block.users, block.items, block.ratings, strict=True))
+
+
+def top_items(model: Any, n: int) -> list[tuple[str, int]]:
+    counts = model.item_counts
+    return [(str(i), int(c)) for i, c in counts.takeOrdered(n, key=lambda kv: (-kv[1], kv[0]))]
