@@ -383,6 +383,36 @@ def read_range_rated(
 # --------------------------------------------------------------------------- driver side
 
 
+def read_batch(
+    sc: Any,
+    ranges: list[OffsetRange],
+    bootstrap: str,
+    dlq_topic: str,
+    rating_min: float,
+    rating_max: float,
+) -> tuple[Any, list[dict[str, Any]]]:
+    """Read ``ranges`` on the executors, one Spark partition per Kafka partition.
+
+    Returns the persisted ``RDD[Block]`` and the per-partition summaries (offsets reached,
+    high-water marks, counts): one Spark job, and only the summaries reach the driver.
+    The blocks stay cached so that training and publishing see exactly the records whose
+    offsets were reported, even though a re-read could now reach further.
+    """
+    from pyspark import StorageLevel
+
+    blocks = (
+        sc.parallelize(ranges, max(1, len(ranges)))
+        .mapPartitions(lambda it: read_ranges(it, bootstrap, dlq_topic, rating_min, rating_max))
+        .persist(StorageLevel.MEMORY_AND_DISK)
+    )
+    try:
+        summaries = blocks.map(Block.summary).collect()
+    except Exception:
+        blocks.unpersist()
+        raise
+    return blocks, summaries
+
+
 class KafkaUnavailable(RuntimeError):
     """The broker cannot be reached or the topic metadata is missing; retry later."""
 

@@ -218,12 +218,7 @@ class ModelerService:
         sc = self.spark.sparkContext
         bootstrap, dlq, lo, hi = s.kafka_bootstrap_servers, s.dlq_topic, s.rating_min, s.rating_max
         try:
-            blocks = (
-                sc.parallelize(ranges, len(ranges))
-                .mapPartitions(lambda it: ks.read_ranges(it, bootstrap, dlq, lo, hi))
-                .persist()
-            )
-            summaries = blocks.map(lambda b: b.summary()).collect()
+            blocks, summaries = ks.read_batch(sc, ranges, bootstrap, dlq, lo, hi)
         except Exception as exc:
             self.metrics.batches.labels(outcome="read_failed").inc()
             log.warning("reading the batch failed (%s); retrying the same offsets", _short(exc))
