@@ -291,7 +291,7 @@ def create_app(settings: FrontendSettings | None = None) -> FastAPI:
     @app.get("/api/model")
     async def model(state: StateDep) -> Response:
         """The streaming model's version, size and training history."""
-        return await state.predictor.call("GET", "/v1/model")
+        return await state.predictor.call("GET", "/v1/model", {"history": 200})
 
     @app.get("/api/recommendations")
     async def my_recommendations(
