@@ -107,7 +107,10 @@ class FoldInBody(Body):
     exclude_rated: bool = True
 
 
-JiminyId = Annotated[int | str, Field()]
+# jiminy clients send MovieLens integer ids; echo them back as sent (64-bit: JSON-safe).
+JiminyId = Annotated[int, Field(ge=0, le=2**63 - 1)] | Annotated[
+    str, Field(min_length=1, max_length=MAX_ID_LENGTH)
+]
 
 
 class JiminyRatingsRequest(Body):
