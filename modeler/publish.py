@@ -30,7 +30,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 # Tags of the records a publish job writes (see write_partition).
-USER, ITEM, RATED, COUNT = "u", "i", "r", "c"
+USER, ITEM, RATED = "u", "i", "r"
+STATE_NAMES = ("user_counts", "item_counts")
 
 _CLIENTS: dict[str, Any] = {}
 
@@ -69,76 +70,95 @@ def write_partition(
     redis_url: str,
     prefix: str,
     segment: int,
+    top_n: int = 100,
     chunk: int = 5000,
-) -> Iterator[int]:
-    """``mapPartitions`` body writing tagged records; yields the number written.
+) -> Iterator[tuple[int, list[tuple[str, int]]]]:
+    """``mapPartitions`` body writing tagged records; yields ``(records written, top items)``.
 
-    Records: ``("u"|"i", id, (bias, vector))`` factor records into segment ``segment``;
-    ``("r", user, item, rating)`` into ``{p}:rated:{user}`` (idempotent);
-    ``("c", name, id, value)`` into the state hash ``name`` of segment ``segment``.
+    Records: ``("u"|"i", id, (bias, vector), count)`` - the factor record goes to segment
+    ``segment``, the rating count to its state hash (``user_counts``/``item_counts``);
+    ``("r", user, item, rating)`` into ``{p}:rated:{user}`` (idempotent). The top items
+    by count among the item records written come back for the version's ``popular``.
     """
+    import heapq
+
     from common.keys import ITEMS, USERS, Keys
     from common.snapshot import write_segment
 
     keys = Keys(prefix)
+    counts_name = {USER: "user_counts", ITEM: "item_counts"}
+    top: list[tuple[int, str]] = []  # min-heap of (count, item) - ties resolved on the driver
     try:
         client = redis_client(redis_url)
         pipe = client.pipeline(transaction=False)
         factors: dict[str, tuple[list, list, list]] = {USER: ([], [], []), ITEM: ([], [], [])}
+        counts: dict[str, dict[str, str]] = {USER: {}, ITEM: {}}
         rated: dict[str, dict[str, str]] = {}
-        state: dict[str, dict[str, str]] = {}
         n = 0
         pending = 0
 
-        def flush_factors(tag: str) -> None:
-            ids, biases, vectors = factors[tag]
-            if ids:
-                write_segment(
-                    pipe, keys, segment, USERS if tag == USER else ITEMS, ids,
-                    np.asarray(biases, dtype=np.float32), np.stack(vectors).astype(np.float32),
-                    chunk=chunk,
-                )
-                factors[tag] = ([], [], [])
+        def flush() -> None:
+            for tag in (USER, ITEM):
+                ids, biases, vectors = factors[tag]
+                if ids:
+                    write_segment(
+                        pipe, keys, segment, USERS if tag == USER else ITEMS, ids,
+                        np.asarray(biases, dtype=np.float32), np.stack(vectors).astype(np.float32),
+                        chunk=chunk,
+                    )
+                    factors[tag] = ([], [], [])
+                if counts[tag]:
+                    pipe.hset(state_key(prefix, segment, counts_name[tag]), mapping=counts[tag])
+                    counts[tag] = {}
+            for user, items in rated.items():
+                pipe.hset(keys.rated(user), mapping=items)
+            rated.clear()
+            pipe.execute()
 
         for rec in records:
             tag = rec[0]
             if tag in factors:
+                ident = str(rec[1])
                 ids, biases, vectors = factors[tag]
-                ids.append(str(rec[1]))
+                ids.append(ident)
                 biases.append(float(rec[2][0]))
                 vectors.append(np.asarray(rec[2][1], dtype=np.float32))
-                if len(ids) >= chunk:
-                    flush_factors(tag)
+                if len(rec) > 3 and rec[3] is not None:
+                    c = int(rec[3])
+                    counts[tag][ident] = str(c)
+                    if tag == ITEM and top_n > 0:
+                        if len(top) < top_n:
+                            heapq.heappush(top, (c, ident))
+                        elif c > top[0][0]:
+                            heapq.heapreplace(top, (c, ident))
             elif tag == RATED:
                 rated.setdefault(str(rec[1]), {})[str(rec[2])] = repr(float(rec[3]))
-            elif tag == COUNT:
-                state.setdefault(rec[1], {})[str(rec[2])] = str(rec[3])
             else:
                 raise ValueError(f"unknown record tag {tag!r}")
             n += 1
             pending += 1
-            if pending >= 4 * chunk:
-                flush_factors(USER)
-                flush_factors(ITEM)
-                for user, items in rated.items():
-                    pipe.hset(keys.rated(user), mapping=items)
-                for name, values in state.items():
-                    pipe.hset(state_key(prefix, segment, name), mapping=values)
-                rated.clear()
-                state.clear()
-                pipe.execute()
+            if pending >= chunk:
+                flush()
                 pending = 0
-        flush_factors(USER)
-        flush_factors(ITEM)
-        for user, items in rated.items():
-            pipe.hset(keys.rated(user), mapping=items)
-        for name, values in state.items():
-            pipe.hset(state_key(prefix, segment, name), mapping=values)
-        pipe.execute()
+        flush()
     except Exception:
         _drop_client(redis_url)
         raise
-    yield n
+    yield n, [(item, c) for c, item in top]
+
+
+def merge_popular(
+    previous: Iterable[tuple[str, int]], changed: Iterable[tuple[str, int]], n: int
+) -> list[tuple[str, int]]:
+    """Top ``n`` items by count, most rated first (ties by id), from the previous version's
+    top list and the counts of the items this batch changed.
+
+    Exact, because counts only grow and only changed items' counts move: an unchanged item
+    outside the previous top ``n`` cannot overtake the previous members.
+    """
+    merged = dict(previous)
+    merged.update(changed)
+    return sorted(merged.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
 
 
 # --------------------------------------------------------------------------- driver side
@@ -156,6 +176,12 @@ class Restored:
     item_biases: np.ndarray
     item_vectors: np.ndarray
     state: dict[str, dict[str, str]]
+    model_state: dict[str, Any]
+
+
+# Extra field of {p}:ver:{v}: JSON scalars the model needs to resume exactly (running
+# rating sum, batch number, hyper-parameters); written in the version's MULTI/EXEC.
+MODEL_STATE_FIELD = "model_state"
 
 
 # Renew only our own lease; take it when free. Returns 1 when we hold it afterwards.
@@ -179,7 +205,7 @@ class Publisher:
         keep_versions: int = 3,
         metrics_history: int = 1000,
         lease_ttl_s: float = 15.0,
-        state_names: tuple[str, ...] = (),
+        state_names: tuple[str, ...] = STATE_NAMES,
     ) -> None:
         from common.keys import Keys
 
@@ -248,7 +274,9 @@ class Publisher:
                     for k, v in self.client.hscan_iter(state_key(self.keys.prefix, s, name), count=5000):
                         merged[k.decode()] = v.decode()
                 state[name] = merged
-            return Restored(meta, u_ids, u_b, u_v, i_ids, i_b, i_v, state)
+            raw = self.client.hget(self.keys.meta(pointer.version), MODEL_STATE_FIELD)
+            model_state = json.loads(raw) if raw else {}
+            return Restored(meta, u_ids, u_b, u_v, i_ids, i_b, i_v, state, model_state)
         raise RuntimeError("the current version kept changing while being restored")
 
     # ---------------------------------------------------------------- writing
@@ -268,17 +296,18 @@ class Publisher:
         meta: Any,
         metrics_entry: dict[str, Any],
         popular: list[tuple[str, int]],
-        extra: Callable[[Any], None] | None = None,
+        model_state: dict[str, Any] | None = None,
     ) -> None:
-        """Flip to ``meta.version`` atomically, with its metrics entry and ``popular``."""
+        """Flip to ``meta.version`` atomically, with its metrics entry, ``popular`` and the
+        model's resume state."""
         from common.snapshot import publish_version
 
         def more(pipe: Any) -> None:
+            if model_state is not None:
+                pipe.hset(self.keys.meta(meta.version), MODEL_STATE_FIELD, json.dumps(model_state, sort_keys=True))
             pipe.lpush(self.keys.metrics, json.dumps(metrics_entry, sort_keys=True))
             pipe.ltrim(self.keys.metrics, 0, self.metrics_history - 1)
             pipe.set(self.keys.popular, json.dumps([[i, int(c)] for i, c in popular]))
-            if extra is not None:
-                extra(pipe)
 
         publish_version(self.client, self.keys, meta, extra=more)
 

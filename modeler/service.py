@@ -32,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from modeler import kafka_source as ks
 from modeler import publish as pub
 from modeler.config import ModelerSettings
@@ -74,7 +76,6 @@ class ModelerService:
             keep_versions=settings.keep_versions,
             metrics_history=settings.metrics_history,
             lease_ttl_s=settings.lease_ttl_s,
-            state_names=model_state_names(),
         )
         self.admin = ks.TopicAdmin(
             settings.kafka_bootstrap_servers,
@@ -90,6 +91,7 @@ class ModelerService:
         self.backlog: dict[int, int | None] = {}
         self.dlq_total = 0
         self.n_users = 0
+        self.popular: list[tuple[str, int]] = []
         self.n_items = 0
         self.ratings_per_s = 0.0
         self._last_blocks: list[Any] = []
@@ -173,7 +175,8 @@ class ModelerService:
             self.model = restore_model(self.spark, s, restored)
             self.version = meta.version
             self.segments = list(meta.segments)
-            self.n_users, self.n_items = meta.n_users, meta.n_items
+            self.n_users, self.n_items = len(restored.user_ids), len(restored.item_ids)
+            self.popular = list(meta.popular)
             self.dlq_total = int(meta.metrics.get("dlq_total", 0))
             self.offsets = ks.offsets_for_topic(meta.offsets, s.ratings_topic)
             self._need_full = False
@@ -186,6 +189,7 @@ class ModelerService:
             self.version = 0
             self.segments = []
             self.n_users = self.n_items = 0
+            self.popular = []
             self.dlq_total = 0
             self.offsets = {}
             self._need_full = True
@@ -371,12 +375,16 @@ class ModelerService:
         parts = publish_rdds(self.model, full, blocks)
         if redis_lost:
             parts.append(self._rated_backfill_rdd(sc, offsets, blocks))
-        records = sc.union(parts) if parts else None
-        written = 0
-        if records is not None:
-            written = sum(records.mapPartitions(lambda it: pub.write_partition(it, url, prefix, version)).collect())
+        top_n = s.popular_size
+        results = (
+            sc.union(parts)
+            .mapPartitions(lambda it: pub.write_partition(it, url, prefix, version, top_n))
+            .collect()
+        )
+        written = sum(n for n, _ in results)
+        changed = [kv for _, top in results for kv in top]
+        popular = pub.merge_popular([] if full else self.popular, changed, top_n)
         segments = [version] if full else [*self.segments, version]
-        popular = top_items(self.model, s.popular_size)
         meta = Meta(
             version=version,
             rank=int(self.model.rank),
@@ -399,9 +407,10 @@ class ModelerService:
                 raise RuntimeError(f"full segment {version} came out empty ({written} records)")
             segments.remove(version)
             meta.segments = tuple(segments)
-        publisher.publish(meta, entry, popular)
+        publisher.publish(meta, entry, popular, model_state(self.model))
         self.version = version
         self.segments = segments
+        self.popular = popular
         self._need_full = False
         try:
             publisher.collect_garbage()
@@ -448,27 +457,66 @@ def _short(exc: BaseException) -> str:
 # ------------------------------------------------------------------------------------------
 
 
-def model_state_names() -> tuple[str, ...]:
-    return ()
+def model_params(settings: ModelerSettings) -> dict[str, Any]:
+    s = settings
+    return {
+        "rank": s.model_rank,
+        "iterations": s.model_iterations,
+        "reg_param": s.model_reg_param,
+        "learning_rate": s.model_learning_rate,
+        "seed": s.model_seed,
+        "num_partitions": s.model_num_partitions,
+        "init_scale": s.model_init_scale,
+        "reservoir_size": s.model_reservoir_size,
+        "replay_ratio": s.model_replay_ratio,
+        "scale": s.scale,
+    }
 
 
 def new_model(settings: ModelerSettings) -> Any:
     from modeler.streaming_als import StreamingALS
 
-    s = settings
-    return StreamingALS(
-        rank=s.model_rank,
-        iterations=s.model_iterations,
-        reg_param=s.model_reg_param,
-        learning_rate=s.model_learning_rate,
-        seed=s.model_seed,
-        num_partitions=s.model_num_partitions,
-        scale=s.model_scale,
-    )
+    return StreamingALS(**model_params(settings))
+
+
+def model_state(model: Any) -> dict[str, Any]:
+    """Scalars a restore needs besides factors and counts (JSON, stored with the version)."""
+    extra = {"rating_sum": float(model.rating_sum), "batches": int(model.batches)}
+    params = getattr(model, "params", None)
+    if params is not None and hasattr(params, "to_dict"):
+        extra["params"] = params.to_dict()
+    return extra
 
 
 def restore_model(spark: Any, settings: ModelerSettings, restored: pub.Restored) -> Any:
-    raise NotImplementedError
+    """Rebuild the model of a published version: factors, counts, μ and its running sum."""
+    from modeler.streaming_als import StreamingALS
+
+    sc = spark.sparkContext
+    meta = restored.meta
+    user_counts = restored.state.get("user_counts", {})
+    item_counts = restored.state.get("item_counts", {})
+    users = [
+        (u, (float(b), v, int(user_counts.get(u, 0))))
+        for u, b, v in zip(restored.user_ids, restored.user_biases, restored.user_vectors, strict=True)
+    ]
+    items = [
+        (i, (float(b), v, int(item_counts.get(i, 0))))
+        for i, b, v in zip(restored.item_ids, restored.item_biases, restored.item_vectors, strict=True)
+    ]
+    slices = max(1, settings.model_num_partitions)
+    extra = dict(restored.model_state)
+    kwargs: dict[str, Any] = {}
+    if "params" not in extra:
+        kwargs = model_params(settings)
+        kwargs["rank"] = meta.rank
+    elif int(extra["params"].get("rank", meta.rank)) != settings.model_rank:
+        log.warning("MODEL_RANK=%d ignored: the stored model has rank %d (rebuild to change it)",
+                    settings.model_rank, meta.rank)
+    return StreamingALS.restore(
+        sc, sc.parallelize(users, slices), sc.parallelize(items, slices),
+        meta.mu, meta.ratings_seen, extra, **kwargs,
+    )
 
 
 def train_model(model: Any, ratings: Any) -> dict[str, Any]:
@@ -478,13 +526,23 @@ def train_model(model: Any, ratings: Any) -> dict[str, Any]:
     return {k: getattr(stats, k) for k in ("n_ratings", "n_rejected", "prequential_sse", "new_users", "new_items")}
 
 
+def _side_records(tag: str, only_touched: bool) -> Callable[[tuple[int, Any]], Any]:
+    def records(kv: tuple[int, Any]) -> Any:
+        t = kv[1].table
+        rows = np.flatnonzero(t.touched) if only_touched else range(len(t.ids))
+        return [(tag, t.ids[j], (float(t.bias[j]), t.vec[j].copy()), int(t.count[j])) for j in rows]
+
+    return records
+
+
 def publish_rdds(model: Any, full: bool, blocks: Any) -> list[Any]:
-    """Tagged-record RDDs for :func:`modeler.publish.write_partition`."""
-    users = model.user_factors if full else model.changed_users
-    items = model.item_factors if full else model.changed_items
+    """Tagged-record RDDs for :func:`modeler.publish.write_partition`: items first (a reader
+    of a half-written segment would rather miss a user than an item)."""
+    # The public changed_users/changed_items carry no rating counts, which a restore needs:
+    # read the model's per-partition tables directly (one pass, no extra job).
     parts = [
-        items.map(lambda kv: (pub.ITEM, kv[0], kv[1])),
-        users.map(lambda kv: (pub.USER, kv[0], kv[1])),
+        model._items.flatMap(_side_records(pub.ITEM, not full)),
+        model._users.flatMap(_side_records(pub.USER, not full)),
     ]
     if blocks is not None:
         parts.append(blocks.flatMap(_rated_records))
@@ -493,8 +551,3 @@ def publish_rdds(model: Any, full: bool, blocks: Any) -> list[Any]:
 
 def _rated_records(block: ks.Block) -> Any:
     return ((pub.RATED, u, i, r) for u, i, r in zip(block.users, block.items, block.ratings, strict=True))
-
-
-def top_items(model: Any, n: int) -> list[tuple[str, int]]:
-    counts = model.item_counts
-    return [(str(i), int(c)) for i, c in counts.takeOrdered(n, key=lambda kv: (-kv[1], kv[0]))]
