@@ -46,7 +46,7 @@ from common.keys import Keys
 from common.schema import MAX_ID_LENGTH
 from common.snapshot import SnapshotChanged
 from predictor.config import PredictorSettings
-from predictor.model import FactorModel, UserEntry, recommend
+from predictor.model import FactorModel, UserEntry, recommend, recommend_batch
 from predictor.store import (
     REDIS_ERRORS,
     ModelWatcher,
@@ -261,6 +261,56 @@ class MetricsMiddleware:
             self.metrics.latency.labels(path).observe(time.perf_counter() - start)
 
 
+Ranked = tuple[np.ndarray, np.ndarray]
+_Job = tuple[FactorModel, float, np.ndarray, int, "np.ndarray | None", "asyncio.Future[Ranked]"]
+
+
+class TopNBatcher:
+    """Coalesces the top-N requests that reach the event loop together into one
+    matrix-matrix product per model version (see :func:`predictor.model.recommend_batch`).
+
+    A request submits and awaits; the first submission of a loop turn schedules a flush with
+    ``call_soon``, which runs after the other ready requests have submitted too. Under load
+    batches grow by themselves; an idle server answers a lone request at once.
+    """
+
+    MAX_BATCH = 64  # bounds the time the loop is blocked in one flush
+
+    def __init__(self) -> None:
+        self.pending: list[_Job] = []
+        self.scheduled = False
+
+    def submit(self, model: FactorModel, bias: float, vector: np.ndarray, n: int,
+               exclude: np.ndarray | None) -> asyncio.Future[Ranked]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Ranked] = loop.create_future()
+        self.pending.append((model, bias, vector, n, exclude, fut))
+        if not self.scheduled:
+            self.scheduled = True
+            loop.call_soon(self._flush)
+        return fut
+
+    def _flush(self) -> None:
+        self.scheduled = False
+        batch, self.pending = self.pending, []
+        groups: dict[int, list[_Job]] = {}
+        for job in batch:
+            groups.setdefault(id(job[0]), []).append(job)
+        for jobs in groups.values():
+            for start in range(0, len(jobs), self.MAX_BATCH):
+                chunk = jobs[start : start + self.MAX_BATCH]
+                try:
+                    results = recommend_batch(chunk[0][0], [(b, v, n, ex) for _, b, v, n, ex, _ in chunk])
+                except Exception as exc:  # hand the failure to every waiting request
+                    for job in chunk:
+                        if not job[5].done():
+                            job[5].set_exception(exc)
+                    continue
+                for job, result in zip(chunk, results, strict=True):
+                    if not job[5].done():
+                        job[5].set_result(result)
+
+
 @dataclass
 class Service:
     settings: PredictorSettings
@@ -268,6 +318,7 @@ class Service:
     watcher: ModelWatcher
     redis: AsyncRedis
     metrics: Metrics
+    batcher: TopNBatcher
 
     def require_model(self) -> FactorModel:
         model = self.watcher.model
@@ -362,14 +413,14 @@ async def _recommend(
             items = [x for x in items if x["item"] in allowed][:n]
         return {"user": user, "strategy": "popular",
                 "version": model.version if model else None, "items": items}
-    cand_rows = None
-    if candidates is not None:
+    exclude = None if include_rated else entry.rated
+    if candidates is None:
+        rows, scores = await svc.batcher.submit(model, entry.bias, entry.vector, n, exclude)
+    else:
         index = model.index
         cand_rows = np.fromiter((index[c] for c in candidates if c in index), dtype=np.int64)
-    rows, scores = recommend(
-        model, entry.bias, entry.vector, n,
-        exclude=None if include_rated else entry.rated, candidates=cand_rows,
-    )
+        rows, scores = recommend(model, entry.bias, entry.vector, n, exclude=exclude,
+                                 candidates=cand_rows)
     return {"user": user, "strategy": "model", "version": model.version,
             "items": _scored(svc, model, rows, scores)}
 
@@ -429,7 +480,7 @@ def create_app(settings: PredictorSettings | None = None) -> FastAPI:
             timeout=cfg.redis_timeout_s, on_swap=metrics.on_swap,
         )
         client = async_client(cfg.redis_url, cfg.redis_timeout_s)
-        app.state.svc = Service(cfg, keys, watcher, client, metrics)
+        app.state.svc = Service(cfg, keys, watcher, client, metrics, TopNBatcher())
         watcher.start()
         log.info("predictor serving prefix %r from %s", cfg.redis_prefix, cfg.redis_url)
         try:

@@ -205,23 +205,72 @@ def unit_rows(matrix: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(matrix / norms[:, None], dtype=F32)
 
 
+CHUNK = 64  # items per block for the top-k prefilter below
+
+
+def _threshold(scores: np.ndarray, k: int) -> np.ndarray:
+    """A lower bound on the k-th largest value of each column of ``scores`` (n, B).
+
+    Split the n rows into blocks of ``CHUNK`` and take each block's maximum: k blocks whose
+    maxima are >= t hold at least k values >= t, so the k-th largest block maximum t never
+    exceeds the k-th largest value. Rows >= t are then few, and only they are ranked: two
+    cheap vectorised passes over n instead of an O(n) argpartition with index bookkeeping.
+    """
+    n = scores.shape[0]
+    full = (n // CHUNK) * CHUNK
+    maxima = scores[:full].reshape(n // CHUNK, CHUNK, *scores.shape[1:]).max(axis=1)
+    if full < n:
+        maxima = np.concatenate([maxima, scores[full:].max(axis=0, keepdims=True)])
+    m = maxima.shape[0]
+    if k >= m:
+        return np.full(scores.shape[1:], -np.inf, dtype=scores.dtype)
+    return np.partition(maxima, m - k, axis=0)[m - k]
+
+
+def _rank_rows(values: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of ``values`` (with their ``rows``), best first, finite only."""
+    if len(values) > k:
+        part = np.argpartition(values, len(values) - k)[len(values) - k :]
+        values, rows = values[part], rows[part]
+    order = np.lexsort((rows, -values))  # ties: lower row first, the same on every path
+    values, rows = values[order], rows[order]
+    keep = np.isfinite(values)
+    if not keep.all():
+        values, rows = values[keep], rows[keep]
+    return rows, values
+
+
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices and values of the ``k`` largest finite scores, best first.
 
-    ``argpartition`` puts the k largest in front in O(n); only that slice is sorted.
     Entries set to -inf (excluded items) never come out.
     """
     n = scores.shape[0]
     k = min(k, n)
     if k <= 0:
         return np.empty(0, np.int64), np.empty(0, F32)
-    part = np.argpartition(scores, n - k)[n - k:] if k < n else np.arange(n)
-    order = part[np.argsort(-scores[part], kind="stable")]
-    vals = scores[order]
-    keep = np.isfinite(vals)
-    if not keep.all():
-        order, vals = order[keep], vals[keep]
-    return order, vals
+    if n <= 4 * CHUNK or k * CHUNK * 4 > n:
+        return _rank_rows(scores, np.arange(n), k)
+    t = _threshold(scores, k)
+    rows = np.flatnonzero(scores >= t)
+    return _rank_rows(scores[rows], rows, k)
+
+
+def top_k_columns(scores: np.ndarray, ks: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`top_k` of every column of ``scores`` (n, B), ``ks[j]`` best of column j."""
+    n, b = scores.shape
+    if n <= 4 * CHUNK or max(ks) * CHUNK * 4 > n:
+        return [top_k(np.ascontiguousarray(scores[:, j]), ks[j]) for j in range(b)]
+    t = _threshold(scores, min(max(ks), n))
+    rows, cols = np.nonzero(scores >= t)
+    order = np.argsort(cols, kind="stable")
+    rows, cols = rows[order], cols[order]
+    bounds = np.searchsorted(cols, np.arange(b + 1))
+    out = []
+    for j in range(b):
+        r = rows[bounds[j] : bounds[j + 1]]
+        out.append(_rank_rows(scores[r, j], r, min(ks[j], n)))
+    return out
 
 
 def recommend(
@@ -255,3 +304,25 @@ def recommend(
     if exclude is not None and len(exclude):
         scores[exclude] = -np.inf
     return top_k(scores, n)
+
+
+def recommend_batch(
+    model: FactorModel,
+    users: list[tuple[float, np.ndarray, int, np.ndarray | None]],
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`recommend` for several users at once: ``(bias, vector, n, exclude)`` each.
+
+    One matrix-matrix product ``[P | mu + b] @ [[U_1 .. U_B], [1 .. 1]]`` reads the item
+    matrix once for the whole batch instead of once per user (the product is memory-bound).
+    b_u shifts a user's scores uniformly, so it is added to the winners only.
+    """
+    x = np.empty((model.rank + 1, len(users)), dtype=F32)
+    for j, (_, vector, _, _) in enumerate(users):
+        x[: model.rank, j] = vector
+    x[model.rank] = 1.0
+    scores = model.item_aug @ x
+    for j, (_, _, _, exclude) in enumerate(users):
+        if exclude is not None and len(exclude):
+            scores[exclude, j] = -np.inf
+    ranked = top_k_columns(scores, [n for _, _, n, _ in users])
+    return [(rows, vals + F32(bias)) for (rows, vals), (bias, _, _, _) in zip(ranked, users, strict=True)]

@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from common.keys import Keys
-from common.snapshot import Meta, collect_garbage, publish_version, write_segment
+from common.snapshot import Meta, collect_garbage, write_segment
 from devstack.services import free_port, start_redis
 from predictor.app import create_app
 from tests.integration.test_predictor_api import (
