@@ -22,6 +22,8 @@ def main() -> None:
     uvicorn.run(
         create_app(settings), host=settings.frontend_host, port=settings.frontend_port,
         log_level=settings.log_level.lower(), proxy_headers=True,
+        # The page polls every few seconds per visitor; an access line each time is noise.
+        access_log=False,
     )
 
 

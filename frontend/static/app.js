@@ -64,6 +64,14 @@ function readProblem(resp) {
   }
 }
 
+// Error bodies are {"error", "detail"}; the predictor's detail may be an object.
+function describe(resp, fallback) {
+  const b = resp.body || {};
+  if (typeof b.detail === "string" && b.detail) return b.detail;
+  if (b.error) return b.detail ? `${b.error}: ${JSON.stringify(b.detail)}` : String(b.error);
+  return fallback;
+}
+
 function announce(text) { $("live").textContent = text; }
 
 // ---- star widget ---------------------------------------------------------------------------
@@ -181,7 +189,7 @@ async function saveRatings() {
     $("token-box").hidden = false;
     setProblem("write", "Saving ratings needs a write token on this server; your ratings were NOT saved.");
   } else if (resp.status === 422) {
-    setProblem("write", `Rating rejected: ${resp.body && resp.body.detail}`);
+    setProblem("write", `Rating rejected: ${describe(resp, "invalid rating")}`);
   } else {
     setProblem("write", "Your ratings could not be stored (the message broker is unreachable); "
       + "they were NOT accepted. Use “Retry saving” in a moment.");
@@ -220,6 +228,8 @@ function setBadge(node, strategy, version) {
 
 function renderRecs(answer, note) {
   const list = $("recs");
+  // The model may not have learned the latest ratings yet: never recommend what was just rated.
+  answer = { ...answer, items: answer.items.filter((i) => !state.mine.has(i.item)).slice(0, 10) };
   const key = JSON.stringify([answer.strategy, answer.version, answer.items.map((i) => i.item)]);
   setBadge($("recs-badge"), answer.strategy, answer.version);
   $("recs-note").textContent = note;
@@ -239,10 +249,14 @@ async function refreshRecs(force = false) {
     if (pop.ok) renderRecs(pop.body, "Rate a few movies and this list becomes yours.");
     return;
   }
-  const mine = await api("/api/recommendations?n=10");
+  const n = Math.min(100, 10 + state.mine.size);
+  const mine = await api(`/api/recommendations?n=${n}`);
   readProblem(mine);
   if (mine.ok && mine.body.strategy === "model") {
-    renderRecs(mine.body, `The streaming model has learned your ratings (model version ${mine.body.version}).`);
+    const learned = await api(`/api/users/${encodeURIComponent(state.visitor)}/ratings?limit=1`);
+    const count = learned.ok ? (learned.body.total ?? learned.body.ratings.length) : null;
+    const of = count == null ? "your ratings" : `${count} of your ${saved.length} rating${saved.length === 1 ? "" : "s"}`;
+    renderRecs(mine.body, `From the streaming model, which has learned ${of} (model version ${mine.body.version}).`);
     return;
   }
   if (!mine.ok && mine.status >= 500) return;
@@ -285,7 +299,7 @@ async function refreshModel() {
   if (!resp.ok) {
     $("model-status").textContent = resp.status === 503 && resp.body && resp.body.error !== "predictor_unavailable"
       ? "No model published yet: the modeler is still learning its first batch."
-      : (resp.body && resp.body.detail) || "The model is not available.";
+      : describe(resp, "The model is not available.");
     return;
   }
   const m = resp.body;
@@ -293,11 +307,12 @@ async function refreshModel() {
   state.model = m;
   const history = (m.history || []).slice().sort((a, b) => a.version - b.version);
   const last = history[history.length - 1] || {};
+  const lastLag = [...history].reverse().find((h) => h.lag != null);
   $("model-status").textContent = `Model version ${m.version}, published ${new Date(m.created * 1000).toLocaleTimeString()}.`;
   $("m-version").textContent = String(m.version);
   $("m-seen").textContent = fmt(m.ratings_seen);
   $("m-rate").textContent = fmt(last.ratings_per_s, 0);
-  $("m-lag").textContent = fmt(last.lag);
+  $("m-lag").textContent = lastLag ? fmt(lastLag.lag) : "–";
   $("m-size").textContent = `${fmt(m.n_users)} × ${fmt(m.n_items)}`;
   $("m-rank").textContent = String(m.rank ?? "–");
   const badge = $("model-badge");
@@ -361,7 +376,7 @@ async function search(append = false) {
   const resp = await api(`/api/items?${params}`);
   readProblem(resp);
   if (!resp.ok) {
-    $("search-status").textContent = (resp.body && resp.body.detail) || "Search failed.";
+    $("search-status").textContent = describe(resp, "Search failed.");
     return;
   }
   const items = resp.body.items || [];
@@ -390,7 +405,7 @@ async function exploreUser(user) {
   ]);
   readProblem(ratings);
   if (!ratings.ok && !recs.ok) {
-    $("user-status").textContent = (ratings.body && ratings.body.detail) || `No data for user ${user}.`;
+    $("user-status").textContent = describe(ratings, `No data for user ${user}.`);
     $("user-ratings").replaceChildren(); $("user-recs").replaceChildren();
     return;
   }
@@ -402,7 +417,7 @@ async function exploreUser(user) {
     $("user-recs").replaceChildren(...recs.body.items.map((m) => readonlyRow(m, `predicted ${Number(m.score).toFixed(2)}`)));
   } else {
     $("user-badge").hidden = true;
-    $("user-recs").replaceChildren(el("li", { class: "muted", text: (recs.body && recs.body.detail) || "No recommendations." }));
+    $("user-recs").replaceChildren(el("li", { class: "muted", text: describe(recs, "No recommendations.") }));
   }
 }
 
