@@ -34,6 +34,8 @@ PARAMS: dict[str, Any] = {
     "learning_rate": 0.02,
     "seed": 7,
     "num_partitions": 4,
+    # A reliable checkpoint after batch 2: executors write it, the next batch reads it back.
+    "checkpoint_interval": 2,
 }
 BATCHES = 3
 BATCH_SIZE = 800

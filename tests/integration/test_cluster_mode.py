@@ -57,7 +57,7 @@ class Standalone:
     logs: list[Path]
 
     def alive_workers(self) -> int:
-        with urllib.request.urlopen(f"{self.webui}/json/", timeout=2) as resp:  # noqa: S310 - loopback
+        with urllib.request.urlopen(f"{self.webui}/json/", timeout=2) as resp:
             state = json.load(resp)
         return sum(1 for w in state.get("workers", []) if w.get("state") == "ALIVE")
 
