@@ -97,6 +97,7 @@ class ModelerService:
         self._last_blocks: list[Any] = []
         self._need_full = True
         self._ready = False
+        self._train_failures = 0
         self.reports: list[BatchReport] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -261,10 +262,15 @@ class ModelerService:
                 stats = train_model(self.model, ratings)
             except Exception as exc:
                 self.metrics.batches.labels(outcome="train_failed").inc()
-                log.error("training failed (%s); restoring the model from Redis", _short(exc))
+                self._train_failures += 1
+                delay = min(s.retry_max_backoff_s, 0.5 * 2 ** (self._train_failures - 1))
+                log.error("training failed (%s); restoring the model from Redis in %.1f s",
+                          _short(exc), delay, exc_info=self._train_failures == 1)
                 blocks.unpersist()
                 self._ready = False
+                pub.sleep_unless(lambda: self.stopping, delay)
                 return None
+            self._train_failures = 0
         t_train = time.perf_counter() - t1
         n_trained = int(stats.get("n_ratings", n_valid))
 
@@ -481,11 +487,8 @@ def new_model(settings: ModelerSettings) -> Any:
 
 def model_state(model: Any) -> dict[str, Any]:
     """Scalars a restore needs besides factors and counts (JSON, stored with the version)."""
-    extra = {"rating_sum": float(model.rating_sum), "batches": int(model.batches)}
-    params = getattr(model, "params", None)
-    if params is not None and hasattr(params, "to_dict"):
-        extra["params"] = params.to_dict()
-    return extra
+    state = model.state()  # lazy RDDs: only its scalars are used here
+    return dict(state.extra)
 
 
 def restore_model(spark: Any, settings: ModelerSettings, restored: pub.Restored) -> Any:
@@ -527,8 +530,18 @@ def train_model(model: Any, ratings: Any) -> dict[str, Any]:
 
 
 def _side_records(tag: str, only_touched: bool) -> Callable[[tuple[int, Any]], Any]:
+    """Factor records with rating counts from one partition of the model state.
+
+    The model's partitions hold a ``FactorTable`` per side (ids, bias, vec, count, touched);
+    the public ``changed_users``/``changed_items`` carry no counts, which a restore needs.
+    """
+
     def records(kv: tuple[int, Any]) -> Any:
-        t = kv[1].table
+        part = kv[1]
+        if hasattr(part, "table"):  # noqa: SIM108 - one RDD per side
+            t = part.table
+        else:  # one RDD holding both sides
+            t = part.users if tag == pub.USER else part.items
         rows = np.flatnonzero(t.touched) if only_touched else range(len(t.ids))
         return [(tag, t.ids[j], (float(t.bias[j]), t.vec[j].copy()), int(t.count[j])) for j in rows]
 
@@ -536,17 +549,17 @@ def _side_records(tag: str, only_touched: bool) -> Callable[[tuple[int, Any]], A
 
 
 def publish_rdds(model: Any, full: bool, blocks: Any) -> list[Any]:
-    """Tagged-record RDDs for :func:`modeler.publish.write_partition`: items first (a reader
-    of a half-written segment would rather miss a user than an item)."""
-    # The public changed_users/changed_items carry no rating counts, which a restore needs:
-    # read the model's per-partition tables directly (one pass, no extra job).
-    parts = [
-        model._items.flatMap(_side_records(pub.ITEM, not full)),
-        model._users.flatMap(_side_records(pub.USER, not full)),
-    ]
+    """Tagged-record RDDs for :func:`modeler.publish.write_partition` (one job writes them all)."""
+    state = getattr(model, "_state", None)
+    if state is not None:
+        sides = [state.flatMap(_side_records(pub.ITEM, not full)),
+                 state.flatMap(_side_records(pub.USER, not full))]
+    else:
+        sides = [model._items.flatMap(_side_records(pub.ITEM, not full)),
+                 model._users.flatMap(_side_records(pub.USER, not full))]
     if blocks is not None:
-        parts.append(blocks.flatMap(_rated_records))
-    return parts
+        sides.append(blocks.flatMap(_rated_records))
+    return sides
 
 
 def _rated_records(block: ks.Block) -> Any:

@@ -1,0 +1,142 @@
+"""``python -m modeler`` as a real process: ``kill -9`` twice mid-stream, restart, SIGTERM.
+
+Each rating must count exactly once in the final published model, and the model must be
+as accurate on a held-out split as one trained without interruptions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from modeler.replay import encode, make_producer
+from tests.integration.test_modeler_service import ml_rows, plain_predict, plain_snapshot, settings_for
+
+pytestmark = pytest.mark.spark
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def start_modeler(env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "ab")  # noqa: SIM115 - the child owns it
+    return subprocess.Popen(
+        [sys.executable, "-m", "modeler"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, start_new_session=True,
+    )
+
+
+def published(client: redis.Redis, prefix: str) -> tuple[int, int]:
+    """(version, ratings_seen) of the visible version, (0, 0) before the first."""
+    raw = client.get(f"{prefix}:current")
+    if raw is None:
+        return 0, 0
+    version = json.loads(raw)["version"]
+    seen = client.hget(f"{prefix}:ver:{version}", "ratings_seen")
+    return version, int(seen or 0)
+
+
+def wait_for(cond, timeout: float, proc: subprocess.Popen, log_path: Path, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"modeler exited ({proc.returncode}) before {what}:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}:\n{log_path.read_text()[-3000:]}")
+
+
+def held_out(row: tuple) -> bool:
+    return zlib.crc32(f"{row[0]}/{row[1]}".encode()) % 10 == 0
+
+
+def test_kill_9_twice_then_every_rating_counts_once(
+    spark, bootstrap, topic, redis_url, redis_prefix, ml_small, tmp_path
+):
+    rows = ml_rows(ml_small, 3300)
+    train = [r for r in rows if not held_out(r)]
+    test = [r for r in rows if held_out(r)]
+    producer = make_producer(bootstrap)
+    for k, row in enumerate(train):
+        producer.send(topic, key=row[0].encode(), value=encode(*row))
+        if k % 400 == 0:  # a little poison too: it must not count, and not block restarts
+            producer.send(topic, key=row[0].encode(), value=b'{"user": "x", "item": "y", "rating": -1}')
+    producer.flush()
+    producer.close()
+
+    batch = 250
+    settings = settings_for(bootstrap, topic, redis_url, redis_prefix, BATCH_MAX_RECORDS=batch)
+    env = dict(os.environ)
+    env.update({
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "RATINGS_TOPIC": topic, "DLQ_TOPIC": f"{topic}.dlq",
+        "REDIS_URL": redis_url, "REDIS_PREFIX": redis_prefix, "SPARK_MASTER": "local[2]",
+        "MODEL_RANK": str(settings.model_rank), "MODEL_ITERATIONS": str(settings.model_iterations),
+        "MODEL_NUM_PARTITIONS": str(settings.model_num_partitions), "BATCH_MAX_RECORDS": str(batch),
+        "BATCH_MAX_INTERVAL_S": "0.2", "MODELER_LEASE_TTL_S": "3", "RETRY_MAX_BACKOFF_S": "1",
+        "MODELER_METRICS_PORT": "0", "LOG_FORMAT": "text", "SPARK_DRIVER_MEMORY": "1g",
+    })
+    client = redis.Redis.from_url(redis_url)
+    log_path = tmp_path / "modeler.log"
+    rng = random.Random(11)
+    kills = []
+    for _ in range(2):
+        proc = start_modeler(env, log_path)
+        try:
+            start_version = published(client, redis_prefix)[0]
+            wait_for(lambda v=start_version: published(client, redis_prefix)[0] >= v + 2, 180, proc, log_path,
+                     "two new versions")
+            # Somewhere inside a later batch: reading, training, writing or publishing.
+            time.sleep(rng.uniform(0.0, 1.5))
+            kills.append(published(client, redis_prefix))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    assert all(0 < seen < len(train) for _, seen in kills), f"kills were not mid-stream: {kills}"
+
+    proc = start_modeler(env, log_path)
+    try:
+        wait_for(lambda: published(client, redis_prefix)[1] >= len(train), 240, proc, log_path,
+                 "every rating to be published")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log_path.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert "restored version" in log_path.read_text()
+
+    snap = plain_snapshot(client, redis_prefix)
+    meta = snap["meta"]
+    assert int(meta["ratings_seen"]) == len(train)
+    n_poison = (len(train) - 1) // 400 + 1
+    assert sum(json.loads(meta["offsets"]).values()) == len(train) + n_poison
+    assert json.loads(meta["metrics"])["dlq_total"] == n_poison
+    assert set(snap["users"]) == {r[0] for r in train}
+    assert float(meta["mu"]) == pytest.approx(np.mean([r[2] for r in train]), abs=1e-6)
+
+    # An uninterrupted run over the same ratings in batches of the same size.
+    from modeler.service import new_model
+
+    reference = new_model(settings)
+    sc = spark.sparkContext
+    for start in range(0, len(train), batch):
+        reference.train(sc.parallelize(train[start : start + batch], 2))
+    pairs = [(u, i, r) for u, i, r, _ in test]
+    ref_pred = {(u, i): p for u, i, p in reference.predict(sc.parallelize([(u, i) for u, i, _ in pairs], 2)).collect()}
+    rmse_ref = float(np.sqrt(np.mean([(ref_pred[(u, i)] - r) ** 2 for u, i, r in pairs])))
+    rmse_crash = float(np.sqrt(np.mean([(plain_predict(snap, u, i) - r) ** 2 for u, i, r in pairs])))
+    assert abs(rmse_crash - rmse_ref) < 0.05, (rmse_crash, rmse_ref)

@@ -1,0 +1,289 @@
+"""The modeler service in-process on the shared SparkSession, the real broker and Redis.
+
+Readers in these tests use only the documented layout (``common.keys`` docstring) with a
+plain redis client and numpy: no modeler code reads the results back.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import redis
+
+from common.datasets import read_ratings
+from devstack.services import start_redis
+from modeler.config import ModelerSettings
+from modeler.replay import encode, make_producer, send_rows
+from modeler.service import ModelerService, new_model
+
+pytestmark = pytest.mark.spark
+
+
+def settings_for(bootstrap: str, topic: str, redis_url: str, prefix: str, **extra: object) -> ModelerSettings:
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "RATINGS_TOPIC": topic,
+        "DLQ_TOPIC": f"{topic}.dlq",
+        "REDIS_URL": redis_url,
+        "REDIS_PREFIX": prefix,
+        "MODEL_RANK": 6,
+        "MODEL_ITERATIONS": 2,
+        "MODEL_NUM_PARTITIONS": 4,
+        "BATCH_MAX_INTERVAL_S": 0.2,
+        "MODELER_LEASE_TTL_S": 5,
+        "RETRY_MAX_BACKOFF_S": 1.0,
+        "MODELER_METRICS_PORT": 0,
+    }
+    env.update({k: v for k, v in extra.items()})
+    return ModelerSettings(**env)
+
+
+def ml_rows(ml_small, n: int, seed: int = 0) -> list[tuple[str, str, float, int]]:
+    rows = read_ratings(ml_small / "ratings.csv")
+    rows = sorted(rows, key=lambda r: (r.timestamp, r.user, r.item))[:n]
+    return [(r.user, r.item, float(r.rating), int(r.timestamp)) for r in rows]
+
+
+# ------------------------------------------------------------------ plain-client readers
+
+
+def plain_snapshot(client: redis.Redis, prefix: str) -> dict:
+    """Read the visible version with nothing but the documented key layout."""
+    for _ in range(10):
+        pointer = json.loads(client.get(f"{prefix}:current"))
+        meta = {k.decode(): v.decode() for k, v in client.hgetall(f"{prefix}:ver:{pointer['version']}").items()}
+        rank = int(meta["rank"])
+        out: dict = {"pointer": pointer, "meta": meta, "rank": rank}
+        complete = True
+        for kind in ("users", "items"):
+            merged: dict[str, bytes] = {}
+            for seg in pointer["segments"]:  # oldest first, newer records override
+                raw = client.hgetall(f"{prefix}:seg:{seg}:{kind}")
+                if not raw and seg == pointer["segments"][0]:
+                    complete = False
+                merged.update({k.decode(): v for k, v in raw.items()})
+            out[kind] = {
+                k: (float(a[0]), a[1:]) for k, a in ((k, np.frombuffer(v, "<f4")) for k, v in merged.items())
+            }
+            for k, (_, vec) in out[kind].items():
+                assert vec.shape == (rank,), f"{kind} {k}: record is not rank {rank}"
+        if complete and client.exists(f"{prefix}:ver:{pointer['version']}"):
+            return out
+    raise AssertionError("could not read a consistent version")
+
+
+def plain_predict(snap: dict, user: str, item: str) -> float:
+    mu = float(snap["meta"]["mu"])
+    bu, pu = snap["users"].get(user, (0.0, np.zeros(snap["rank"], np.float32)))
+    bi, qi = snap["items"].get(item, (0.0, np.zeros(snap["rank"], np.float32)))
+    lo, hi = float(snap["meta"]["rating_min"]), float(snap["meta"]["rating_max"])
+    return float(np.clip(mu + bu + bi + float(pu @ qi), lo, hi))
+
+
+def run_until_seen(service: ModelerService, n: int, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+
+    def done(svc: ModelerService) -> bool:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"ratings_seen {svc.model.ratings_seen} < {n} after {timeout} s")
+        return svc.model is not None and svc.model.ratings_seen >= n
+
+    service.run(until=done)
+
+
+# ------------------------------------------------------------------ tests
+
+
+def test_replayed_ratings_become_consistent_versions(spark, bootstrap, topic, redis_url, redis_prefix, ml_small):
+    rows = ml_rows(ml_small, 2400)
+    producer = make_producer(bootstrap)
+    send_rows(producer, topic, rows)
+    producer.flush()
+    producer.close()
+    settings = settings_for(bootstrap, topic, redis_url, redis_prefix, BATCH_MAX_RECORDS=500,
+                            MAX_SEGMENT_CHAIN=3, KEEP_VERSIONS=2)
+    client = redis.Redis.from_url(redis_url)
+    sub = client.pubsub()
+    sub.subscribe(f"{redis_prefix}:events")
+    service = ModelerService(settings, spark=spark)
+    run_until_seen(service, len(rows))
+
+    snap = plain_snapshot(client, redis_prefix)
+    meta = snap["meta"]
+    assert int(meta["ratings_seen"]) == len(rows)
+    assert int(meta["version"]) == snap["pointer"]["version"] >= 5
+    # Offsets of the version = every message of the topic (nothing else was produced).
+    offsets = json.loads(meta["offsets"])
+    assert set(offsets) == {f"{topic}:{p}" for p in range(4)}
+    assert sum(offsets.values()) == len(rows)
+    # Every user and item is in the model, with finite factors.
+    assert set(snap["users"]) == {r[0] for r in rows}
+    assert set(snap["items"]) == {r[1] for r in rows}
+    assert int(meta["n_users"]) == len(snap["users"]) and int(meta["n_items"]) == len(snap["items"])
+    assert all(np.isfinite(v).all() and np.isfinite(b) for b, v in snap["items"].values())
+    assert abs(float(meta["mu"]) - np.mean([r[2] for r in rows])) < 1e-6
+    # The chain was cut: at most MAX_SEGMENT_CHAIN segments, the first a full one.
+    assert 1 <= len(snap["pointer"]["segments"]) <= 3
+    # The model learned something: it predicts its training data better than the mean.
+    sample = rows[::7]
+    err_model = np.sqrt(np.mean([(plain_predict(snap, u, i) - r) ** 2 for u, i, r, _ in sample]))
+    err_mean = np.sqrt(np.mean([(float(meta["mu"]) - r) ** 2 for _, _, r, _ in sample]))
+    assert err_model < err_mean
+    # Rated items per user, and the most rated items, match the stream.
+    user = rows[0][0]
+    rated = {k.decode(): float(v) for k, v in client.hgetall(f"{redis_prefix}:rated:{user}").items()}
+    assert rated == {i: r for u, i, r, _ in rows if u == user}
+    popular = json.loads(meta["popular"])
+    counts = Counter(r[1] for r in rows)
+    assert popular[0][1] == max(counts.values())
+    assert all(counts[i] == c for i, c in popular)
+    assert json.loads(client.get(f"{redis_prefix}:popular")) == popular
+    # Per-batch metrics, newest first.
+    metrics = [json.loads(m) for m in client.lrange(f"{redis_prefix}:metrics", 0, -1)]
+    assert metrics[0]["version"] == int(meta["version"])
+    assert sum(m["batch_ratings"] for m in metrics) == len(rows)
+    assert all(m["prequential_rmse"] is None or m["prequential_rmse"] > 0 for m in metrics)
+    # Announcements on the channel; old versions collected (keep 2 + those younger than 5 s).
+    announced = []
+    while (msg := sub.get_message(timeout=0.1)) is not None:
+        if msg["type"] == "message":
+            announced.append(int(msg["data"]))
+    assert announced and announced[-1] == int(meta["version"])
+    live = [int(v) for v in client.zrange(f"{redis_prefix}:versions", 0, -1)]
+    for v in range(1, int(meta["version"]) + 1):
+        assert (v in live) == bool(client.exists(f"{redis_prefix}:ver:{v}"))
+    sub.close()
+
+    # A second modeler restores the same model and has nothing left to do.
+    again = ModelerService(settings, spark=spark)
+    again._start()
+    assert again.model.ratings_seen == len(rows)
+    assert again.offsets == {int(k.split(":")[-1]): v for k, v in offsets.items()}
+    assert again.version == int(meta["version"])
+    again.publisher.release_lease(again.token)
+
+
+def test_poison_messages_go_to_the_dlq_and_leave_the_model_unchanged(
+    spark, bootstrap, topic, redis_url, redis_prefix, ml_small
+):
+    rows = ml_rows(ml_small, 1500)
+    rng = random.Random(5)
+    poison = [
+        b"\x00\xff not json", b'{"user": "1", "item": "2"}', b'{"user": "1", "item": "2", "rating": 99}',
+        b'{"user": "", "item": "2", "rating": 3}', b'{"user": "1", "item": "2", "rating": NaN}',
+        b'{"user": "1", "item": "", "rating": 3, "timestamp": 5}', b"[]",
+    ]
+    producer = make_producer(bootstrap)
+    n_poison = 0
+    for k, row in enumerate(rows):
+        producer.send(topic, key=row[0].encode(), value=encode(*row))
+        if k % 50 == 0:
+            producer.send(topic, key=row[0].encode(), value=rng.choice(poison))
+            n_poison += 1
+    producer.flush()
+    producer.close()
+    # One batch holds the whole topic, so the comparison model sees the same batch.
+    settings = settings_for(bootstrap, topic, redis_url, redis_prefix, BATCH_MAX_RECORDS=100_000)
+    service = ModelerService(settings, spark=spark)
+    run_until_seen(service, len(rows))
+    client = redis.Redis.from_url(redis_url)
+    snap = plain_snapshot(client, redis_prefix)
+    assert int(snap["meta"]["ratings_seen"]) == len(rows)
+    assert json.loads(snap["meta"]["metrics"])["dlq_total"] == n_poison
+    assert sum(json.loads(snap["meta"]["offsets"]).values()) == len(rows) + n_poison
+
+    reference = new_model(settings)
+    reference.train(spark.sparkContext.parallelize(rows, 3))
+    ref_users = dict(reference.user_factors.collect())
+    ref_items = dict(reference.item_factors.collect())
+    assert set(ref_users) == set(snap["users"]) and set(ref_items) == set(snap["items"])
+    for table, ref in ((snap["users"], ref_users), (snap["items"], ref_items)):
+        for key, (bias, vec) in table.items():
+            assert bias == pytest.approx(ref[key][0], abs=1e-5)
+            np.testing.assert_allclose(vec, ref[key][1], atol=1e-5)
+    assert float(snap["meta"]["mu"]) == pytest.approx(reference.mu, abs=1e-9)
+
+    # The dead letters: the original bytes, with a reason naming the field.
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    tp = TopicPartition(f"{topic}.dlq", 0)
+    consumer.assign([tp])
+    consumer.seek(tp, 0)
+    letters: list = []
+    deadline = time.monotonic() + 20
+    while len(letters) < n_poison and time.monotonic() < deadline:
+        for recs in consumer.poll(timeout_ms=200).values():
+            letters.extend(recs)
+    consumer.close()
+    assert len(letters) == n_poison
+    for rec in letters:
+        reason = dict(rec.headers)["reason"].decode()
+        assert rec.value in poison
+        assert reason.split(":")[0] in {"rating", "user", "item", "body"} or reason.startswith("body")
+
+
+def test_redis_restart_republishes_the_whole_model_without_double_counting(
+    spark, bootstrap, topic, redis_prefix, ml_small, tmp_path
+):
+    rows = ml_rows(ml_small, 2400)
+    first, second = rows[:1200], rows[1200:]
+    own = start_redis(workdir=tmp_path / "redis")  # this test restarts it
+    port = own.extra["port"]
+    try:
+        producer = make_producer(bootstrap)
+        send_rows(producer, topic, first)
+        producer.flush()
+        settings = settings_for(bootstrap, topic, own.url, redis_prefix, BATCH_MAX_RECORDS=400)
+        service = ModelerService(settings, spark=spark)
+        errors: list[BaseException] = []
+
+        def loop() -> None:
+            try:
+                run_until_seen(service, len(rows), timeout=240)
+            except BaseException as exc:  # reported by the test thread
+                errors.append(exc)
+
+        worker = threading.Thread(target=loop, daemon=True)
+        worker.start()
+        client = redis.Redis.from_url(own.url)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            raw = client.hget(f"{redis_prefix}:ver:{service.version}", "ratings_seen") if service.version else None
+            if raw is not None and int(raw) >= len(first):
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the first part was never published")
+        before = service.version
+        own.kill()  # Redis away, then back empty: the modeler must retry, then republish all
+        time.sleep(2.0)
+        own = start_redis(port=port, workdir=tmp_path / "redis2")
+        client = redis.Redis.from_url(own.url)
+        send_rows(producer, topic, second)
+        producer.flush()
+        producer.close()
+        worker.join(240)
+        assert not worker.is_alive() and not errors, errors
+        snap = plain_snapshot(client, redis_prefix)
+        meta = snap["meta"]
+        assert int(meta["version"]) > before
+        assert int(meta["ratings_seen"]) == len(rows)
+        assert sum(json.loads(meta["offsets"]).values()) == len(rows)
+        # Complete: every user and item, also those only in the part before the restart.
+        assert set(snap["users"]) == {r[0] for r in rows}
+        assert set(snap["items"]) == {r[1] for r in rows}
+        # Rated items rebuilt for ratings from before the restart too.
+        user = first[0][0]
+        rated = {k.decode() for k in client.hkeys(f"{redis_prefix}:rated:{user}")}
+        assert rated == {i for u, i, _, _ in rows if u == user}
+        counts = Counter(r[1] for r in rows)
+        assert all(counts[i] == c for i, c in json.loads(meta["popular"]))
+    finally:
+        own.stop()
