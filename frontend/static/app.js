@@ -8,6 +8,7 @@ const STEPS = [0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5, 5];
 const state = {
   visitor: null,
   tokenRequired: false,
+  maxBatch: 500,
   token: sessionStorage.getItem("streamrec:token") || "",
   mine: new Map(),          // item -> {item, rating, title, genres, timestamp, status}
   saveTimer: null,
@@ -165,7 +166,8 @@ function rate(movie, value) {
 
 async function saveRatings() {
   if (state.saving) { state.saveTimer = setTimeout(saveRatings, SAVE_DEBOUNCE_MS); return; }
-  const batch = [...state.mine.values()].filter((r) => r.status !== "saved");
+  // One request = one user's ratings = one record batch on the broker (all or nothing).
+  const batch = [...state.mine.values()].filter((r) => r.status !== "saved").slice(0, state.maxBatch);
   if (!batch.length) return;
   state.saving = true;
   const headers = { "Content-Type": "application/json" };
@@ -441,11 +443,13 @@ async function start() {
   if (!cfg.ok) { setProblem("config", "The frontend is not reachable."); return; }
   state.visitor = cfg.body.visitor;
   state.tokenRequired = cfg.body.write_token_required;
+  state.maxBatch = cfg.body.max_batch || 500;
   $("visitor").textContent = state.visitor.slice(0, 8);
   $("visitor").title = state.visitor;
   $("token-box").hidden = !state.tokenRequired || Boolean(state.token);
   loadMine();
   renderMine();
+  drawChart([]);
 
   $("search-form").addEventListener("submit", (e) => {
     e.preventDefault();
@@ -464,7 +468,8 @@ async function start() {
     for (const r of state.mine.values()) if (r.status === "unsaved") r.status = "saving";
     saveRatings();
   });
-  $("token-save").addEventListener("click", () => {
+  $("token-box").addEventListener("submit", (e) => {
+    e.preventDefault();
     state.token = $("token").value.trim();
     sessionStorage.setItem("streamrec:token", state.token);
     $("token-box").hidden = true;

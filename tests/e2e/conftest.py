@@ -178,6 +178,9 @@ def browser_page(tmp_path: Path):
         )
         try:
             page = context.new_page()
+            # Uncaught exceptions of the page's JS fail the test (see the test's last lines).
+            page.js_errors = []  # type: ignore[attr-defined]
+            page.on("pageerror", lambda exc: page.js_errors.append(str(exc)))
             yield page
         finally:
             context.close()

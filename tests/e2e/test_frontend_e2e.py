@@ -128,6 +128,7 @@ def test_visitor_rates_and_sees_fold_in_then_model_recommendations(stack: Stack,
     overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
     assert overflow <= 0
     page.screenshot(path=str(BUILD / "frontend_narrow.png"), full_page=False)
+    assert page.js_errors == []
 
 
 def _visitor_messages(stack: Stack, visitor: str) -> list[dict]:
