@@ -1,0 +1,657 @@
+"""Streaming bias-SGD matrix factorisation: the maths, in numpy only (no Spark, no Redis).
+
+Model (the seeds' B-SGD)::
+
+    r̂(u, i) = μ + b_u + b_i + U_u · P_i          ε(u, i) = r(u, i) − r̂(u, i)
+
+One SGD step on a single rating, learning rate γ, regularisation λ_b (biases), λ (factors)::
+
+    b_u ← b_u + γ (ε − λ_b b_u)            U_u ← U_u + γ (ε P_i − λ U_u)
+    b_i ← b_i + γ (ε − λ_b b_i)            P_i ← P_i + γ (ε U_u − λ P_i)
+
+On a mini-batch every rating's error is computed from the parameters as they were at the
+start of the pass (all ratings in parallel, as the seeds' RDD joins do), and one key's
+several gradients are then combined. For a key k with n_k ratings in the pass, summed
+gradients ``S_b = Σ ε``, ``S_v = Σ ε Q`` (Q = the other side's vector)::
+
+    b_k ← b_k + η_k (S_b − n_k λ_b b_k)       V_k ← V_k + η_k (S_v − n_k λ V_k)
+
+with the per-key step ``η_k``:
+
+* ``"sum"`` (the seeds): η_k = γ. Diverges for keys with n_k γ ≳ 2 (popular items in big batches).
+* ``"mean"``: η_k = γ / n_k.
+* ``"damped"`` (default): η_k = (1 − (1 − γ)^n_k) / n_k. This is the step n_k sequential SGD
+  steps of size γ would take on a unit-curvature quadratic: γ for a single rating, and
+  never more than a full Newton step (1/n_k) however many ratings a key has in the batch.
+
+Everything the Spark code (``modeler.streaming_als``) does per partition is a call into this
+module, so :class:`LocalStreamingALS` (one process, the same algorithm end to end) is the
+reference the Spark tests compare against, and ``reference_*`` functions are plain loops
+over ratings that the vectorised functions are tested against.
+
+Determinism: random initial factors, partitions and reservoir priorities come from
+``zlib.crc32`` of the id strings mixed with the seed (never Python's salted ``hash``), so
+the same seed and batches give the same model on any machine and any partition layout.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+AGGREGATIONS = ("sum", "mean", "damped")
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stable hashing: partitions, initial factors, reservoir priorities
+# ---------------------------------------------------------------------------------------------
+
+
+def stable_hash(key: str) -> int:
+    """A 32-bit hash of an id that is the same in every process (unlike ``hash()``)."""
+    return zlib.crc32(key.encode("utf-8"))
+
+
+def partition_of(key: str, num_partitions: int) -> int:
+    """The partition a user or item id lives in, for every RDD of the model."""
+    return zlib.crc32(key.encode("utf-8")) % num_partitions
+
+
+def hash_ids(keys: Sequence[str]) -> np.ndarray:
+    """:func:`stable_hash` of many ids as a uint64 array."""
+    return np.fromiter((zlib.crc32(k.encode("utf-8")) for k in keys), dtype=np.uint64, count=len(keys))
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser, vectorised: a well-mixed uint64 from any uint64 (wraps mod 2^64)."""
+    with np.errstate(over="ignore"):
+        z = x.astype(np.uint64) + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def _seeded(h: np.ndarray, seed: int, salt: int) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        base = splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64) + np.uint64(salt))
+        return splitmix64(h.astype(np.uint64) ^ base)
+
+
+def init_factors(ids: Sequence[str], rank: int, seed: int, init_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Initial ``(bias (n,), vectors (n, rank))`` float32 for newcomers.
+
+    Bias 0 (a newcomer is average until its ratings say otherwise). Vector entries uniform on
+    [−a, a] with a = init_scale·√3 (standard deviation ``init_scale``), drawn from
+    splitmix64(hash(seed, id), j): a pure function of (seed, id), whatever the partition or order.
+    """
+    n = len(ids)
+    bias = np.zeros(n, dtype=np.float32)
+    if n == 0:
+        return bias, np.zeros((0, rank), dtype=np.float32)
+    h = _seeded(hash_ids(ids), seed, 1)
+    with np.errstate(over="ignore"):
+        z = splitmix64(h[:, None] + np.arange(1, rank + 1, dtype=np.uint64)[None, :] * _GOLDEN)
+    unit = (z >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)  # [0, 1)
+    vec = ((2.0 * unit - 1.0) * (init_scale * math.sqrt(3.0))).astype(np.float32)
+    return bias, vec
+
+
+def rating_priority(users: Sequence[str], items: Sequence[str], timestamps: np.ndarray, seed: int) -> np.ndarray:
+    """A uniform-looking uint64 per rating, a pure function of (seed, user, item, timestamp).
+
+    The reservoir keeps the ratings of smallest priority ("bottom-k"), which is a uniform
+    sample of everything seen, independent of arrival order and partitioning.
+    """
+    hu = _seeded(hash_ids(users), seed, 2)
+    hi = _seeded(hash_ids(items), seed, 3)
+    with np.errstate(over="ignore"):
+        return splitmix64(hu ^ splitmix64(hi ^ np.asarray(timestamps, dtype=np.int64).astype(np.uint64)))
+
+
+def replay_mask(priority: np.ndarray, batch_no: int, fraction: float) -> np.ndarray:
+    """Which reservoir entries are replayed in batch ``batch_no``: a fresh ~``fraction`` each batch."""
+    if fraction >= 1.0:
+        return np.ones(priority.shape, dtype=bool)
+    if fraction <= 0.0:
+        return np.zeros(priority.shape, dtype=bool)
+    # A second hash of (priority, batch): independent of the bottom-k selection itself.
+    with np.errstate(over="ignore"):
+        z = splitmix64(priority ^ (np.uint64(batch_no) * _GOLDEN)) & _MASK32
+    return z < np.uint64(int(fraction * 4294967296.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# The update maths (vectorised) and the plain per-rating references
+# ---------------------------------------------------------------------------------------------
+
+
+def predict_raw(mu: float, bu: np.ndarray, bi: np.ndarray, uv: np.ndarray, iv: np.ndarray) -> np.ndarray:
+    """r̂ = μ + b_u + b_i + U_u · P_i for aligned rows (float64)."""
+    return mu + bu.astype(np.float64) + bi + np.einsum("ij,ij->i", uv.astype(np.float64), iv)
+
+
+def step_sizes(n: np.ndarray, learning_rate: float, aggregation: str) -> np.ndarray:
+    """Per-key step η_k for a key with n_k ratings in the pass (see the module docstring)."""
+    n = np.asarray(n, dtype=np.float64)
+    safe = np.maximum(n, 1.0)
+    if aggregation == "sum":
+        return np.full(n.shape, learning_rate)
+    if aggregation == "mean":
+        return learning_rate / safe
+    if aggregation == "damped":
+        return -np.expm1(safe * math.log1p(-min(learning_rate, 0.999999))) / safe
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, not {aggregation!r}")
+
+
+def aggregate(
+    rows: np.ndarray, n_rows: int, err: np.ndarray, other: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-row sums over the pass: (n_k, S_b = Σ ε, S_v = Σ ε Q); float64."""
+    n = np.bincount(rows, minlength=n_rows).astype(np.float64)
+    s_b = np.bincount(rows, weights=err, minlength=n_rows)
+    s_v = np.zeros((n_rows, other.shape[1]), dtype=np.float64)
+    np.add.at(s_v, rows, err[:, None] * other)
+    return n, s_b, s_v
+
+
+def apply_update(
+    bias: np.ndarray,
+    vec: np.ndarray,
+    n: np.ndarray,
+    s_b: np.ndarray,
+    s_v: np.ndarray,
+    learning_rate: float,
+    reg_param: float,
+    reg_bias: float,
+    aggregation: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """b ← b + η (S_b − n λ_b b),  V ← V + η (S_v − n λ V)  for rows with n > 0; float32 out."""
+    eta = step_sizes(n, learning_rate, aggregation)
+    eta = np.where(n > 0, eta, 0.0)
+    b64 = bias.astype(np.float64)
+    v64 = vec.astype(np.float64)
+    new_b = b64 + eta * (s_b - n * reg_bias * b64)
+    new_v = v64 + eta[:, None] * (s_v - (n * reg_param)[:, None] * v64)
+    return new_b.astype(np.float32), new_v.astype(np.float32)
+
+
+def finite_rows(bias: np.ndarray, vec: np.ndarray) -> np.ndarray:
+    """True where a row's bias and vector are all finite."""
+    return np.isfinite(bias) & np.isfinite(vec).all(axis=1)
+
+
+def reference_sgd_step(
+    mu: float,
+    rating: float,
+    user: tuple[float, list[float]],
+    item: tuple[float, list[float]],
+    learning_rate: float,
+    reg_param: float,
+    reg_bias: float,
+) -> tuple[tuple[float, list[float]], tuple[float, list[float]], float]:
+    """The seeds' four update equations for ONE rating, in plain Python; returns (user, item, ε)."""
+    bu, uvec = user
+    bi, ivec = item
+    pred = mu + bu + bi + sum(a * b for a, b in zip(uvec, ivec, strict=True))
+    eps = rating - pred
+    g = learning_rate
+    new_user = (bu + g * (eps - reg_bias * bu), [u + g * (eps * p - reg_param * u) for u, p in zip(uvec, ivec)])
+    new_item = (bi + g * (eps - reg_bias * bi), [p + g * (eps * u - reg_param * p) for u, p in zip(uvec, ivec)])
+    return new_user, new_item, eps
+
+
+def reference_batch_pass(
+    mu: float,
+    ratings: Sequence[tuple[str, str, float]],
+    users: dict[str, tuple[float, list[float]]],
+    items: dict[str, tuple[float, list[float]]],
+    learning_rate: float,
+    reg_param: float,
+    reg_bias: float,
+    aggregation: str,
+) -> tuple[dict[str, tuple[float, list[float]]], dict[str, tuple[float, list[float]]], list[float]]:
+    """One parallel pass over a mini-batch, one rating at a time in plain Python loops.
+
+    Every ε uses the parameters from before the pass; each key's gradients are summed and
+    the step η_k applied once (module docstring). Returns new users, new items and the errors.
+    """
+    sums_u: dict[str, list[Any]] = {}
+    sums_i: dict[str, list[Any]] = {}
+    errors = []
+    for u, i, r in ratings:
+        bu, uvec = users[u]
+        bi, ivec = items[i]
+        pred = mu + bu + bi + sum(a * b for a, b in zip(uvec, ivec, strict=True))
+        eps = r - pred
+        errors.append(eps)
+        su = sums_u.setdefault(u, [0, 0.0, [0.0] * len(uvec)])
+        su[0] += 1
+        su[1] += eps
+        su[2] = [s + eps * p for s, p in zip(su[2], ivec)]
+        si = sums_i.setdefault(i, [0, 0.0, [0.0] * len(ivec)])
+        si[0] += 1
+        si[1] += eps
+        si[2] = [s + eps * q for s, q in zip(si[2], uvec)]
+
+    def step(n: int) -> float:
+        if aggregation == "sum":
+            return learning_rate
+        if aggregation == "mean":
+            return learning_rate / n
+        return (1.0 - (1.0 - learning_rate) ** n) / n
+
+    def updated(table, sums):
+        out = dict(table)
+        for key, (n, s_b, s_v) in sums.items():
+            b, v = table[key]
+            eta = step(n)
+            out[key] = (
+                b + eta * (s_b - n * reg_bias * b),
+                [x + eta * (s - n * reg_param * x) for x, s in zip(v, s_v)],
+            )
+        return out
+
+    return updated(users, sums_u), updated(items, sums_i), errors
+
+
+# ---------------------------------------------------------------------------------------------
+# State: factor tables and the reservoir (one per partition in Spark; plain objects, picklable)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FactorTable:
+    """Rows of one side (users or items) of one partition: ids, biases, vectors, counts.
+
+    Rows are never removed: a key absent from a batch keeps its row (the seeds' code lost them).
+    ``touched`` marks rows changed by the last batch (the service publishes those as a delta).
+    """
+
+    rank: int
+    ids: list[str] = field(default_factory=list)
+    index: dict[str, int] = field(default_factory=dict)
+    bias: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    vec: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
+    count: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    touched: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+
+    def __post_init__(self) -> None:
+        if self.vec.shape[1:] != (self.rank,):
+            self.vec = np.zeros((len(self.ids), self.rank), dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def rows(self, keys: Sequence[str]) -> np.ndarray:
+        """Row numbers of existing keys (KeyError for an unknown key)."""
+        index = self.index
+        return np.fromiter((index[k] for k in keys), dtype=np.int64, count=len(keys))
+
+    def lookup(self, keys: Sequence[str]) -> np.ndarray:
+        """Row numbers, −1 for unknown keys."""
+        get = self.index.get
+        return np.fromiter((get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+
+    def ensure(self, keys: Iterable[str], seed: int, init_scale: float) -> int:
+        """Add rows for keys never seen (in first-seen order), initialised from (seed, id)."""
+        new: list[str] = []
+        index = self.index
+        for k in keys:
+            if k not in index:
+                index[k] = len(self.ids) + len(new)
+                new.append(k)
+        if new:
+            self.add_rows(new, *init_factors(new, self.rank, seed, init_scale))
+        return len(new)
+
+    def add_rows(self, keys: list[str], bias: np.ndarray, vec: np.ndarray,
+                 count: np.ndarray | None = None) -> None:
+        start = len(self.ids)
+        self.ids.extend(keys)
+        for j, k in enumerate(keys):
+            self.index[k] = start + j
+        self.bias = np.concatenate([self.bias, np.asarray(bias, dtype=np.float32)])
+        self.vec = np.concatenate([self.vec, np.asarray(vec, dtype=np.float32).reshape(-1, self.rank)])
+        extra = np.zeros(len(keys), dtype=np.int64) if count is None else np.asarray(count, dtype=np.int64)
+        self.count = np.concatenate([self.count, extra])
+        self.touched = np.concatenate([self.touched, np.zeros(len(keys), dtype=bool)])
+
+    def update(self, rows: np.ndarray, err: np.ndarray, other: np.ndarray, params: ALSParams) -> int:
+        """Apply one pass's gradients of the ratings at ``rows``; return rows refused as non-finite."""
+        n, s_b, s_v = aggregate(rows, len(self.ids), err, other)
+        hit = np.flatnonzero(n)
+        new_b, new_v = apply_update(
+            self.bias[hit], self.vec[hit], n[hit], s_b[hit], s_v[hit],
+            params.learning_rate, params.reg_param, params.reg_bias, params.aggregation,
+        )
+        ok = finite_rows(new_b, new_v)
+        self.bias[hit[ok]] = new_b[ok]
+        self.vec[hit[ok]] = new_v[ok]
+        self.touched[hit] = True
+        return int((~ok).sum())
+
+    def upsert(self, keys: Sequence[str], bias: np.ndarray, vec: np.ndarray,
+               count_inc: np.ndarray) -> None:
+        """Overwrite the rows of known keys, append unknown keys (in the given order); add
+        ``count_inc`` to the counts and mark exactly these rows as touched."""
+        self.touched[:] = False
+        if not len(keys):
+            return
+        rows = self.lookup(keys)
+        fresh = np.flatnonzero(rows < 0)
+        if len(fresh):
+            self.add_rows([keys[j] for j in fresh], bias[fresh], vec[fresh])
+            rows = self.lookup(keys)
+        self.bias[rows] = bias
+        self.vec[rows] = vec
+        self.count[rows] += np.asarray(count_inc, dtype=np.int64)
+        self.touched[rows] = True
+
+    def records(self, only_touched: bool = False) -> list[tuple[str, tuple[float, np.ndarray]]]:
+        """``[(id, (bias, vector float32 (rank,)))]``."""
+        sel = np.flatnonzero(self.touched) if only_touched else range(len(self.ids))
+        return [(self.ids[j], (float(self.bias[j]), self.vec[j].copy())) for j in sel]
+
+
+def keep_fraction(reservoir_size: int, ratings_seen: int) -> float:
+    """Share of all ratings seen that the replay sample keeps: min(1, R / seen)."""
+    if reservoir_size <= 0:
+        return 0.0
+    return 1.0 if ratings_seen <= reservoir_size else reservoir_size / ratings_seen
+
+
+def keep_mask(priority: np.ndarray, fraction: float) -> np.ndarray:
+    """Ratings in the replay sample: priority / 2^64 < fraction (a pure function of the rating).
+
+    Because membership depends only on (rating, fraction), every partition holding a copy of
+    an entry (by user and by item) agrees on it without talking to the others, and the sample
+    is uniform over the whole history: its expected size is min(seen, R), its spread ±√R.
+    """
+    if fraction >= 1.0:
+        return np.ones(priority.shape, dtype=bool)
+    return (np.asarray(priority, dtype=np.uint64) >> np.uint64(11)) < np.uint64(int(fraction * 2.0**53))
+
+
+@dataclass
+class Reservoir:
+    """The replay sample's entries held by one partition (see :func:`keep_mask`).
+
+    A ``mirror`` (the item side's copy) keeps item ids and priorities only: enough to know
+    which of its items' rows a replay needs.
+    """
+
+    mirror: bool = False
+    users: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
+    items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
+    ratings: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    priority: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
+
+    def __len__(self) -> int:
+        return len(self.priority)
+
+    def selected(self, batch_no: int, fraction: float) -> np.ndarray:
+        return replay_mask(self.priority, batch_no, fraction)
+
+    def updated(self, keep_frac: float, users: Any, items: Any, ratings: Any, priority: Any) -> Reservoir:
+        """A new reservoir: old entries still under the threshold plus the new ones under it."""
+        pr = np.concatenate([self.priority, np.asarray(priority, dtype=np.uint64)])
+        keep = keep_mask(pr, keep_frac)
+        it = np.concatenate([self.items, np.asarray(items, dtype=object)])[keep]
+        if self.mirror:
+            return Reservoir(True, items=it, priority=pr[keep])
+        us = np.concatenate([self.users, np.asarray(users, dtype=object)])[keep]
+        rs = np.concatenate([self.ratings, np.asarray(ratings, dtype=np.float32)])[keep]
+        return Reservoir(False, us, it, rs, pr[keep])
+
+
+def learn_batch(
+    params: ALSParams,
+    mu: float,
+    mu_before: float,
+    n_new: int,
+    rates: np.ndarray,
+    u_rows: np.ndarray,
+    i_rows: np.ndarray,
+    user_bias: np.ndarray,
+    user_vec: np.ndarray,
+    item_bias: np.ndarray,
+    item_vec: np.ndarray,
+) -> tuple[float, int]:
+    """``params.iterations`` parallel passes over one mini-batch's working set, in place.
+
+    ``rates[k]`` is rated by row ``u_rows[k]`` of (user_bias, user_vec) for row ``i_rows[k]`` of
+    (item_bias, item_vec); the first ``n_new`` ratings are the batch's own, the rest replayed.
+    Each pass: ε from the parameters at the start of the pass, then every touched user and item
+    row takes its aggregated step (module docstring). Rows whose update would be non-finite keep
+    their old values. Returns (prequential SSE of the new ratings, rows refused).
+
+    The prequential prediction is the one the model would have served before the batch: with
+    μ before the batch (``mu_before``), clipped to the rating scale.
+    """
+    lo, hi = params.rating_min, params.rating_max
+    users = FactorTable(params.rank, bias=user_bias, vec=user_vec,
+                        count=np.zeros(len(user_bias), dtype=np.int64),
+                        touched=np.zeros(len(user_bias), dtype=bool))
+    users.ids = [""] * len(user_bias)
+    items = FactorTable(params.rank, bias=item_bias, vec=item_vec,
+                        count=np.zeros(len(item_bias), dtype=np.int64),
+                        touched=np.zeros(len(item_bias), dtype=bool))
+    items.ids = [""] * len(item_bias)
+    rates = np.asarray(rates, dtype=np.float64)
+    preq = 0.0
+    refused = 0
+    for it in range(params.iterations):
+        bu, uv = users.bias[u_rows], users.vec[u_rows].astype(np.float64)
+        bi, iv = items.bias[i_rows], items.vec[i_rows].astype(np.float64)
+        pred = predict_raw(mu, bu, bi, uv, iv)
+        err = rates - pred
+        if it == 0:
+            before = np.clip(pred[:n_new] - mu + mu_before, lo, hi)
+            preq = float(((rates[:n_new] - before) ** 2).sum())
+        refused += users.update(u_rows, err, iv, params)
+        refused += items.update(i_rows, err, uv, params)
+    return preq, refused
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters and the single-process reference of the whole streaming algorithm
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ALSParams:
+    """Hyper-parameters of streaming ALS (defaults chosen on synthetic data and a validation
+    part of MovieLens training data, never on a test split).
+
+    ``reservoir_size`` bounds the replay memory: a uniform sample of min(seen, R) past ratings
+    (±√R) is kept; ``replay_ratio`` × (batch size) of them are replayed with each mini-batch.
+    ``iterations`` parallel passes are made over (batch + replay).
+    """
+
+    rank: int = 10
+    iterations: int = 3
+    reg_param: float = 0.05
+    reg_bias: float = 0.02
+    learning_rate: float = 0.05
+    seed: int = 42
+    init_scale: float = 0.1
+    aggregation: str = "damped"
+    reservoir_size: int = 50_000
+    replay_ratio: float = 1.0
+    num_partitions: int = 8
+    rating_min: float = 0.5
+    rating_max: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError("rank must be >= 1")
+        if self.iterations < 1:
+            raise ValueError("iterations must be >= 1")
+        if self.num_partitions < 1:
+            raise ValueError("num_partitions must be >= 1")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError("learning_rate must be a positive number")
+        if self.reg_param < 0 or self.reg_bias < 0:
+            raise ValueError("reg_param and reg_bias must be >= 0")
+        if self.reservoir_size < 0 or self.replay_ratio < 0:
+            raise ValueError("reservoir_size and replay_ratio must be >= 0")
+        if not self.rating_min < self.rating_max:
+            raise ValueError("rating_min must be below rating_max")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def replay_fraction(params: ALSParams, expected_new: int, ratings_seen_before: int) -> float:
+    """Share of the replay sample to replay with a batch of about ``expected_new`` ratings."""
+    held = min(params.reservoir_size, ratings_seen_before)
+    if held <= 0 or params.replay_ratio <= 0 or expected_new <= 0:
+        return 0.0
+    return min(1.0, params.replay_ratio * expected_new / held)
+
+
+def validate_arrays(
+    users: Sequence[Any], items: Sequence[Any], ratings: Sequence[Any], timestamps: Sequence[Any],
+    rating_min: float, rating_max: float,
+) -> tuple[list[str], list[str], np.ndarray, np.ndarray, int]:
+    """Keep ratings with non-empty ids and a finite rating on the scale; return them + #rejected."""
+    ku: list[str] = []
+    ki: list[str] = []
+    kr: list[float] = []
+    kt: list[int] = []
+    rejected = 0
+    for u, i, r, t in zip(users, items, ratings, timestamps, strict=True):
+        try:
+            rf = float(r)
+            tf = int(t) if t is not None else 0
+        except (TypeError, ValueError):
+            rejected += 1
+            continue
+        if (u is None or i is None or not math.isfinite(rf) or not rating_min <= rf <= rating_max
+                or str(u) == "" or str(i) == ""):
+            rejected += 1
+            continue
+        ku.append(str(u))
+        ki.append(str(i))
+        kr.append(rf)
+        kt.append(tf)
+    return ku, ki, np.asarray(kr, dtype=np.float64), np.asarray(kt, dtype=np.int64), rejected
+
+
+@dataclass
+class BatchResult:
+    n_ratings: int
+    n_rejected: int
+    prequential_sse: float
+    new_users: int
+    new_items: int
+    n_replayed: int
+    n_diverged: int
+
+
+class LocalStreamingALS:
+    """The whole streaming algorithm in one process: the reference for the Spark version and a
+    fast way to study accuracy. Same validation, newcomer initialisation, replay sample and
+    :func:`learn_batch` as :class:`modeler.streaming_als.StreamingALS`.
+
+    The replay fraction of batch t uses the size of batch t−1 (the Spark driver does not know
+    a batch's size before it is learned); the first batch replays nothing.
+    """
+
+    def __init__(self, params: ALSParams | None = None, **kwargs: Any) -> None:
+        self.params = params or ALSParams(**kwargs)
+        p = self.params
+        self.users = FactorTable(p.rank)
+        self.items = FactorTable(p.rank)
+        self.reservoir = Reservoir()
+        self.mu = 0.0
+        self.rating_sum = 0.0
+        self.ratings_seen = 0
+        self.batches = 0
+        self.last_batch_size = 0
+
+    def train(self, batch: Iterable[tuple[Any, ...]]) -> BatchResult:
+        p = self.params
+        rows = list(batch)
+        users, items, rates, stamps, rejected = validate_arrays(
+            [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+            [r[3] if len(r) > 3 else 0 for r in rows], p.rating_min, p.rating_max,
+        )
+        n_new = len(rates)
+        if n_new == 0:
+            return BatchResult(0, rejected, 0.0, 0, 0, 0, 0)
+        self.batches += 1
+        mu_before = self.mu if self.ratings_seen else 0.5 * (p.rating_min + p.rating_max)
+        frac = replay_fraction(p, self.last_batch_size, self.ratings_seen)
+        sel = self.reservoir.selected(self.batches, frac)
+        rep_u, rep_i, rep_r = self.reservoir.users[sel], self.reservoir.items[sel], self.reservoir.ratings[sel]
+
+        self.rating_sum += float(rates.sum())
+        self.ratings_seen += n_new
+        self.mu = self.rating_sum / self.ratings_seen
+        self.last_batch_size = n_new
+
+        self.users.touched[:] = False
+        self.items.touched[:] = False
+        new_users = self.users.ensure(users, p.seed, p.init_scale)
+        new_items = self.items.ensure(items, p.seed, p.init_scale)
+        all_u = users + rep_u.tolist()
+        all_i = items + rep_i.tolist()
+        all_r = np.concatenate([rates, rep_r.astype(np.float64)])
+        ur = self.users.rows(all_u)
+        ir = self.items.rows(all_i)
+        uniq_u, u_local = np.unique(ur, return_inverse=True)
+        uniq_i, i_local = np.unique(ir, return_inverse=True)
+        ub, uv = self.users.bias[uniq_u].copy(), self.users.vec[uniq_u].copy()
+        ib, iv = self.items.bias[uniq_i].copy(), self.items.vec[uniq_i].copy()
+        preq, refused = learn_batch(p, self.mu, mu_before, n_new, all_r, u_local, i_local, ub, uv, ib, iv)
+        self.users.bias[uniq_u], self.users.vec[uniq_u] = ub, uv
+        self.items.bias[uniq_i], self.items.vec[uniq_i] = ib, iv
+        self.users.touched[uniq_u] = True
+        self.items.touched[uniq_i] = True
+        np.add.at(self.users.count, ur[:n_new], 1)
+        np.add.at(self.items.count, ir[:n_new], 1)
+
+        prio = rating_priority(users, items, stamps, p.seed)
+        self.reservoir = self.reservoir.updated(
+            keep_fraction(p.reservoir_size, self.ratings_seen), users, items, rates, prio)
+        return BatchResult(n_new, rejected, preq, new_users, new_items, len(all_r) - n_new, refused)
+
+    def predict(self, users: Sequence[str], items: Sequence[str]) -> np.ndarray:
+        """Clipped predictions; unknown users/items contribute zero bias and vector."""
+        p = self.params
+        return predict_known(self.mu, self.users, self.items, users, items, p.rating_min, p.rating_max)
+
+
+def predict_known(mu: float, users: FactorTable, items: FactorTable, user_ids: Sequence[str],
+                  item_ids: Sequence[str], lo: float, hi: float) -> np.ndarray:
+    ur = users.lookup(user_ids)
+    ir = items.lookup(item_ids)
+    bu, uv = gather(users, ur)
+    bi, iv = gather(items, ir)
+    return np.clip(predict_raw(mu, bu, bi, uv, iv), lo, hi)
+
+
+def gather(table: FactorTable, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(bias, vector) float64 rows; zeros where row == −1 (unknown key)."""
+    known = rows >= 0
+    bias = np.zeros(len(rows), dtype=np.float64)
+    vec = np.zeros((len(rows), table.rank), dtype=np.float64)
+    bias[known] = table.bias[rows[known]]
+    vec[known] = table.vec[rows[known]]
+    return bias, vec
+
+
+def rmse(actual: np.ndarray, predicted: np.ndarray) -> float:
+    """√(mean((r − r̂)²))."""
+    d = np.asarray(actual, dtype=np.float64) - np.asarray(predicted, dtype=np.float64)
+    return float(np.sqrt(np.mean(d * d))) if len(d) else float("nan")

@@ -1,0 +1,709 @@
+"""Streaming ALS (bias-SGD matrix factorisation) on Spark RDDs, one ``train()`` per mini-batch.
+
+The maths lives in :mod:`modeler.als_math` (numpy only); this module only moves blocks of
+rows between partitions. Layout, chosen after the seeds' performance warnings:
+
+* Every id has a fixed partition, ``crc32(id) % num_partitions``
+  (:func:`modeler.als_math.partition_of`), the same on every machine and run.
+* The model is two RDDs of ``num_partitions`` records each, ``(pid, block)``, under ONE
+  partitioner (identity on ``pid``): the user side holds a :class:`~modeler.als_math.FactorTable`
+  (ids, biases, vectors, counts) and the replay :class:`~modeler.als_math.Reservoir` of the
+  users of that partition; the item side holds the items' ``FactorTable``.
+* A mini-batch is validated and cut into one numpy block per target user partition, shuffled
+  there (the only shuffle of raw ratings), and meets its user block through a
+  partitioner-aware ``union`` - no join, so the factor RDDs are never reshuffled.
+* Each pass (``iterations`` per batch) moves only what a rating needs across: user rows to
+  the item partitions (one numpy message per pair of partitions), errors and old item rows
+  back. All per-partition work is vectorised numpy on blocks of rows.
+* After each batch the new state is materialised and its lineage cut (``localCheckpoint``,
+  a reliable ``checkpoint`` every ``checkpoint_interval`` batches when the SparkContext has a
+  checkpoint directory), and the previous batch's RDDs are unpersisted: the DAG and the
+  cached data stay bounded however long the stream runs. Nothing collects factor matrices
+  to the driver; the driver gets a few numbers per partition.
+
+Memory bound: factors ``(n_users + n_items) × (rank + 2) × 4`` bytes plus ids, and at most
+``reservoir_size`` replay ratings (ids + rating + priority, ~100-150 bytes each in Python) -
+independent of the length of the stream. See docs/streaming_als.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from common.schema import RatingScale
+from modeler.als_math import (
+    ALSParams,
+    FactorTable,
+    Reservoir,
+    gather,
+    init_factors,
+    keep_fraction,
+    keep_mask,
+    learn_batch,
+    partition_of,
+    predict_raw,
+    rating_priority,
+    replay_fraction,
+    validate_arrays,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _identity(key: int) -> int:
+    """Partition function of every model RDD: records are keyed by their partition number."""
+    return key
+
+
+@dataclass
+class TrainStats:
+    """What one ``train()`` did. ``prequential_sse`` sums (r − r̂)² over the batch's valid
+    ratings with r̂ predicted (clipped) BEFORE the batch was learned: √(Σsse / Σn) over a
+    stream is its prequential (test-then-train) RMSE."""
+
+    n_ratings: int
+    n_rejected: int
+    prequential_sse: float
+    new_users: int
+    new_items: int
+    seconds: float
+    n_replayed: int = 0
+    n_diverged: int = 0
+
+    @property
+    def prequential_rmse(self) -> float:
+        return float(np.sqrt(self.prequential_sse / self.n_ratings)) if self.n_ratings else float("nan")
+
+
+@dataclass
+class ModelState:
+    """Everything needed to persist the model without pickle and restore it with
+    :meth:`StreamingALS.restore`: two RDDs of ``(id, (bias, vector float32 (rank,), count))``
+    and plain scalars (``extra``). The replay reservoir is NOT part of it: after a restore the
+    model replays nothing until the reservoir refills from the stream (accuracy recovers within
+    ~reservoir_size ratings); factors, biases, μ and counts are kept exactly."""
+
+    users: Any
+    items: Any
+    mu: float
+    ratings_seen: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-partition records (plain objects: pickled only between Spark's own processes)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Part:
+    """Partition p of the model: users and items whose id hashes to p, and the replay
+    sample's entries rated by those users (``replay``) / for those items (``mirror``)."""
+
+    users: FactorTable
+    items: FactorTable
+    replay: Reservoir
+    mirror: Reservoir
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def _empty_part(rank: int) -> _Part:
+    return _Part(FactorTable(rank), FactorTable(rank), Reservoir(False), Reservoir(True))
+
+
+def _zero(_: Any) -> int:
+    return 0
+
+
+def _split(it: Iterable[tuple[int, Any]]) -> tuple[int, _Part, list[Any]]:
+    """One partition of a co-partitioned union: (pid, its model record, the messages)."""
+    pid = -1
+    part = None
+    msgs = []
+    for key, value in it:
+        pid = key
+        if isinstance(value, _Part):
+            part = value
+        else:
+            msgs.append(value)
+    if part is None:
+        raise RuntimeError("model partition missing from a co-partitioned union")
+    # Shuffle fetch order is not deterministic: messages carry their source; sort by it.
+    msgs.sort(key=lambda m: m[0])
+    return pid, part, msgs
+
+
+def _cat(arrays: list[np.ndarray], dtype: Any, width: int | None = None) -> np.ndarray:
+    if arrays:
+        return np.concatenate(arrays)
+    return np.zeros((0, width) if width else 0, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage functions (module level: closures capture plain values only)
+# ---------------------------------------------------------------------------------------------
+
+
+def _route_ratings(num_partitions: int, lo: float, hi: float):
+    """A: validate a partition of rating tuples; one block per model partition holding the
+    ratings whose USER lives there and the ids of the items that live there."""
+
+    def route(index: int, it: Iterator[Any]) -> Iterator[tuple[int, tuple]]:
+        us: list[Any] = []
+        its: list[Any] = []
+        rs: list[Any] = []
+        ts: list[Any] = []
+        bad_shape = 0
+        for rec in it:
+            try:
+                u, i, r = rec[0], rec[1], rec[2]
+                t = rec[3] if len(rec) > 3 else 0
+            except (TypeError, IndexError, KeyError):
+                bad_shape += 1
+                continue
+            us.append(u)
+            its.append(i)
+            rs.append(r)
+            ts.append(t)
+        users, items, rates, stamps, rejected = validate_arrays(us, its, rs, ts, lo, hi)
+        rejected += bad_shape
+        n = len(users)
+        upid = np.fromiter((partition_of(u, num_partitions) for u in users), dtype=np.int64, count=n)
+        ipid = np.fromiter((partition_of(i, num_partitions) for i in items), dtype=np.int64, count=n)
+        u_arr = np.asarray(users, dtype=object)
+        i_arr = np.asarray(items, dtype=object)
+        for p in range(num_partitions):
+            su = np.flatnonzero(upid == p)
+            si = np.flatnonzero(ipid == p)
+            extra = rejected if p == 0 else 0  # rejections ride on partition 0's block
+            if len(su) or len(si) or extra:
+                yield p, (index, u_arr[su], i_arr[su], rates[su], stamps[su], i_arr[si], extra)
+
+    return route
+
+
+def _gather_stage(params: ALSParams, batch_no: int, fraction: float):
+    """B: per partition, the rows the batch (and its replay) needs, newcomers initialised."""
+
+    def stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, tuple]]:
+        pid, part, blocks = _split(it)
+        new_u = _cat([b[1] for b in blocks], object)
+        new_i = _cat([b[2] for b in blocks], object)
+        new_r = _cat([b[3] for b in blocks], np.float64)
+        new_t = _cat([b[4] for b in blocks], np.int64)
+        here_i = _cat([b[5] for b in blocks], object)
+        rejected = sum(b[6] for b in blocks)
+
+        sel = part.replay.selected(batch_no, fraction)
+        rep_u, rep_i, rep_r = part.replay.users[sel], part.replay.items[sel], part.replay.ratings[sel]
+        mirror_i = part.mirror.items[part.mirror.selected(batch_no, fraction)]
+
+        def rows_of(table: FactorTable, keys: np.ndarray):
+            ids = sorted(set(keys.tolist()))
+            rows = table.lookup(ids)
+            bias, vec = gather(table, rows)
+            fresh = np.flatnonzero(rows < 0)
+            if len(fresh):
+                b0, v0 = init_factors([ids[j] for j in fresh], params.rank, params.seed,
+                                      params.init_scale)
+                bias[fresh], vec[fresh] = b0, v0
+            return ids, bias.astype(np.float32), vec.astype(np.float32), len(fresh)
+
+        u_ids, ub, uv, u_fresh = rows_of(part.users, np.concatenate([new_u, rep_u]))
+        i_ids, ib, iv, i_fresh = rows_of(part.items, np.concatenate([here_i, mirror_i]))
+        yield 0, (pid, u_ids, ub, uv, u_fresh, i_ids, ib, iv, i_fresh,
+                  new_u, new_i, new_r, new_t, rep_u, rep_i, rep_r, rejected)
+
+    return stage
+
+
+def _learn_stage(params: ALSParams, batch_no: int, rating_sum: float, ratings_seen: int):
+    """C: the batch's working set (ratings + the rows they touch) learned in one task;
+    updated rows go back to their partitions. The model itself never comes here."""
+    P = params.num_partitions
+    lo, hi = params.rating_min, params.rating_max
+
+    def stage(it: Iterator[tuple[int, tuple]]) -> Iterator[tuple[int, tuple]]:
+        msgs = sorted((m for _, m in it), key=lambda m: m[0])
+        u_ids = [k for m in msgs for k in m[1]]
+        i_ids = [k for m in msgs for k in m[5]]
+        ub = _cat([m[2] for m in msgs], np.float32)
+        uv = _cat([m[3] for m in msgs], np.float32, params.rank)
+        ib = _cat([m[6] for m in msgs], np.float32)
+        iv = _cat([m[7] for m in msgs], np.float32, params.rank)
+        new_u = _cat([m[9] for m in msgs], object)
+        new_i = _cat([m[10] for m in msgs], object)
+        new_r = _cat([m[11] for m in msgs], np.float64)
+        new_t = _cat([m[12] for m in msgs], np.int64)
+        rep_u = _cat([m[13] for m in msgs], object)
+        rep_i = _cat([m[14] for m in msgs], object)
+        rep_r = _cat([m[15] for m in msgs], np.float32)
+        n_new = len(new_r)
+        stats: dict[str, float] = {
+            "n": n_new, "rejected": sum(m[16] for m in msgs), "sum": float(new_r.sum()),
+            "new_users": sum(m[4] for m in msgs), "new_items": sum(m[8] for m in msgs),
+            "replayed": len(rep_r), "preq_sse": 0.0, "refused": 0,
+        }
+        keep_frac = keep_fraction(params.reservoir_size, ratings_seen + n_new)
+        if n_new:
+            mu_before = rating_sum / ratings_seen if ratings_seen else 0.5 * (lo + hi)
+            mu = (rating_sum + stats["sum"]) / (ratings_seen + n_new)
+            u_index = {k: j for j, k in enumerate(u_ids)}
+            i_index = {k: j for j, k in enumerate(i_ids)}
+            all_u = np.concatenate([new_u, rep_u]).tolist()
+            all_i = np.concatenate([new_i, rep_i]).tolist()
+            u_rows = np.fromiter((u_index[k] for k in all_u), dtype=np.int64, count=len(all_u))
+            i_rows = np.fromiter((i_index[k] for k in all_i), dtype=np.int64, count=len(all_i))
+            rates = np.concatenate([new_r, rep_r.astype(np.float64)])
+            preq, refused = learn_batch(params, mu, mu_before, n_new, rates, u_rows, i_rows,
+                                        ub, uv, ib, iv)
+            stats["preq_sse"], stats["refused"] = preq, refused
+            u_inc = np.bincount(u_rows[:n_new], minlength=len(u_ids))
+            i_inc = np.bincount(i_rows[:n_new], minlength=len(i_ids))
+            prio = rating_priority(new_u.tolist(), new_i.tolist(), new_t, params.seed)
+            keep = keep_mask(prio, keep_frac)
+        else:
+            u_inc = np.zeros(len(u_ids), dtype=np.int64)
+            i_inc = np.zeros(len(i_ids), dtype=np.int64)
+            prio = np.zeros(0, dtype=np.uint64)
+            keep = np.zeros(0, dtype=bool)
+        u_pid = np.fromiter((partition_of(k, P) for k in u_ids), dtype=np.int64, count=len(u_ids))
+        i_pid = np.fromiter((partition_of(k, P) for k in i_ids), dtype=np.int64, count=len(i_ids))
+        ku, ki, kr, kp = new_u[keep], new_i[keep], new_r[keep], prio[keep]
+        ku_pid = np.fromiter((partition_of(k, P) for k in ku), dtype=np.int64, count=len(ku))
+        ki_pid = np.fromiter((partition_of(k, P) for k in ki), dtype=np.int64, count=len(ki))
+        u_arr, i_arr = np.asarray(u_ids, dtype=object), np.asarray(i_ids, dtype=object)
+        for p in range(P):
+            su, si = u_pid == p, i_pid == p
+            ru, ri = ku_pid == p, ki_pid == p
+            yield p, (-1, u_arr[su].tolist(), ub[su], uv[su], u_inc[su],
+                      i_arr[si].tolist(), ib[si], iv[si], i_inc[si],
+                      (ku[ru], ki[ru], kr[ru], kp[ru]), (ki[ri], kp[ri]),
+                      keep_frac, stats if p == 0 else {})
+
+    return stage
+
+
+def _apply_stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, _Part]]:
+    """D: write the learned rows back into partition p (a new record; inputs never mutated)."""
+    pid, part, msgs = _split(it)
+    users, items = _copy_table(part.users), _copy_table(part.items)
+    users.touched[:] = False
+    items.touched[:] = False
+    replay, mirror, stats = part.replay, part.mirror, {}
+    for _, u_ids, ub, uv, u_inc, i_ids, ib, iv, i_inc, rep, mir, keep_frac, st in msgs:
+        users.upsert(u_ids, ub, uv, u_inc)
+        items.upsert(i_ids, ib, iv, i_inc)
+        replay = replay.updated(keep_frac, *rep)
+        mirror = mirror.updated(keep_frac, None, mir[0], None, mir[1])
+        stats = st
+    yield pid, _Part(users, items, replay, mirror, stats)
+
+
+def _copy_table(t: FactorTable) -> FactorTable:
+    # A persisted partition may be read again (retries, speculation): never mutate it in place.
+    return FactorTable(t.rank, list(t.ids), dict(t.index), t.bias.copy(), t.vec.copy(),
+                       t.count.copy(), t.touched.copy())
+
+
+def _part_stats(kv: tuple[int, _Part]) -> dict[str, float]:
+    return kv[1].stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction
+# ---------------------------------------------------------------------------------------------
+
+
+def _route_pairs(num_partitions: int):
+    def route(index: int, it: Iterator[Any]) -> Iterator[tuple[int, tuple]]:
+        recs = list(it)
+        users = [str(r[0]) for r in recs]
+        items = [str(r[1]) for r in recs]
+        pids = np.fromiter((partition_of(u, num_partitions) for u in users), dtype=np.int64,
+                           count=len(users))
+        u_arr, i_arr = np.asarray(users, dtype=object), np.asarray(items, dtype=object)
+        p_arr = np.empty(len(recs), dtype=object)
+        p_arr[:] = [r[2] if len(r) > 2 else None for r in recs]
+        for p in range(num_partitions):
+            sel = np.flatnonzero(pids == p)
+            if len(sel):
+                yield p, (index, u_arr[sel], i_arr[sel], p_arr[sel])
+
+    return route
+
+
+def _predict_user_side(num_partitions: int):
+    def stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, tuple]]:
+        pid, part, msgs = _split(it)
+        for src, users, items, payload in msgs:
+            bu, uv = gather(part.users, part.users.lookup(users.tolist()))
+            ipids = np.fromiter((partition_of(i, num_partitions) for i in items), dtype=np.int64,
+                                count=len(items))
+            for j in np.unique(ipids).tolist():
+                sel = ipids == j
+                yield j, ((src, pid), users[sel], items[sel], payload[sel], bu[sel], uv[sel])
+
+    return stage
+
+
+def _predict_item_side(mu: float, lo: float, hi: float):
+    def stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple]:
+        _, part, msgs = _split(it)
+        for _, users, items, payload, bu, uv in msgs:
+            bi, iv = gather(part.items, part.items.lookup(items.tolist()))
+            pred = np.clip(predict_raw(mu, bu, bi, uv, iv), lo, hi)
+            yield from zip(users.tolist(), items.tolist(), pred.tolist(), payload.tolist())
+
+    return stage
+
+
+def _records(table_of, only_touched: bool = False):
+    def explode(kv: tuple[int, _Part]) -> list[tuple[str, tuple[float, np.ndarray]]]:
+        return table_of(kv[1]).records(only_touched)
+
+    return explode
+
+
+def _users_of(part: _Part) -> FactorTable:
+    return part.users
+
+
+def _items_of(part: _Part) -> FactorTable:
+    return part.items
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class StreamingALS:
+    """Streaming bias-SGD matrix factorisation, trained one mini-batch RDD at a time.
+
+    ``model = StreamingALS(rank=10, iterations=3, reg_param=0.1, learning_rate=0.05, seed=42,
+    num_partitions=8, scale=RatingScale())``; then ``stats = model.train(rdd)`` per
+    mini-batch, where ``rdd`` holds ``(user, item, rating, timestamp)`` tuples (ids are
+    turned into ``str``). Ratings that are NaN/inf, off the scale, or lack an id are rejected
+    and counted (``stats.n_rejected``), never learned.
+
+    Accuracy knobs (see :class:`modeler.als_math.ALSParams` and docs/streaming_als.md):
+    ``reg_bias`` (λ_b), ``init_scale`` (std of newcomers' vectors), ``aggregation``
+    (``"damped"``/``"mean"``/``"sum"``), ``reservoir_size`` and ``replay_ratio`` (bounded
+    replay of past ratings). ``checkpoint_interval``: batches between reliable checkpoints
+    (when the SparkContext has a checkpoint directory; other batches cut lineage with
+    ``localCheckpoint``).
+
+    Not thread-safe: call ``train``/``predict`` from one thread.
+    """
+
+    def __init__(
+        self,
+        rank: int = 10,
+        iterations: int = 3,
+        reg_param: float = 0.1,
+        learning_rate: float = 0.05,
+        seed: int = 42,
+        num_partitions: int = 8,
+        scale: RatingScale | None = None,
+        reg_bias: float | None = None,
+        init_scale: float = 0.1,
+        aggregation: str = "damped",
+        reservoir_size: int = 50_000,
+        replay_ratio: float = 1.0,
+        checkpoint_interval: int = 20,
+        params: ALSParams | None = None,
+    ) -> None:
+        scale = scale or RatingScale()
+        if params is None:
+            params = ALSParams(
+                rank=rank, iterations=iterations, reg_param=reg_param,
+                reg_bias=reg_param if reg_bias is None else reg_bias,
+                learning_rate=learning_rate, seed=seed, init_scale=init_scale,
+                aggregation=aggregation, reservoir_size=reservoir_size, replay_ratio=replay_ratio,
+                num_partitions=num_partitions, rating_min=scale.min, rating_max=scale.max,
+            )
+        self.params = params
+        self.scale = RatingScale(min=params.rating_min, max=params.rating_max)
+        self.checkpoint_interval = checkpoint_interval
+        self.mu = 0.0
+        self.rating_sum = 0.0
+        self.ratings_seen = 0
+        self.batches = 0
+        self.last_batch_size = 0
+        self.last_stats: TrainStats | None = None
+        self._state: Any = None  # RDD[(pid, _Part)], num_partitions records
+
+    # -- plain attributes ------------------------------------------------------------------
+
+    @property
+    def rank(self) -> int:
+        return self.params.rank
+
+    @property
+    def reg_param(self) -> float:
+        return self.params.reg_param
+
+    @property
+    def num_partitions(self) -> int:
+        return self.params.num_partitions
+
+    # -- factor RDDs -----------------------------------------------------------------------
+
+    @property
+    def user_factors(self):
+        """RDD[(user id, (bias: float, vector: float32 ndarray (rank,)))] of every user seen."""
+        return self._need().flatMap(_records(_users_of))
+
+    @property
+    def item_factors(self):
+        """RDD[(item id, (bias: float, vector: float32 ndarray (rank,)))] of every item seen."""
+        return self._need().flatMap(_records(_items_of))
+
+    @property
+    def changed_users(self):
+        """Like :attr:`user_factors`, only users changed by the LAST ``train()`` (rated or replayed)."""
+        return self._need().flatMap(_records(_users_of, True))
+
+    @property
+    def changed_items(self):
+        """Like :attr:`item_factors`, only items changed by the LAST ``train()`` (rated or replayed)."""
+        return self._need().flatMap(_records(_items_of, True))
+
+    @property
+    def item_counts(self):
+        """RDD[(item id, number of valid ratings learned for it)] (replays not counted)."""
+        return self._need().flatMap(lambda kv: list(zip(kv[1].items.ids, kv[1].items.count.tolist())))
+
+    @property
+    def user_counts(self):
+        """RDD[(user id, number of valid ratings learned from them)]."""
+        return self._need().flatMap(lambda kv: list(zip(kv[1].users.ids, kv[1].users.count.tolist())))
+
+    @property
+    def reservoir_held(self) -> int:
+        """Ratings currently held for replay (a Spark job; for monitoring and tests)."""
+        return int(self._need().map(lambda kv: len(kv[1].replay)).sum())
+
+    def _need(self):
+        if self._state is None:
+            raise RuntimeError("the model has not been trained or restored yet")
+        return self._state
+
+    # -- training --------------------------------------------------------------------------
+
+    def _zip(self, state, messages):
+        """Co-partitioned union: partition p of the result = partition p of both inputs
+        (a PartitionerAwareUnionRDD; no shuffle of the model)."""
+        merged = state.union(messages)
+        if merged.getNumPartitions() != self.num_partitions:
+            raise RuntimeError("model RDDs lost their partitioner; a union would misalign them")
+        return merged
+
+    def _ensure_state(self, sc) -> None:
+        if self._state is None:
+            rank = self.params.rank
+            P = self.num_partitions
+            self._state = (sc.parallelize(range(P), P).map(lambda k: (k, _empty_part(rank)))
+                           .partitionBy(P, _identity))
+
+    def train(self, rdd) -> TrainStats:
+        """Learn one mini-batch RDD of ``(user, item, rating, timestamp)``; return its stats.
+
+        Four stages, whatever ``iterations``: route the ratings to their users' partitions;
+        gather the rows they (and the replayed ratings) touch; learn that working set in one
+        task (:func:`modeler.als_math.learn_batch`); write the rows back. One Spark job.
+        """
+        started = time.perf_counter()
+        p = self.params
+        P = p.num_partitions
+        sc = rdd.context
+        self._ensure_state(sc)
+        batch_no = self.batches + 1
+        fraction = replay_fraction(p, self.last_batch_size, self.ratings_seen)
+        routed = rdd.mapPartitionsWithIndex(_route_ratings(P, p.rating_min, p.rating_max)) \
+            .partitionBy(P, _identity)
+        gathered = self._zip(self._state, routed) \
+            .mapPartitions(_gather_stage(p, batch_no, fraction)) \
+            .partitionBy(1, _zero)
+        learned = gathered.mapPartitions(
+            _learn_stage(p, batch_no, self.rating_sum, self.ratings_seen)) \
+            .partitionBy(P, _identity)
+        state = self._zip(self._state, learned).mapPartitions(_apply_stage, preservesPartitioning=True)
+        if (self.checkpoint_interval > 0 and batch_no % self.checkpoint_interval == 0
+                and sc.getCheckpointDir() is not None):
+            state.persist()
+            state.checkpoint()
+        else:
+            # persist() first: PySpark would otherwise fuse the next map into this RDD and the
+            # marked RDD itself would never be computed (nor its lineage cut).
+            state.persist()
+            state.localCheckpoint()
+        parts = state.map(_part_stats).collect()
+        st = next((x for x in parts if x), {})
+        old, self._state = self._state, state
+        old.unpersist()
+
+        n_new = int(st.get("n", 0))
+        if n_new:
+            self.batches = batch_no
+            self.ratings_seen += n_new
+            self.rating_sum += float(st["sum"])
+            self.mu = self.rating_sum / self.ratings_seen
+            self.last_batch_size = n_new
+        stats = TrainStats(
+            n_ratings=n_new,
+            n_rejected=int(st.get("rejected", 0)),
+            prequential_sse=float(st.get("preq_sse", 0.0)),
+            new_users=int(st.get("new_users", 0)),
+            new_items=int(st.get("new_items", 0)),
+            seconds=time.perf_counter() - started,
+            n_replayed=int(st.get("replayed", 0)),
+            n_diverged=int(st.get("refused", 0)),
+        )
+        if stats.n_diverged:
+            log.warning("batch %d: %d factor rows refused a non-finite update", batch_no,
+                        stats.n_diverged)
+        self.last_stats = stats
+        return stats
+
+    # -- prediction ------------------------------------------------------------------------
+
+    def predict(self, pairs):
+        """RDD of ``(user, item)`` -> RDD of ``(user, item, prediction)`` clipped to the scale.
+
+        Unknown users or items count as average (zero bias, zero vector): a pair of
+        strangers gets μ clipped to the scale."""
+        return self.predict_with(pairs.map(lambda r: (r[0], r[1], None))).map(lambda t: t[:3])
+
+    def predict_with(self, triples):
+        """RDD of ``(user, item, payload)`` -> ``(user, item, prediction, payload)``; the payload
+        (e.g. the true rating) rides along untouched."""
+        p = self.params
+        P = p.num_partitions
+        state = self._need()
+        routed = triples.mapPartitionsWithIndex(_route_pairs(P)).partitionBy(P, _identity)
+        to_items = (self._zip(state, routed).mapPartitions(_predict_user_side(P))
+                    .partitionBy(P, _identity))
+        return self._zip(state, to_items).mapPartitions(
+            _predict_item_side(self.mu, p.rating_min, p.rating_max))
+
+    def rmse(self, ratings) -> float:
+        """√(mean (r − r̂)²) over an RDD of ``(user, item, rating[, timestamp])``."""
+        sq = (self.predict_with(ratings.map(lambda r: (str(r[0]), str(r[1]), float(r[2]))))
+              .map(lambda t: ((t[3] - t[2]) ** 2, 1))
+              .fold((0.0, 0), lambda a, b: (a[0] + b[0], a[1] + b[1])))
+        return float(np.sqrt(sq[0] / sq[1])) if sq[1] else float("nan")
+
+    # -- persistence -----------------------------------------------------------------------
+
+    def state(self) -> ModelState:
+        """The model as RDDs of ``(id, (bias, vector float32 (rank,), count))`` + scalars."""
+
+        def rows(table_of):
+            def explode(kv):
+                t = table_of(kv[1])
+                return [(t.ids[j], (float(t.bias[j]), t.vec[j].copy(), int(t.count[j])))
+                        for j in range(len(t.ids))]
+            return explode
+
+        state = self._need()
+        return ModelState(
+            users=state.flatMap(rows(_users_of)),
+            items=state.flatMap(rows(_items_of)),
+            mu=self.mu,
+            ratings_seen=self.ratings_seen,
+            extra={"rating_sum": self.rating_sum, "batches": self.batches,
+                   "last_batch_size": self.last_batch_size, "params": self.params.to_dict()},
+        )
+
+    state_rdds = state
+
+    @classmethod
+    def restore(
+        cls,
+        sc,
+        user_rdd,
+        item_rdd,
+        mu: float,
+        ratings_seen: int,
+        extra: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> StreamingALS:
+        """Rebuild a model from RDDs of ``(id, (bias, vector[, count]))`` and scalars.
+
+        ``kwargs`` are constructor arguments (rank, learning_rate, ...); without them
+        ``extra["params"]`` (as written by :meth:`state`) is used. ``extra["rating_sum"]``
+        restores μ's running sum exactly (default ``mu × ratings_seen``). Training continues
+        from the restored factors, biases, counts and μ; the replay sample starts empty and
+        refills from the stream (it is not persisted).
+        """
+        extra = dict(extra or {})
+        if kwargs or "params" not in extra:
+            model = cls(**kwargs)
+        else:
+            model = cls(params=ALSParams(**extra["params"]))
+        model.mu = float(mu)
+        model.ratings_seen = int(ratings_seen)
+        model.rating_sum = float(extra.get("rating_sum", mu * ratings_seen))
+        model.batches = int(extra.get("batches", 0))
+        model.last_batch_size = int(extra.get("last_batch_size", 0))
+        p = model.params
+        P = p.num_partitions
+        rank = p.rank
+        tagged = (user_rdd.map(lambda rec: (0, rec)).union(item_rdd.map(lambda rec: (1, rec)))
+                  .map(lambda t: (partition_of(str(t[1][0]), P), t))
+                  .partitionBy(P, _identity))
+        empty = sc.parallelize(range(P), P).map(lambda k: (k, _empty_part(rank))).partitionBy(P, _identity)
+        state = model._zip(empty, tagged).mapPartitions(_build_part(rank), preservesPartitioning=True)
+        state.persist()
+        state.localCheckpoint()
+        state.count()
+        model._state = state
+        return model
+
+    @classmethod
+    def from_factors(cls, sc, user_rdd, item_rdd, mu: float, ratings_seen: int,
+                     **kwargs: Any) -> StreamingALS:
+        """A model that starts from given factors (e.g. batch ALS): :meth:`restore` without extras."""
+        return cls.restore(sc, user_rdd, item_rdd, mu, ratings_seen, None, **kwargs)
+
+
+def _build_part(rank: int):
+    def build(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, _Part]]:
+        pid, part, recs = _split_build(it)
+        for side, table in ((0, part.users), (1, part.items)):
+            chosen = sorted((r for s, r in recs if s == side), key=lambda r: str(r[0]))
+            if not chosen:
+                continue
+            ids = [str(r[0]) for r in chosen]
+            vecs = np.asarray([np.asarray(r[1][1], dtype=np.float32).reshape(-1) for r in chosen])
+            if vecs.shape[1] != rank:
+                raise ValueError(f"factors have rank {vecs.shape[1]}, the model rank {rank}")
+            table.add_rows(ids, np.asarray([float(r[1][0]) for r in chosen]), vecs,
+                           np.asarray([int(r[1][2]) if len(r[1]) > 2 else 0 for r in chosen]))
+        yield pid, part
+
+    return build
+
+
+def _split_build(it: Iterator[tuple[int, Any]]) -> tuple[int, _Part, list[Any]]:
+    pid, part, recs = -1, None, []
+    for key, value in it:
+        pid = key
+        if isinstance(value, _Part):
+            part = value
+        else:
+            recs.append(value)
+    if part is None:
+        raise RuntimeError("model partition missing from a co-partitioned union")
+    return pid, part, recs
+
+
+__all__ = ["ModelState", "StreamingALS", "TrainStats"]
