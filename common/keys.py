@@ -16,12 +16,19 @@ key                                       type      contents
                                                     last, in MULTI/EXEC with ``{p}:ver:{v}``.
 ``{p}:ver:{v}``                           hash      version metadata (see :data:`META_FIELDS`);
                                                     ``offsets`` = JSON ``{"topic:partition":
-                                                    next offset}`` consumed by this version.
+                                                    next offset}`` consumed by this version;
+                                                    extra field ``model_state`` (modeler-only
+                                                    JSON: running rating sum, batch number,
+                                                    hyper-parameters) for an exact restore.
 ``{p}:versions``                          zset      live versions, score = created unix time;
                                                     garbage collection walks it.
 ``{p}:seg:{s}:users``                     hash      user id -> factor record (float32 LE bytes:
                                                     ``[bias, f1..f_rank]``, see ``codec``)
 ``{p}:seg:{s}:items``                     hash      item id -> factor record
+``{p}:seg:{s}:state:{name}``              hash      modeler-only per-key state versioned like the
+                                                    factor segments (``user_counts``,
+                                                    ``item_counts``: id -> decimal count); GC'd
+                                                    with its segment. Readers may ignore it.
 ``{p}:rated:{user}``                      hash      item id -> rating (decimal string): what the
                                                     user has rated (top-N excludes these).
                                                     Not versioned; writes are idempotent.
