@@ -242,11 +242,15 @@ class ModelerService:
         for x in summaries:
             for reason in x["dlq_reasons"]:
                 log.warning("dead-lettered partition %d %s", x["partition"], reason)
-        if n_valid == 0 and n_dlq == 0:
+        if n_valid == 0 and (n_dlq == 0 or int(self.model.ratings_seen) == 0):
+            # Nothing to learn. Dead letters before the first rating cannot be recorded in a
+            # version (there is no model to publish yet): they are counted with the first one.
             blocks.unpersist()
+            self.dlq_total += n_dlq
+            self.metrics.dlq.inc(n_dlq)
             self.backlog = {p: lag.get(p, 0) for p in self.offsets}
-            if reached != self.offsets and reached:
-                # Only control records passed: remember it without a new version.
+            if reached:
+                # Only control records or dead letters passed: move on without a new version.
                 self.offsets.update(reached)
             idle = s.batch_max_interval_s - (time.perf_counter() - t0)
             if idle > 0:
