@@ -17,7 +17,7 @@ from predictor.config import PredictorSettings  # noqa: E402
 
 
 def main() -> None:
-    settings = PredictorSettings()
+    settings = PredictorSettings()  # type: ignore[call-arg]  # fields come from the env
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",

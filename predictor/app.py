@@ -223,7 +223,7 @@ class Metrics:
             from prometheus_client import multiprocess
 
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry)
         return generate_latest(self.registry)
 
@@ -338,6 +338,10 @@ Svc = Annotated[Service, Depends(get_service)]
 # ---------------------------------------------------------------------- helpers
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _meta(svc: Service, item: str) -> tuple[str | None, list[str]]:
     return svc.watcher.catalog.get(item)
 
@@ -393,7 +397,7 @@ async def _entry(svc: Service, user: str) -> tuple[FactorModel | None, UserEntry
 
 async def _rated_ids(svc: Service, user: str) -> frozenset[str]:
     keys = await svc.redis.hkeys(svc.keys.rated(user))
-    return frozenset(k.decode() for k in keys)
+    return frozenset(_text(k) for k in keys)
 
 
 async def _recommend(
@@ -402,12 +406,12 @@ async def _recommend(
     model, entry = await _entry(svc, user)
     if model is None or entry is None or entry.vector is None:
         if include_rated:
-            exclude: frozenset[str] = frozenset()
+            seen: frozenset[str] = frozenset()
         elif entry is not None:
-            exclude = entry.rated_ids
+            seen = entry.rated_ids
         else:
-            exclude = await _rated_ids(svc, user)
-        items = _popular_items(svc, n if candidates is None else len(svc.watcher.popular), exclude)
+            seen = await _rated_ids(svc, user)
+        items = _popular_items(svc, n if candidates is None else len(svc.watcher.popular), seen)
         if candidates is not None:
             allowed = set(candidates)
             items = [x for x in items if x["item"] in allowed][:n]
@@ -473,7 +477,7 @@ def create_app(settings: PredictorSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        cfg = settings or PredictorSettings()
+        cfg = settings or PredictorSettings()  # type: ignore[call-arg]  # fields come from the env
         keys = Keys(cfg.redis_prefix)
         watcher = ModelWatcher(
             cfg.redis_url, keys, poll_interval=cfg.model_poll_interval_s,
@@ -497,7 +501,7 @@ def create_app(settings: PredictorSettings | None = None) -> FastAPI:
         lifespan=lifespan,
         responses={422: {"model": ErrorBody}, 503: {"model": ErrorBody}},
     )
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     # -- errors: always JSON {"error", "detail"}, never a traceback
 
@@ -528,8 +532,14 @@ def create_app(settings: PredictorSettings | None = None) -> FastAPI:
         log.warning("redis error on %s: %s", request.url.path, exc)
         return error(503, "redis unavailable", str(exc))
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        # A bug, not the client's fault: log it, answer JSON without a traceback.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error(500, "internal error", type(exc).__name__)
+
     for exc_type in REDIS_ERRORS:
-        app.add_exception_handler(exc_type, _redis_down)
+        app.add_exception_handler(exc_type, _redis_down)  # type: ignore[arg-type]
 
     # -- service endpoints
 
@@ -602,17 +612,18 @@ def create_app(settings: PredictorSettings | None = None) -> FastAPI:
     ) -> Response:
         """Items the user has rated (as the modeler recorded them), with metadata."""
         raw = await svc.redis.hgetall(svc.keys.rated(user))
-        ratings = []
+        pairs: list[tuple[str, float]] = []
         for k, v in raw.items():
-            item = k.decode()
             try:
-                value = float(v)
+                pairs.append((_text(k), float(v)))
             except ValueError:
                 continue
+        pairs.sort(key=lambda p: (-p[1], p[0]))  # best rated first
+        ratings = []
+        for item, value in pairs[:limit]:
             title, genres = _meta(svc, item)
             ratings.append({"item": item, "rating": value, "title": title, "genres": genres})
-        ratings.sort(key=lambda r: (-r["rating"], r["item"]))
-        return js({"user": user, "total": len(ratings), "ratings": ratings[:limit]})
+        return js({"user": user, "total": len(pairs), "ratings": ratings})
 
     @app.get("/v1/items/{item}/similar", response_model=ItemList, tags=["items"],
              responses={404: {"model": ErrorBody}})

@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ratings", help="MovieLens ratings file, for the popular fallback")
     parser.add_argument("--keep", type=int, default=POPULAR_KEEP, help="popular items to keep")
     args = parser.parse_args(argv)
-    settings = PredictorSettings()
+    settings = PredictorSettings()  # type: ignore[call-arg]  # fields come from the env
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if not args.movies and not args.ratings:
         parser.error("give --movies and/or --ratings")

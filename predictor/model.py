@@ -134,7 +134,7 @@ class FactorModel:
         if len(ids):
             factors[rows] = vectors
             bias[rows] = biases
-        fields = {
+        fields: dict[str, Any] = {
             "version": self.version, "rank": self.rank, "mu": self.mu,
             "reg_param": self.reg_param, "n_users": self.n_users,
             "ratings_seen": self.ratings_seen, "created": self.created,

@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,7 +55,7 @@ def async_client(url: str, timeout: float) -> aioredis.Redis:
         url,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),  # type: ignore[arg-type]
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
     )
 
 
@@ -77,7 +77,7 @@ class Catalog:
         return cls([], [], [], [], {})
 
     @classmethod
-    def from_hash(cls, raw: dict[bytes, bytes]) -> Catalog:
+    def from_hash(cls, raw: Mapping[bytes | str, bytes | str]) -> Catalog:
         rows: list[tuple[str, str, list[str]]] = []
         for k, v in raw.items():
             try:
@@ -86,7 +86,7 @@ class Catalog:
                 genres = [str(g) for g in d.get("genres", [])]
             except (ValueError, AttributeError, TypeError):
                 continue
-            rows.append((k.decode(), title, genres))
+            rows.append((k.decode() if isinstance(k, bytes) else k, title, genres))
         # MovieLens ids are integers: list them in numeric order, other ids after, by text.
         rows.sort(key=lambda r: (0, int(r[0]), "") if r[0].isdigit() else (1, 0, r[0]))
         ids = [r[0] for r in rows]
@@ -164,7 +164,7 @@ def load_model(
     return FactorModel.build(item_ids=ids, item_bias=biases, item_factors=vectors, **fields), "full"
 
 
-def parse_popular(raw: bytes | None) -> list[tuple[str, int]]:
+def parse_popular(raw: bytes | str | None) -> list[tuple[str, int]]:
     if not raw:
         return []
     try:

@@ -391,5 +391,7 @@ def test_bad_bodies_are_422(api: TestClient) -> None:
     assert r.status_code == 422
     r = api.post("/v1/users/u1/recommendations", json={"n": 5000})
     assert r.status_code == 422 and "n" in [d["field"] for d in r.json()["detail"]]
+    r = api.post("/predictions/ranks", json={"user": 2**70, "topk": 3})
+    assert r.status_code == 422 and "user" in r.json()["error"]
     r = api.get("/no/such/route")
     assert r.status_code == 404 and "error" in r.json()
