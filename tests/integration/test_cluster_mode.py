@@ -121,7 +121,6 @@ def standalone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Standalone]
              "--port", str(port), "--webui-port", str(ui_port)],
             logs[-1], env,
         ))
-        wait_for_port("127.0.0.1", port, 60, procs[0])
         for n in range(WORKERS):
             logs.append(work / f"worker{n}.log")
             procs.append(_spawn(
@@ -130,6 +129,8 @@ def standalone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Standalone]
                  "--work-dir", str(work / f"worker{n}"), url],
                 logs[-1], env,
             ))
+        # Workers start alongside the master (they retry registering); saves a JVM start-up.
+        wait_for_port("127.0.0.1", port, 60, procs[0])
         cluster = Standalone(url, webui, procs, logs)
         deadline = time.monotonic() + 90
         while True:
@@ -153,19 +154,30 @@ def test_standalone_cluster_trains_same_model_as_local_mode(
     out = tmp_path / "cluster.npz"
     env = dict(os.environ, PYSPARK_PYTHON=sys.executable, SPARK_DRIVER_MEMORY="768m",
                PYTHONPATH=str(ROOT))
-    run = subprocess.run(
-        [sys.executable, str(DRIVER), "--master", standalone.url, "--ratings",
-         str(ml_small / "ratings.csv"), "--out", str(out), "--executors", str(WORKERS)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False,
-    )
-    assert run.returncode == 0, f"driver failed:\n{run.stderr[-4000:]}\n{standalone.tail()}"
+    log_path = tmp_path / "driver.log"
+    with open(log_path, "wb") as log_file:
+        driver_proc = subprocess.Popen(
+            [sys.executable, str(DRIVER), "--master", standalone.url, "--ratings",
+             str(ml_small / "ratings.csv"), "--out", str(out), "--executors", str(WORKERS)],
+            cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        try:
+            # Local mode in this process while the cluster driver runs in its own.
+            local = driver.train_batches(spark, driver.load_batches(ml_small / "ratings.csv"))
+            returncode = driver_proc.wait(timeout=240)
+        finally:
+            if driver_proc.poll() is None:
+                driver_proc.kill()
+                driver_proc.wait(10)
+    log = log_path.read_text(errors="replace")
+    assert returncode == 0, f"driver failed:\n{log[-4000:]}\n{standalone.tail()}"
+    assert str(local["master"]).startswith("local")
     cluster = dict(np.load(out))
     assert str(cluster["master"]) == standalone.url
     # The work really ran on the two workers' executors, not in the driver.
     assert int(cluster["executors"]) == WORKERS
-
-    local = driver.train_batches(spark, driver.load_batches(ml_small / "ratings.csv"))
-    assert str(local["master"]).startswith("local")
+    # Batch 2 ended with a reliable checkpoint, written by the executors and read back by batch 3.
+    assert any((tmp_path / "checkpoints").rglob("part-*")), "no reliable checkpoint was written"
 
     for side in ("user", "item"):
         np.testing.assert_array_equal(cluster[f"{side}_ids"], local[f"{side}_ids"])
