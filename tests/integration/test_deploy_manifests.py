@@ -313,3 +313,15 @@ def test_modeler_spark_mode_matches_the_overlay(overlay: str, docs: tuple[dict[s
     assert {"create", "get", "list", "watch", "delete"} <= verbs
     for port in (conf["spark.driver.port"], conf["spark.driver.blockManager.port"]):
         assert int(port) in {p["containerPort"] for p in container["ports"]}
+    # Reliable checkpoints: the driver lists the files executors wrote, so a local checkpoint
+    # directory must be one ReadWriteMany claim mounted at the same path everywhere.
+    checkpoint_dir = env["SPARK_CHECKPOINT_DIR"] or ""
+    if "://" not in checkpoint_dir:
+        mount = next(m for m in container["volumeMounts"] if checkpoint_dir.startswith(m["mountPath"]))
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        claim = volume["persistentVolumeClaim"]["claimName"]
+        assert "ReadWriteMany" in ds.by_kind(docs, "PersistentVolumeClaim")[claim]["spec"]["accessModes"]
+        prefix = "spark.kubernetes.executor.volumes.persistentVolumeClaim."
+        names = {k[len(prefix):].split(".")[0] for k in conf if k.startswith(prefix)}
+        assert any(conf[f"{prefix}{n}.options.claimName"] == claim
+                   and conf[f"{prefix}{n}.mount.path"] == mount["mountPath"] for n in names)
