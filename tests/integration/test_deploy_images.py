@@ -245,3 +245,22 @@ def test_entrypoint_passes_other_commands_through(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=30, check=False)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "['a b']"
+
+
+def test_health_check_commands_are_valid_python() -> None:
+    """The images have no curl: health checks are `python -c` one-liners; they must compile."""
+    snippets = []
+    for service in ds.SERVICES:
+        for word, args in ds.final_stage(service):
+            if word == "HEALTHCHECK":
+                snippets.append((service, json.loads(args.split("CMD", 1)[1])))
+    for name, svc in ds.compose()["services"].items():
+        test = (svc.get("healthcheck") or {}).get("test") or []
+        if test[:1] == ["CMD"]:
+            snippets.append((name, test[1:]))
+    python = [(where, cmd) for where, cmd in snippets if cmd[0] == "python"]
+    assert len(python) >= 6
+    for where, cmd in python:
+        assert cmd[1] == "-c", where
+        compile(cmd[2], f"<{where} health check>", "exec")
+        assert "127.0.0.1" in cmd[2] and "timeout=" in cmd[2], where

@@ -325,3 +325,48 @@ def test_modeler_spark_mode_matches_the_overlay(overlay: str, docs: tuple[dict[s
         names = {k[len(prefix):].split(".")[0] for k in conf if k.startswith(prefix)}
         assert any(conf[f"{prefix}{n}.options.claimName"] == claim
                    and conf[f"{prefix}{n}.mount.path"] == mount["mountPath"] for n in names)
+
+
+def _spark_strings() -> bytes:
+    """The class files of Spark's core and Kubernetes jars, where config keys are constants."""
+    import zipfile
+
+    import pyspark
+
+    jars = Path(pyspark.__file__).parent / "jars"
+    chunks = []
+    for jar in [*jars.glob("spark-core_*.jar"), *jars.glob("spark-kubernetes_*.jar")]:
+        with zipfile.ZipFile(jar) as z:
+            chunks += [z.read(n) for n in z.namelist() if n.endswith(".class")]
+    return b"\n".join(chunks)
+
+
+def _known(key: str, strings: bytes) -> bool:
+    # Volume keys embed a name we choose: spark.kubernetes.executor.volumes.<type>.<name>.<option>
+    m = re.fullmatch(r"(spark\.kubernetes\.(?:driver|executor)\.volumes)\.(\w+)\.[\w-]+\.(.+)", key)
+    if m:
+        return all(part.encode() in strings for part in m.groups())
+    if key.encode() in strings:
+        return True
+    # Some keys are built as PREFIX + ".suffix" (e.g. the authenticate.driver family).
+    parts = key.split(".")
+    return any(".".join(parts[:i]).encode() in strings and ".".join(parts[i:]).encode() in strings
+               for i in range(2, len(parts)))
+
+
+def test_spark_settings_are_ones_spark_knows() -> None:
+    """A misspelt spark.* key is silently ignored by Spark; look each one up in Spark's jars."""
+    keys = set()
+    for overlay in ds.OVERLAYS:
+        docs = ds.render(overlay)
+        keys |= set(ds.spark_defaults(docs))
+        container = ds.by_kind(docs, "Deployment")["streamrec-modeler"]["spec"]["template"]["spec"]["containers"][0]
+        keys |= set(re.findall(r"--conf (spark\.[\w.]+)=", ds.container_env(docs, container)["PYSPARK_SUBMIT_ARGS"]))
+    for svc in ds.compose()["services"].values():
+        for value in ds.compose_env(svc).values():
+            keys |= set(re.findall(r"-D(spark\.[\w.]+)=", value))
+    assert len(keys) > 15
+    strings = _spark_strings()
+    unknown = sorted(k for k in keys if not _known(k, strings))
+    assert not unknown
+    assert not _known("spark.kubernetes.executor.podTemplateFiles", strings)  # the lookup has teeth
