@@ -264,3 +264,30 @@ def test_health_check_commands_are_valid_python() -> None:
         assert cmd[1] == "-c", where
         compile(cmd[2], f"<{where} health check>", "exec")
         assert "127.0.0.1" in cmd[2] and "timeout=" in cmd[2], where
+
+
+@pytest.mark.parametrize("service", ds.SERVICES)
+def test_dockerfile_parses_and_lints_clean(service: str) -> None:
+    """BuildKit's own parser accepts the file (and agrees with ours); hadolint finds nothing."""
+    import dockerfile
+
+    path = ds.ROOT / service / "Dockerfile"
+    parsed = [c.cmd.upper() for c in dockerfile.parse_file(str(path))]
+    assert parsed == [word for word, _ in ds.dockerfile_instructions(service)]
+    lint = subprocess.run([str(Path(sys.executable).with_name("hadolint")), "--no-color", str(path)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def test_hadolint_has_teeth(tmp_path: Path) -> None:
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python\nRUN pip install requests\n")
+    lint = subprocess.run([str(Path(sys.executable).with_name("hadolint")), "--no-color", str(bad)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert lint.returncode != 0 and "DL3006" in lint.stdout
+
+
+def test_entrypoint_passes_shellcheck() -> None:
+    check = subprocess.run([str(Path(sys.executable).with_name("shellcheck")), "--shell=sh", str(ENTRYPOINT)],
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
