@@ -208,6 +208,7 @@ def _gather_stage(params: ALSParams, batch_no: int, fraction: float):
             ids = sorted(set(keys.tolist()))
             rows = table.lookup(ids)
             bias, vec = gather(table, rows)
+            count = np.where(rows >= 0, table.count[np.maximum(rows, 0)] if len(table) else 0, 0)
             fresh = np.flatnonzero(rows < 0)
             if len(fresh):
                 b0, v0 = init_factors([ids[j] for j in fresh], params.rank, params.seed,
@@ -262,7 +263,8 @@ def _learn_stage(params: ALSParams, batch_no: int, rating_sum: float, ratings_se
             i_rows = np.fromiter((i_index[k] for k in all_i), dtype=np.int64, count=len(all_i))
             rates = np.concatenate([new_r, rep_r.astype(np.float64)])
             preq, refused = learn_batch(params, mu, mu_before, n_new, rates, u_rows, i_rows,
-                                        ub, uv, ib, iv)
+                                        ub, uv, ib, iv, _cat([m[17] for m in msgs], np.int64),
+                                        _cat([m[18] for m in msgs], np.int64))
             stats["preq_sse"], stats["refused"] = preq, refused
             u_inc = np.bincount(u_rows[:n_new], minlength=len(u_ids))
             i_inc = np.bincount(i_rows[:n_new], minlength=len(i_ids))
