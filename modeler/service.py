@@ -22,6 +22,7 @@ Failure handling:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -98,6 +99,8 @@ class ModelerService:
         self._need_full = True
         self._ready = False
         self._train_failures = 0
+        self._failures = 0
+        self._inflight: Any = None
         self.reports: list[BatchReport] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -129,7 +132,23 @@ class ModelerService:
                 if not self._ready:
                     self._start()
                     continue
-                report = self.step()
+                try:
+                    report = self.step()
+                except Stopped:
+                    raise
+                except LeaseLost as exc:
+                    log.error("%s: dropping the in-memory model, waiting for the lease", exc)
+                    self._reset()
+                    continue
+                except Exception as exc:
+                    # Unexpected: start over from the published version rather than crash-loop.
+                    self._failures += 1
+                    delay = min(self.settings.retry_max_backoff_s, 0.5 * 2 ** min(self._failures, 8))
+                    log.exception("batch failed (%s); restoring from Redis in %.1f s", _short(exc), delay)
+                    self._reset()
+                    pub.sleep_unless(lambda: self.stopping, delay)
+                    continue
+                self._failures = 0
                 if report is not None and report.n_ratings + report.n_dlq > 0:
                     done += 1
                 if max_batches is not None and done >= max_batches:
@@ -186,10 +205,13 @@ class ModelerService:
                 meta.version, meta.ratings_seen, meta.n_users, meta.n_items, self.offsets,
             )
         else:
-            self.model = new_model(s)
+            self.model = self._bootstrap() if s.bootstrap_ratings else new_model(s)
             self.version = 0
             self.segments = []
             self.n_users = self.n_items = 0
+            if int(self.model.ratings_seen):
+                self.n_users = int(self.model.user_factors.count())
+                self.n_items = int(self.model.item_factors.count())
             self.popular = []
             self.dlq_total = 0
             self.offsets = {}
@@ -203,6 +225,51 @@ class ModelerService:
             self.offsets.update(begin)
         self.backlog = dict.fromkeys(self.offsets)
         self._ready = True
+
+    def _reset(self) -> None:
+        """Forget the in-memory model and offsets; the next round restores from Redis."""
+        for old in [*self._last_blocks, self._inflight]:
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    old.unpersist()
+        self._last_blocks = []
+        self._inflight = None
+        self._ready = False
+
+    def _renew_lease(self) -> bool:
+        """Keep the lease while idle or between batches; ``False`` if Redis is away."""
+        try:
+            held = self.publisher.hold_lease(self.token)
+        except Exception as exc:
+            self.metrics.retries.labels(component="redis").inc()
+            self.publisher.reset_client()
+            log.warning("Redis unavailable (%s); retrying", _short(exc))
+            pub.sleep_unless(lambda: self.stopping, min(self.settings.retry_max_backoff_s, 2.0))
+            return False
+        if not held:
+            raise LeaseLost(f"{self.publisher.keys.lease} is held by another modeler")
+        return True
+
+    def _bootstrap(self) -> Any:
+        """Batch ALS on ``BOOTSTRAP_RATINGS`` (history kept outside Kafka), then stream on.
+
+        The file's ratings count in ``ratings_seen``; the topic is still read from its
+        beginning, so the file must not be a copy of what the topic holds.
+        """
+        from common.datasets import read_ratings
+        from modeler.bootstrap import bootstrap_model
+
+        s = self.settings
+        rows = read_ratings(s.bootstrap_ratings, scale=s.scale)
+        log.info("bootstrapping from %d ratings in %s", len(rows), s.bootstrap_ratings)
+        model, report = bootstrap_model(
+            self.spark, rows, seed=s.model_seed, scale=s.scale,
+            learning_rate=s.model_learning_rate, num_partitions=s.model_num_partitions,
+            init_scale=s.model_init_scale, reservoir_size=s.model_reservoir_size,
+            replay_ratio=s.model_replay_ratio,
+        )
+        log.info("bootstrap done: %s", report)
+        return model
 
     def _wait_lease(self) -> None:
         warned = False
@@ -218,6 +285,8 @@ class ModelerService:
     def step(self) -> BatchReport | None:
         """One micro-batch; returns ``None`` when it had to be retried or the stream is idle."""
         s = self.settings
+        if not self._renew_lease():
+            return None
         t0 = time.perf_counter()
         ranges = ks.plan_batch(s.ratings_topic, self.offsets, self.backlog, s.batch_max_records)
         sc = self.spark.sparkContext
@@ -230,6 +299,7 @@ class ModelerService:
             self.metrics.retries.labels(component="kafka").inc()
             pub.sleep_unless(lambda: self.stopping, min(s.retry_max_backoff_s, 2.0))
             return None
+        self._inflight = blocks
         t_read = time.perf_counter() - t0
         n_valid = sum(x["n_valid"] for x in summaries)
         n_dlq = sum(x["n_dlq"] for x in summaries)
@@ -351,6 +421,8 @@ class ModelerService:
         while True:
             try:
                 return self._publish_once(version, blocks, offsets, entry)
+            except LeaseLost:
+                raise
             except Exception as exc:
                 self.metrics.retries.labels(component="redis").inc()
                 self.publisher.reset_client()
