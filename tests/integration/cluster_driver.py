@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _wait_executors(sc, wanted: int, timeout: float = 90.0) -> None:
+def _wait_executors(sc, wanted: int, timeout: float = 150.0) -> None:
     """Block until ``wanted`` executors registered, so the tasks really spread over workers."""
     import time
 
