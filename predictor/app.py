@@ -327,7 +327,9 @@ class Service:
         return model
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
+    # async on purpose: FastAPI runs plain-def dependencies in a thread pool, a costly hop on
+    # the hot path for a dictionary lookup.
     svc: Service = request.app.state.svc
     return svc
 
