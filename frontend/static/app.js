@@ -310,11 +310,13 @@ async function refreshModel() {
   const history = (m.history || []).slice().sort((a, b) => a.version - b.version);
   const last = history[history.length - 1] || {};
   const lastLag = [...history].reverse().find((h) => h.lag != null);
+  // The modeler reports lag per partition ({"0": 12, ...}); the panel shows the total.
+  const lagTotal = (lag) => (typeof lag === "object" ? Object.values(lag).reduce((a, b) => a + Number(b), 0) : lag);
   $("model-status").textContent = `Model version ${m.version}, published ${new Date(m.created * 1000).toLocaleTimeString()}.`;
   $("m-version").textContent = String(m.version);
   $("m-seen").textContent = fmt(m.ratings_seen);
   $("m-rate").textContent = fmt(last.ratings_per_s, 0);
-  $("m-lag").textContent = lastLag ? fmt(lastLag.lag) : "–";
+  $("m-lag").textContent = lastLag ? fmt(lagTotal(lastLag.lag)) : "–";
   $("m-size").textContent = `${fmt(m.n_users)} × ${fmt(m.n_items)}`;
   $("m-rank").textContent = String(m.rank ?? "–");
   const badge = $("model-badge");

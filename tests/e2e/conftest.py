@@ -33,7 +33,7 @@ CHROMIUM_ARGS = [
 # knows the popular titles, small enough for Spark on 2 busy cores.
 SEED_RATINGS = int(os.environ.get("E2E_SEED_RATINGS", "3000"))
 # Several micro-batches, so the RMSE chart has a line (each costs a few seconds of Spark).
-BATCH_MAX_RECORDS = int(os.environ.get("E2E_BATCH_MAX_RECORDS", "1000"))
+BATCH_MAX_RECORDS = int(os.environ.get("E2E_BATCH_MAX_RECORDS", "1500"))
 
 
 def chromium_path() -> str:

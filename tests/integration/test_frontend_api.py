@@ -163,6 +163,7 @@ def test_batch_lands_whole_in_one_partition_in_order(client, bootstrap, topic):
         ({"user": "1", "item": "2", "rating": "4"}, "rating", "not a string"),
         ({"user": "1", "item": "2", "rating": True}, "rating", "boolean"),
         ({"user": "1", "rating": 4}, "item", "required"),
+        ({"item": "2", "rating": 4}, "user", "required"),  # no user and no visitor cookie
         ({"user": "1", "item": "", "rating": 4}, "item", "at least 1"),
         ({"user": "1", "item": "2", "rating": 4, "timestamp": -5}, "timestamp", "greater than"),
         ([], "body", "empty"),
