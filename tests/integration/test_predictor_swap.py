@@ -165,13 +165,14 @@ def test_redis_outage_503_then_recovers_without_restart(tmp_path) -> None:
 
 
 @pytest.mark.timeout(90)
-def test_python_m_predictor_with_two_workers(redis_url, redis_client, keys) -> None:
+def test_python_m_predictor_with_two_workers(redis_url, redis_client, keys, tmp_path) -> None:
     p = plant(seed=4)
     publish(redis_client, keys, p, 1)
     port = free_port()
     env = {**os.environ, "REDIS_URL": redis_url, "REDIS_PREFIX": keys.prefix,
            "PREDICTOR_HOST": "127.0.0.1", "PREDICTOR_PORT": str(port), "PREDICTOR_WORKERS": "2",
-           "MODEL_POLL_INTERVAL_S": "0.5", "LOG_LEVEL": "WARNING"}
+           "MODEL_POLL_INTERVAL_S": "0.5", "LOG_LEVEL": "WARNING",
+           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     proc = subprocess.Popen([sys.executable, "-m", "predictor"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -195,6 +196,10 @@ def test_python_m_predictor_with_two_workers(redis_url, redis_client, keys) -> N
             return versions == {2}
 
         wait_for(all_on_v2, timeout=20, step=0.2)
+        # /metrics adds up both workers: each swapped in versions 1 and 2 (full segments).
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'predictor_model_swaps_total{kind="full"} 4.0' in metrics
+        assert "predictor_model_version 2.0" in metrics
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
