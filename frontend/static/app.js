@@ -219,6 +219,9 @@ function renderMine() {
 
 // ---- recommendations --------------------------------------------------------------------------
 
+// Keyboard focus inside (a mouse click also focuses a radio, but that is not :focus-visible).
+function keyboardIn(node) { return node.querySelector(":focus-visible") != null; }
+
 const STRATEGY_LABEL = { model: "model", fold_in: "instant (fold-in)", popular: "popular" };
 
 function setBadge(node, strategy, version) {
@@ -233,12 +236,13 @@ function renderRecs(answer, note) {
   // The model may not have learned the latest ratings yet: never recommend what was just rated.
   answer = { ...answer, items: answer.items.filter((i) => !state.mine.has(i.item)).slice(0, 10) };
   const key = JSON.stringify([answer.strategy, answer.version, answer.items.map((i) => i.item)]);
+  // Don't yank the list from under the keyboard; the next poll renders it.
+  if (key !== state.recsKey && keyboardIn(list)) return;
   setBadge($("recs-badge"), answer.strategy, answer.version);
   $("recs-note").textContent = note;
   list.dataset.strategy = answer.strategy;
   list.dataset.version = answer.version == null ? "" : String(answer.version);
   if (key === state.recsKey) return;
-  if (list.contains(document.activeElement)) return;  // don't yank the list from under the keyboard
   state.recsKey = key;
   list.replaceChildren(...answer.items.map((m) => movieRow(m, m.score != null ? `predicted ${Number(m.score).toFixed(2)}` : null)));
 }
@@ -283,7 +287,7 @@ async function refreshPopular() {
   if (!pop.ok) return;
   const list = $("popular");
   const key = JSON.stringify(pop.body.items.map((i) => i.item));
-  if (list.dataset.key === key || list.contains(document.activeElement)) return;
+  if (list.dataset.key === key || keyboardIn(list)) return;
   list.dataset.key = key;
   list.replaceChildren(...pop.body.items.map((m) => movieRow(m)));
 }
