@@ -350,16 +350,13 @@ def _meta(svc: Service, item: str) -> tuple[str | None, list[str]]:
 
 def _scored(svc: Service, model: FactorModel, rows: np.ndarray, scores: np.ndarray) -> list[dict[str, Any]]:
     ids = model.item_ids
-    lo, hi = model.rating_min, model.rating_max
     catalog = svc.watcher.catalog
     out = []
-    for row, score in zip(rows.tolist(), scores.tolist(), strict=True):
+    rated = model.clip(scores).tolist()
+    for row, score, rating in zip(rows.tolist(), scores.tolist(), rated, strict=True):
         item = ids[row]
         title, genres = catalog.get(item)
-        out.append({
-            "item": item, "score": score, "rating": min(hi, max(lo, score)),
-            "title": title, "genres": genres,
-        })
+        out.append({"item": item, "score": score, "rating": rating, "title": title, "genres": genres})
     return out
 
 
@@ -543,6 +540,21 @@ def create_app(settings: PredictorSettings | None = None) -> FastAPI:
     for exc_type in REDIS_ERRORS:
         app.add_exception_handler(exc_type, _redis_down)  # type: ignore[arg-type]
 
+    # -- the hot path first: the router tries routes in order
+
+    @app.get("/v1/users/{user}/recommendations", response_model=UserItems, tags=["recommend"])
+    async def recommendations(
+        request: Request,
+        user: PathId,
+        n: Annotated[int, Query(ge=1, le=MAX_N)] = 10,
+        include_rated: bool = False,
+    ) -> Response:
+        """Top-``n`` items for a user; unknown users get the popular fallback."""
+        # The service straight from app state, not through Depends: a sub-dependency costs
+        # a second parameter-resolution pass on every request of the busiest route.
+        svc: Service = request.app.state.svc
+        return js(await _recommend(svc, user, n, include_rated, None))
+
     # -- service endpoints
 
     @app.get("/healthz", tags=["ops"])
@@ -592,16 +604,6 @@ def create_app(settings: PredictorSettings | None = None) -> FastAPI:
         model, out = await _predict_pairs(svc, [(p.user, p.item) for p in body.pairs])
         strategy = "model" if all(p["strategy"] == "model" for p in out) else "popular"
         return js({"predictions": out, "strategy": strategy, "version": model.version})
-
-    @app.get("/v1/users/{user}/recommendations", response_model=UserItems, tags=["recommend"])
-    async def recommendations(
-        svc: Svc,
-        user: PathId,
-        n: Annotated[int, Query(ge=1, le=MAX_N)] = 10,
-        include_rated: bool = False,
-    ) -> Response:
-        """Top-``n`` items for a user; unknown users get the popular fallback."""
-        return js(await _recommend(svc, user, n, include_rated, None))
 
     @app.post("/v1/users/{user}/recommendations", response_model=UserItems, tags=["recommend"])
     async def recommendations_post(svc: Svc, user: PathId, body: RecommendBody) -> Response:
