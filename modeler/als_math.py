@@ -495,13 +495,13 @@ class ALSParams:
 
     rank: int = 10
     iterations: int = 3
-    reg_param: float = 0.05
-    reg_bias: float = 0.02
+    reg_param: float = 0.1
+    reg_bias: float = 0.1
     learning_rate: float = 0.05
     seed: int = 42
     init_scale: float = 0.1
     aggregation: str = "damped"
-    history_weight: float = 0.0
+    history_weight: float = 4.0
     reservoir_size: int = 50_000
     replay_ratio: float = 1.0
     num_partitions: int = 8
@@ -536,6 +536,28 @@ def replay_fraction(params: ALSParams, expected_new: int, ratings_seen_before: i
     if held <= 0 or params.replay_ratio <= 0 or expected_new <= 0:
         return 0.0
     return min(1.0, params.replay_ratio * expected_new / held)
+
+
+def split_records(records: Iterable[Any]) -> tuple[list[Any], list[Any], list[Any], list[Any], int]:
+    """Columns (users, items, ratings, timestamps) of ``(user, item, rating[, timestamp])``
+    records, and the number of records that are not such tuples at all."""
+    us: list[Any] = []
+    its: list[Any] = []
+    rs: list[Any] = []
+    ts: list[Any] = []
+    bad = 0
+    for rec in records:
+        try:
+            u, i, r = rec[0], rec[1], rec[2]
+            t = rec[3] if len(rec) > 3 else 0
+        except (TypeError, IndexError, KeyError):
+            bad += 1
+            continue
+        us.append(u)
+        its.append(i)
+        rs.append(r)
+        ts.append(t)
+    return us, its, rs, ts, bad
 
 
 def validate_arrays(
@@ -600,11 +622,10 @@ class LocalStreamingALS:
 
     def train(self, batch: Iterable[tuple[Any, ...]]) -> BatchResult:
         p = self.params
-        rows = list(batch)
-        users, items, rates, stamps, rejected = validate_arrays(
-            [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
-            [r[3] if len(r) > 3 else 0 for r in rows], p.rating_min, p.rating_max,
-        )
+        us, its, rs, ts, bad = split_records(batch)
+        users, items, rates, stamps, rejected = validate_arrays(us, its, rs, ts, p.rating_min,
+                                                                p.rating_max)
+        rejected += bad
         n_new = len(rates)
         if n_new == 0:
             return BatchResult(0, rejected, 0.0, 0, 0, 0, 0)

@@ -50,6 +50,7 @@ from modeler.als_math import (
     predict_raw,
     rating_priority,
     replay_fraction,
+    split_records,
     validate_arrays,
 )
 
@@ -155,22 +156,7 @@ def _route_ratings(num_partitions: int, lo: float, hi: float):
     ratings whose USER lives there and the ids of the items that live there."""
 
     def route(index: int, it: Iterator[Any]) -> Iterator[tuple[int, tuple]]:
-        us: list[Any] = []
-        its: list[Any] = []
-        rs: list[Any] = []
-        ts: list[Any] = []
-        bad_shape = 0
-        for rec in it:
-            try:
-                u, i, r = rec[0], rec[1], rec[2]
-                t = rec[3] if len(rec) > 3 else 0
-            except (TypeError, IndexError, KeyError):
-                bad_shape += 1
-                continue
-            us.append(u)
-            its.append(i)
-            rs.append(r)
-            ts.append(t)
+        us, its, rs, ts, bad_shape = split_records(it)
         users, items, rates, stamps, rejected = validate_arrays(us, its, rs, ts, lo, hi)
         rejected += bad_shape
         n = len(users)
@@ -214,12 +200,12 @@ def _gather_stage(params: ALSParams, batch_no: int, fraction: float):
                 b0, v0 = init_factors([ids[j] for j in fresh], params.rank, params.seed,
                                       params.init_scale)
                 bias[fresh], vec[fresh] = b0, v0
-            return ids, bias.astype(np.float32), vec.astype(np.float32), len(fresh)
+            return ids, bias.astype(np.float32), vec.astype(np.float32), len(fresh), count
 
-        u_ids, ub, uv, u_fresh = rows_of(part.users, np.concatenate([new_u, rep_u]))
-        i_ids, ib, iv, i_fresh = rows_of(part.items, np.concatenate([here_i, mirror_i]))
+        u_ids, ub, uv, u_fresh, u_count = rows_of(part.users, np.concatenate([new_u, rep_u]))
+        i_ids, ib, iv, i_fresh, i_count = rows_of(part.items, np.concatenate([here_i, mirror_i]))
         yield 0, (pid, u_ids, ub, uv, u_fresh, i_ids, ib, iv, i_fresh,
-                  new_u, new_i, new_r, new_t, rep_u, rep_i, rep_r, rejected)
+                  new_u, new_i, new_r, new_t, rep_u, rep_i, rep_r, rejected, u_count, i_count)
 
     return stage
 
@@ -396,9 +382,10 @@ class StreamingALS:
     and counted (``stats.n_rejected``), never learned.
 
     Accuracy knobs (see :class:`modeler.als_math.ALSParams` and docs/streaming_als.md):
-    ``reg_bias`` (λ_b), ``init_scale`` (std of newcomers' vectors), ``aggregation``
-    (``"damped"``/``"mean"``/``"sum"``), ``reservoir_size`` and ``replay_ratio`` (bounded
-    replay of past ratings). ``checkpoint_interval``: batches between reliable checkpoints
+    ``reg_bias`` (λ_b, default = reg_param), ``init_scale`` (std of newcomers' vectors),
+    ``aggregation`` (``"damped"``/``"mean"``/``"sum"``), ``history_weight`` (κ: bias steps
+    shrink like 1/(n + κ·ratings already learned)), ``reservoir_size`` and ``replay_ratio``
+    (bounded replay of past ratings). ``checkpoint_interval``: batches between reliable checkpoints
     (when the SparkContext has a checkpoint directory; other batches cut lineage with
     ``localCheckpoint``).
 
@@ -417,6 +404,7 @@ class StreamingALS:
         reg_bias: float | None = None,
         init_scale: float = 0.1,
         aggregation: str = "damped",
+        history_weight: float = 4.0,
         reservoir_size: int = 50_000,
         replay_ratio: float = 1.0,
         checkpoint_interval: int = 20,
@@ -428,7 +416,8 @@ class StreamingALS:
                 rank=rank, iterations=iterations, reg_param=reg_param,
                 reg_bias=reg_param if reg_bias is None else reg_bias,
                 learning_rate=learning_rate, seed=seed, init_scale=init_scale,
-                aggregation=aggregation, reservoir_size=reservoir_size, replay_ratio=replay_ratio,
+                aggregation=aggregation, history_weight=history_weight,
+                reservoir_size=reservoir_size, replay_ratio=replay_ratio,
                 num_partitions=num_partitions, rating_min=scale.min, rating_max=scale.max,
             )
         self.params = params
@@ -647,10 +636,8 @@ class StreamingALS:
         refills from the stream (it is not persisted).
         """
         extra = dict(extra or {})
-        if kwargs or "params" not in extra:
-            model = cls(**kwargs)
-        else:
-            model = cls(params=ALSParams(**extra["params"]))
+        use_saved = not kwargs and "params" in extra
+        model = cls(params=ALSParams(**extra["params"])) if use_saved else cls(**kwargs)
         model.mu = float(mu)
         model.ratings_seen = int(ratings_seen)
         model.rating_sum = float(extra.get("rating_sum", mu * ratings_seen))

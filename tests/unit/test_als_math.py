@@ -59,8 +59,6 @@ def test_vectorised_pass_matches_the_per_rating_reference(aggregation):
     items = {f"i{k}": (float(rng.normal(0, .3)), rng.normal(0, .3, rank).tolist()) for k in range(n_items)}
     ratings = [(f"u{rng.integers(n_users)}", f"i{rng.integers(n_items)}", float(rng.integers(1, 11) / 2))
                for _ in range(n)]
-    ref_u, ref_i, ref_err = reference_batch_pass(3.5, ratings, users, items, 0.05, 0.1, 0.03, aggregation)
-
     params = ALSParams(rank=rank, iterations=1, learning_rate=0.05, reg_param=0.1, reg_bias=0.03,
                        aggregation=aggregation)
     u_ids, i_ids = sorted(users), sorted(items)
@@ -71,7 +69,7 @@ def test_vectorised_pass_matches_the_per_rating_reference(aggregation):
     # The reference starts from the same float32-rounded values.
     users = {k: (float(ub[j]), uv[j].astype(float).tolist()) for j, k in enumerate(u_ids)}
     items = {k: (float(ib[j]), iv[j].astype(float).tolist()) for j, k in enumerate(i_ids)}
-    ref_u, ref_i, ref_err = reference_batch_pass(3.5, ratings, users, items, 0.05, 0.1, 0.03, aggregation)
+    ref_u, ref_i, _ = reference_batch_pass(3.5, ratings, users, items, 0.05, 0.1, 0.03, aggregation)
     ur = np.array([u_ids.index(u) for u, _, _ in ratings])
     ir = np.array([i_ids.index(i) for _, i, _ in ratings])
     learn_batch(params, 3.5, 3.5, n, np.array([r for _, _, r in ratings]), ur, ir, ub, uv, ib, iv)
@@ -108,7 +106,7 @@ def test_history_weight_slows_biases_of_keys_with_a_long_history():
 
 def test_newcomers_get_initial_factors_from_seed_and_id_only():
     b1, v1 = init_factors(["a", "b", "c"], 5, seed=7, init_scale=0.1)
-    b2, v2 = init_factors(["c", "a"], 5, seed=7, init_scale=0.1)
+    _, v2 = init_factors(["c", "a"], 5, seed=7, init_scale=0.1)
     assert v1.dtype == np.float32 and v1.shape == (3, 5)
     np.testing.assert_array_equal(v1[2], v2[0])
     np.testing.assert_array_equal(v1[0], v2[1])
@@ -190,7 +188,7 @@ def test_replay_sample_stays_bounded_as_the_stream_grows():
     res = Reservoir()
     seen = 0
     rng = np.random.default_rng(1)
-    for batch in range(40):
+    for _ in range(40):
         n = 500
         users = [f"u{k}" for k in rng.integers(0, 300, n)]
         items = [f"i{k}" for k in rng.integers(0, 300, n)]

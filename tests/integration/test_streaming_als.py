@@ -1,0 +1,134 @@
+"""StreamingALS on a real local Spark session, against the numpy reference (LocalStreamingALS)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from common.synthetic import generate
+from modeler.als_math import LocalStreamingALS
+from modeler.streaming_als import StreamingALS
+
+pytestmark = pytest.mark.spark
+
+BAD = [("u1", "i1", float("nan"), 1), ("u1", "i1", 9.0, 1), ("", "i1", 3.0, 1), ("short",)]
+
+
+def _stream(n: int, seed: int = 11) -> list[tuple]:
+    rows, _ = generate(n_users=120, n_items=160, n_ratings=n, rank=3, seed=seed)
+    return [tuple(r) for r in rows]
+
+
+def _table(rdd) -> dict[str, tuple[float, np.ndarray]]:
+    return {k: (b, np.asarray(v)) for k, (b, v) in rdd.collect()}
+
+
+def _assert_tables_equal(got: dict, table, atol: float = 2e-5) -> None:
+    assert sorted(got) == sorted(table.ids)
+    for key, (bias, vec) in got.items():
+        j = table.index[key]
+        assert vec.dtype == np.float32 and vec.shape == (table.rank,)
+        assert bias == pytest.approx(float(table.bias[j]), abs=atol), key
+        np.testing.assert_allclose(vec, table.vec[j], atol=atol, err_msg=key)
+
+
+def test_rdd_training_matches_the_numpy_reference_batch_by_batch(spark):
+    sc = spark.sparkContext
+    kwargs = dict(rank=4, iterations=2, reg_param=0.08, learning_rate=0.06, seed=5,
+                  num_partitions=3, reservoir_size=400, history_weight=2.0)
+    model = StreamingALS(**kwargs)
+    ref = LocalStreamingALS(model.params)
+    rows = _stream(1500)
+    for start in range(0, len(rows), 300):
+        batch = rows[start:start + 300] + BAD
+        got = model.train(sc.parallelize(batch, 2))
+        want = ref.train(batch)
+        assert (got.n_ratings, got.n_rejected, got.new_users, got.new_items, got.n_replayed) == (
+            want.n_ratings, want.n_rejected, want.new_users, want.new_items, want.n_replayed)
+        assert got.prequential_sse == pytest.approx(want.prequential_sse, rel=1e-6)
+    assert ref.batches == 5 and got.n_replayed > 0  # the replay sample was exercised
+    assert model.mu == pytest.approx(ref.mu) and model.ratings_seen == ref.ratings_seen == 1500
+
+    _assert_tables_equal(_table(model.user_factors), ref.users)
+    _assert_tables_equal(_table(model.item_factors), ref.items)
+    assert dict(model.item_counts.collect()) == dict(zip(ref.items.ids, ref.items.count.tolist()))
+    touched_users = {k for k, t in zip(ref.users.ids, ref.users.touched) if t}
+    assert {k for k, _ in model.changed_users.collect()} == touched_users
+    touched_items = {k for k, t in zip(ref.items.ids, ref.items.touched) if t}
+    assert {k for k, _ in model.changed_items.collect()} == touched_items
+    assert len(touched_items) < len(ref.items)
+
+    pairs = [(r[0], r[1]) for r in rows[:40]] + [("nobody", rows[0][1]), ("nobody", "nothing")]
+    predicted = {(u, i): p for u, i, p in model.predict(sc.parallelize(pairs, 2)).collect()}
+    expected = ref.predict([u for u, _ in pairs], [i for _, i in pairs])
+    for (u, i), want_p in zip(pairs, expected):
+        assert predicted[(u, i)] == pytest.approx(want_p, abs=1e-4)
+    assert predicted[("nobody", "nothing")] == pytest.approx(model.mu)
+
+
+def test_same_batches_give_the_same_model_whatever_the_input_slicing(spark):
+    sc = spark.sparkContext
+    rows = _stream(600, seed=3)
+    models = []
+    for slices in (1, 4):
+        model = StreamingALS(rank=3, iterations=2, seed=9, num_partitions=4, reservoir_size=200)
+        for start in range(0, 600, 200):
+            model.train(sc.parallelize(rows[start:start + 200], slices))
+        models.append(_table(model.user_factors))
+    assert sorted(models[0]) == sorted(models[1])
+    for key, (bias, vec) in models[0].items():
+        assert bias == models[1][key][0]
+        np.testing.assert_array_equal(vec, models[1][key][1])
+
+
+def test_a_long_run_of_small_batches_keeps_lineage_bounded(spark):
+    sc = spark.sparkContext
+    rows = _stream(16 * 15, seed=4)
+    model = StreamingALS(rank=2, iterations=1, num_partitions=2, reservoir_size=50,
+                         checkpoint_interval=6)
+    depth = []
+    for b in range(16):
+        stats = model.train(sc.parallelize(rows[b * 15:(b + 1) * 15], 1))
+        assert stats.n_ratings == 15
+        depth.append(len(re.findall(r"RDD\[", model.user_factors.toDebugString().decode())))
+    # The DAG behind the factors does not grow with the number of batches.
+    assert max(depth[3:]) <= depth[2], depth
+    assert model.reservoir_held <= 50 + 4 * 50 ** 0.5
+
+
+def test_state_round_trip_restores_the_model_and_training_continues(spark):
+    sc = spark.sparkContext
+    rows = _stream(900, seed=8)
+    kwargs = dict(rank=3, iterations=2, seed=2, num_partitions=3, reservoir_size=0)
+    model = StreamingALS(**kwargs)
+    for start in range(0, 600, 300):
+        model.train(sc.parallelize(rows[start:start + 300], 2))
+    state = model.state()
+    users = [(k, (b, np.asarray(v, dtype=np.float32), c)) for k, (b, v, c) in state.users.collect()]
+    items = [(k, (b, np.asarray(v, dtype=np.float32), c)) for k, (b, v, c) in state.items.collect()]
+    restored = StreamingALS.restore(sc, sc.parallelize(users, 2), sc.parallelize(items, 2),
+                                    state.mu, state.ratings_seen, state.extra)
+    assert restored.params == model.params
+    assert restored.mu == model.mu and restored.ratings_seen == 600
+    assert _equal(_table(restored.user_factors), _table(model.user_factors))
+    assert dict(restored.item_counts.collect()) == dict(model.item_counts.collect())
+
+    nxt = sc.parallelize(rows[600:900], 2)
+    a, b = model.train(nxt), restored.train(nxt)
+    assert a.prequential_sse == pytest.approx(b.prequential_sse)
+    assert _equal(_table(restored.item_factors), _table(model.item_factors))
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return sorted(a) == sorted(b) and all(
+        a[k][0] == pytest.approx(b[k][0], abs=1e-6) and np.allclose(a[k][1], b[k][1], atol=1e-6)
+        for k in a)
+
+
+def test_restore_rejects_factors_of_the_wrong_rank(spark):
+    sc = spark.sparkContext
+    bad = sc.parallelize([("u", (0.0, np.zeros(5, np.float32)))], 1)
+    with pytest.raises(Exception, match="rank"):
+        StreamingALS.restore(sc, bad, sc.parallelize([], 1), 3.0, 1, rank=3, num_partitions=2)
