@@ -360,10 +360,11 @@ def _scored(svc: Service, model: FactorModel, rows: np.ndarray, scores: np.ndarr
     return out
 
 
-def _popular_items(svc: Service, n: int, exclude: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+def _popular_items(svc: Service, model: FactorModel | None, n: int,
+                   exclude: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
     catalog = svc.watcher.catalog
     out = []
-    for item, count in svc.watcher.popular:
+    for item, count in svc.watcher.popular_for(model):
         if item in exclude:
             continue
         title, genres = catalog.get(item)
@@ -410,7 +411,8 @@ async def _recommend(
             seen = entry.rated_ids
         else:
             seen = await _rated_ids(svc, user)
-        items = _popular_items(svc, n if candidates is None else len(svc.watcher.popular), seen)
+        limit = n if candidates is None else len(svc.watcher.popular_for(model))
+        items = _popular_items(svc, model, limit, seen)
         if candidates is not None:
             allowed = set(candidates)
             items = [x for x in items if x["item"] in allowed][:n]
@@ -661,7 +663,7 @@ def create_app(settings: PredictorSettings | None = None) -> FastAPI:
         unknown = [i for i in rated if model is None or i not in model.index]
         if model is None or not known:
             return js({"strategy": "popular", "version": model.version if model else None,
-                       "unknown_items": unknown, "items": _popular_items(svc, body.n, exclude_ids)})
+                       "unknown_items": unknown, "items": _popular_items(svc, model, body.n, exclude_ids)})
         rows = np.array([r for r, _ in known], dtype=np.int64)
         values = np.array([v for _, v in known], dtype=np.float64)
         bias, vector = model.fold_in(rows, values)
@@ -676,7 +678,7 @@ def create_app(settings: PredictorSettings | None = None) -> FastAPI:
         """Most-rated items (non-personalised)."""
         model = svc.watcher.model
         return js({"strategy": "popular", "version": model.version if model else None,
-                   "items": _popular_items(svc, n)})
+                   "items": _popular_items(svc, model, n)})
 
     # -- model and catalogue
 

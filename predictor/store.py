@@ -210,7 +210,10 @@ class ModelWatcher:
 
     @property
     def popular(self) -> list[tuple[str, int]]:
-        model = self.model
+        return self.popular_for(self.model)
+
+    def popular_for(self, model: FactorModel | None) -> list[tuple[str, int]]:
+        """The version's own popular list (what it learned from), else the loader's."""
         if model is not None and model.popular:
             return model.popular
         return self.fallback_popular
