@@ -248,8 +248,9 @@ def _loadgen(host: str, port: int, users: list[int], clients: int, duration: flo
                                for _ in range(clients)))
         return time.perf_counter() - t0
 
+    cpu0 = time.process_time()
     elapsed = asyncio.run(main())
-    queue.put({"latencies": lat, "errors": errs, "elapsed": elapsed})
+    queue.put({"latencies": lat, "errors": errs, "elapsed": elapsed, "cpu": time.process_time() - cpu0})
 
 
 def run_load(port: int, users: list[int], clients: int, duration: float) -> dict[str, Any]:
@@ -269,6 +270,7 @@ def run_load(port: int, users: list[int], clients: int, duration: float) -> dict
         "p99_ms": round(float(np.percentile(lat, 99)), 2) if n else None,
         "errors": len(out["errors"]),
         "error_kinds": sorted(set(out["errors"]))[:10],
+        "loadgen_cpu_ms_per_request": round(1000 * out["cpu"] / max(1, n), 3),
     }
 
 
@@ -462,6 +464,11 @@ def main(argv: list[str] | None = None) -> int:
                 r["server_cpu_ms_per_request"] = round(
                     1000 * (cpu_seconds(proc.pid) - cpu0) / max(1, r["requests"]), 3)
                 r["load_average_1m"] = round(os.getloadavg()[0], 2)
+                # Derived, not measured: the CPU-bound ceiling of server + load generator if
+                # they had every core of this machine to themselves (it is shared here).
+                r["derived_cpu_ceiling_per_s"] = round(
+                    (os.cpu_count() or 1) * 1000
+                    / (r["server_cpu_ms_per_request"] + r["loadgen_cpu_ms_per_request"]))
                 r["rss_mb_per_worker"] = worker_rss_mb(proc.pid)
                 r["rss_mb"] = max(r["rss_mb_per_worker"])
                 if "rdd_lookup_per_s" in r:
