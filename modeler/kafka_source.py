@@ -383,6 +383,46 @@ def read_range_rated(
 # --------------------------------------------------------------------------- driver side
 
 
+class _SummaryParam:
+    """Accumulator of ``{partition: summary}``: a re-run task overwrites, never adds twice."""
+
+    def zero(self, value: dict) -> dict:
+        return {}
+
+    def addInPlace(self, a: dict, b: dict) -> dict:  # Spark's AccumulatorParam API
+        a.update(b)
+        return a
+
+
+def batch_blocks(
+    sc: Any,
+    ranges: list[OffsetRange],
+    bootstrap: str,
+    dlq_topic: str,
+    rating_min: float,
+    rating_max: float,
+) -> tuple[Any, Any]:
+    """A lazy, persisted ``RDD[Block]`` over ``ranges`` and an accumulator that receives each
+    partition's summary when its block is computed.
+
+    Training on ``blocks.flatMap(Block.rows)`` reads Kafka inside the training job itself
+    (one Spark job less per batch than :func:`read_batch`); the summaries (offsets reached)
+    are then in ``acc.value``. The cache makes the publish job see the same records.
+    """
+    from pyspark import AccumulatorParam, StorageLevel
+
+    param = type("SummaryParam", (_SummaryParam, AccumulatorParam), {})()
+    acc = sc.accumulator({}, param)
+
+    def read(it: Iterable[OffsetRange]) -> Iterator[Block]:
+        for block in read_ranges(it, bootstrap, dlq_topic, rating_min, rating_max):
+            acc.add({block.partition: block.summary()})
+            yield block
+
+    blocks = sc.parallelize(ranges, max(1, len(ranges))).mapPartitions(read)
+    return blocks.persist(StorageLevel.MEMORY_AND_DISK), acc
+
+
 def read_batch(
     sc: Any,
     ranges: list[OffsetRange],

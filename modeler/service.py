@@ -291,16 +291,29 @@ class ModelerService:
         ranges = ks.plan_batch(s.ratings_topic, self.offsets, self.backlog, s.batch_max_records)
         sc = self.spark.sparkContext
         bootstrap, dlq, lo, hi = s.kafka_bootstrap_servers, s.dlq_topic, s.rating_min, s.rating_max
-        try:
-            blocks, summaries = ks.read_batch(sc, ranges, bootstrap, dlq, lo, hi)
-        except Exception as exc:
-            self.metrics.batches.labels(outcome="read_failed").inc()
-            log.warning("reading the batch failed (%s); retrying the same offsets", _short(exc))
-            self.metrics.retries.labels(component="kafka").inc()
-            pub.sleep_unless(lambda: self.stopping, min(s.retry_max_backoff_s, 2.0))
-            return None
+        # Kafka is read inside the training job (one Spark job less per batch): the blocks
+        # are cached, and each partition's summary (offsets reached) comes back through an
+        # accumulator. An empty batch costs that one job and changes nothing.
+        blocks, acc = ks.batch_blocks(sc, ranges, bootstrap, dlq, lo, hi)
         self._inflight = blocks
-        t_read = time.perf_counter() - t0
+        try:
+            stats = train_model(self.model, blocks.flatMap(ks.Block.rows))
+            summaries = list(acc.value.values())
+            if len(summaries) < len(ranges):  # the model did not read every partition
+                summaries = blocks.map(ks.Block.summary).collect()
+        except Exception as exc:
+            # Kafka away, or training failed: the in-memory model may be half-updated.
+            self.metrics.batches.labels(outcome="failed").inc()
+            self._train_failures += 1
+            delay = min(s.retry_max_backoff_s, 0.5 * 2 ** (self._train_failures - 1))
+            log.error("batch failed (%s); restoring the model from Redis in %.1f s",
+                      _short(exc), delay, exc_info=self._train_failures == 1)
+            self._reset()
+            pub.sleep_unless(lambda: self.stopping, delay)
+            return None
+        self._train_failures = 0
+        t_train = time.perf_counter() - t0  # includes reading Kafka on the executors
+        t_read = sum(x["read_seconds"] for x in summaries) / max(1, len(summaries))
         n_valid = sum(x["n_valid"] for x in summaries)
         n_dlq = sum(x["n_dlq"] for x in summaries)
         reached = {x["partition"]: x["next_offset"] for x in summaries}
@@ -313,9 +326,10 @@ class ModelerService:
             for reason in x["dlq_reasons"]:
                 log.warning("dead-lettered partition %d %s", x["partition"], reason)
         if n_valid == 0 and (n_dlq == 0 or int(self.model.ratings_seen) == 0):
-            # Nothing to learn. Dead letters before the first rating cannot be recorded in a
+            # Nothing learned. Dead letters before the first rating cannot be recorded in a
             # version (there is no model to publish yet): they are counted with the first one.
             blocks.unpersist()
+            self._inflight = None
             self.dlq_total += n_dlq
             self.metrics.dlq.inc(n_dlq)
             self.backlog = {p: lag.get(p, 0) for p in self.offsets}
@@ -326,26 +340,6 @@ class ModelerService:
             if idle > 0:
                 pub.sleep_unless(lambda: self.stopping, idle)
             return None
-
-        # ---- train
-        t1 = time.perf_counter()
-        stats: dict[str, Any] = {"n_ratings": 0, "prequential_sse": 0.0, "new_users": 0, "new_items": 0}
-        if n_valid:
-            ratings = blocks.flatMap(lambda b: b.rows())
-            try:
-                stats = train_model(self.model, ratings)
-            except Exception as exc:
-                self.metrics.batches.labels(outcome="train_failed").inc()
-                self._train_failures += 1
-                delay = min(s.retry_max_backoff_s, 0.5 * 2 ** (self._train_failures - 1))
-                log.error("training failed (%s); restoring the model from Redis in %.1f s",
-                          _short(exc), delay, exc_info=self._train_failures == 1)
-                blocks.unpersist()
-                self._ready = False
-                pub.sleep_unless(lambda: self.stopping, delay)
-                return None
-            self._train_failures = 0
-        t_train = time.perf_counter() - t1
         n_trained = int(stats.get("n_ratings", n_valid))
 
         # ---- publish (the model and the offsets are consistent from here on)
@@ -454,12 +448,12 @@ class ModelerService:
         publisher.clear_segment(version)
         sc = self.spark.sparkContext
         url, prefix = s.redis_url, s.redis_prefix
-        parts = publish_rdds(self.model, full, blocks)
+        records = publish_rdd(self.model, full, blocks)
         if redis_lost:
-            parts.append(self._rated_backfill_rdd(sc, offsets, blocks))
+            records = records.union(self._rated_backfill_rdd(sc, offsets, blocks))
         top_n = s.popular_size
         results = (
-            sc.union(parts)
+            records
             .mapPartitions(lambda it: pub.write_partition(it, url, prefix, version, top_n))
             .collect()
         )
@@ -605,37 +599,34 @@ def train_model(model: Any, ratings: Any) -> dict[str, Any]:
     return {k: getattr(stats, k) for k in ("n_ratings", "n_rejected", "prequential_sse", "new_users", "new_items")}
 
 
-def _side_records(tag: str, only_touched: bool) -> Callable[[tuple[int, Any]], Any]:
-    """Factor records with rating counts from one partition of the model state.
+def _factor_records(only_touched: bool) -> Callable[[tuple[int, Any]], Any]:
+    """Item then user factor records, with rating counts, of one partition of the model.
 
     The model's partitions hold a ``FactorTable`` per side (ids, bias, vec, count, touched);
-    the public ``changed_users``/``changed_items`` carry no counts, which a restore needs.
+    the public ``changed_users``/``changed_items`` carry no counts, which a restore needs,
+    and would cost a task per side.
     """
 
     def records(kv: tuple[int, Any]) -> Any:
         part = kv[1]
-        if hasattr(part, "table"):  # noqa: SIM108 - one RDD per side
-            t = part.table
-        else:  # one RDD holding both sides
-            t = part.users if tag == pub.USER else part.items
-        rows = np.flatnonzero(t.touched) if only_touched else range(len(t.ids))
-        return [(tag, t.ids[j], (float(t.bias[j]), t.vec[j].copy()), int(t.count[j])) for j in rows]
+        out = []
+        for tag, t in ((pub.ITEM, part.items), (pub.USER, part.users)):
+            rows = np.flatnonzero(t.touched) if only_touched else range(len(t.ids))
+            out.extend((tag, t.ids[j], (float(t.bias[j]), t.vec[j].copy()), int(t.count[j])) for j in rows)
+        return out
 
     return records
 
 
-def publish_rdds(model: Any, full: bool, blocks: Any) -> list[Any]:
-    """Tagged-record RDDs for :func:`modeler.publish.write_partition` (one job writes them all)."""
-    state = getattr(model, "_state", None)
-    if state is not None:
-        sides = [state.flatMap(_side_records(pub.ITEM, not full)),
-                 state.flatMap(_side_records(pub.USER, not full))]
-    else:
-        sides = [model._items.flatMap(_side_records(pub.ITEM, not full)),
-                 model._users.flatMap(_side_records(pub.USER, not full))]
-    if blocks is not None:
-        sides.append(blocks.flatMap(_rated_records))
-    return sides
+def publish_rdd(model: Any, full: bool, blocks: Any) -> Any:
+    """One RDD of tagged records for :func:`modeler.publish.write_partition`: the model's
+    (changed or all) factor records and the batch's ratings, in as many partitions as the
+    model has (one Spark job, few tasks)."""
+    factors = model._state.flatMap(_factor_records(not full))
+    if blocks is None:
+        return factors
+    merged = factors.union(blocks.flatMap(_rated_records))
+    return merged.coalesce(max(1, model.num_partitions))
 
 
 def _rated_records(block: ks.Block) -> Any:
