@@ -101,6 +101,7 @@ def test_visitor_rates_and_sees_fold_in_then_model_recommendations(stack: Stack,
     # The model panel charts the streaming RMSE.
     assert page.locator("#rmse-chart polyline").count() == 1
 
+    page.mouse.move(0, 0)  # no hover preview on whatever star sits under the pointer
     page.evaluate("window.scrollTo(0, 0)")
     shot = BUILD / "frontend.png"
     page.screenshot(path=str(shot), full_page=True)
