@@ -171,8 +171,8 @@ def test_standalone_cluster_trains_same_model_as_local_mode(
             if driver_proc.poll() is None:
                 driver_proc.kill()
                 driver_proc.wait(10)
-    log = log_path.read_text(errors="replace")
-    assert returncode == 0, f"driver failed:\n{log[-4000:]}\n{standalone.tail()}"
+    driver_log = log_path.read_text(errors="replace")
+    assert returncode == 0, f"driver failed:\n{driver_log[-4000:]}\n{standalone.tail()}"
     assert str(local["master"]).startswith("local")
     cluster = dict(np.load(out))
     assert str(cluster["master"]) == standalone.url
