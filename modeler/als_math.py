@@ -156,8 +156,11 @@ def aggregate(
     """Per-row sums over the pass: (n_k, S_b = Σ ε, S_v = Σ ε Q); float64."""
     n = np.bincount(rows, minlength=n_rows).astype(np.float64)
     s_b = np.bincount(rows, weights=err, minlength=n_rows)
-    s_v = np.zeros((n_rows, other.shape[1]), dtype=np.float64)
-    np.add.at(s_v, rows, err[:, None] * other)
+    # One bincount per column: several times faster than np.add.at on (n, rank) rows.
+    weighted = err[:, None] * other
+    s_v = np.empty((n_rows, other.shape[1]), dtype=np.float64)
+    for c in range(other.shape[1]):
+        s_v[:, c] = np.bincount(rows, weights=weighted[:, c], minlength=n_rows)
     return n, s_b, s_v
 
 
@@ -402,8 +405,8 @@ class Reservoir:
     """
 
     mirror: bool = False
-    users: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
-    items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
+    users: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=str))
+    items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=str))
     ratings: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     priority: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
 
@@ -417,10 +420,10 @@ class Reservoir:
         """A new reservoir: old entries still under the threshold plus the new ones under it."""
         pr = np.concatenate([self.priority, np.asarray(priority, dtype=np.uint64)])
         keep = keep_mask(pr, keep_frac)
-        it = np.concatenate([self.items, np.asarray(items, dtype=object)])[keep]
+        it = np.concatenate([self.items, np.asarray(items, dtype=str)])[keep]
         if self.mirror:
             return Reservoir(True, items=it, priority=pr[keep])
-        us = np.concatenate([self.users, np.asarray(users, dtype=object)])[keep]
+        us = np.concatenate([self.users, np.asarray(users, dtype=str)])[keep]
         rs = np.concatenate([self.ratings, np.asarray(ratings, dtype=np.float32)])[keep]
         return Reservoir(False, us, it, rs, pr[keep])
 

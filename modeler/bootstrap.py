@@ -75,19 +75,23 @@ def spark_als(spark, u: np.ndarray, i: np.ndarray, r: np.ndarray, rank: int, reg
     """Fit ``pyspark.ml.recommendation.ALS`` (explicit) on int-indexed ratings."""
     from pyspark.ml.recommendation import ALS
 
-    df = _frame(spark, u, i, r)
+    # Spark's default of 10 user/item blocks costs 10 tasks per stage of every iteration;
+    # on small data and a 2-core machine that overhead dominates. ~1 block per 100k ratings.
+    blocks = max(2, min(10, len(r) // 100_000))
+    df = _frame(spark, u, i, r, blocks)
     als = ALS(rank=rank, maxIter=iterations, regParam=reg_param, userCol="u", itemCol="i",
-              ratingCol="r", seed=seed, coldStartStrategy="nan", nonnegative=False)
+              ratingCol="r", seed=seed, coldStartStrategy="nan", nonnegative=False,
+              numUserBlocks=blocks, numItemBlocks=blocks)
     return als.fit(df)
 
 
-def _frame(spark, u: np.ndarray, i: np.ndarray, r: np.ndarray):
+def _frame(spark, u: np.ndarray, i: np.ndarray, r: np.ndarray, partitions: int = 2):
     from pyspark.sql.types import DoubleType, IntegerType, StructField, StructType
 
     schema = StructType([StructField("u", IntegerType(), False), StructField("i", IntegerType(), False),
                          StructField("r", DoubleType(), False)])
     data = list(zip(u.tolist(), i.tolist(), r.tolist(), strict=True))
-    return spark.createDataFrame(data, schema).repartition(4)
+    return spark.createDataFrame(data, schema).repartition(partitions)
 
 
 def als_predict(spark, model, u: np.ndarray, i: np.ndarray) -> np.ndarray:

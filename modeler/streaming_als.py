@@ -162,8 +162,8 @@ def _route_ratings(num_partitions: int, lo: float, hi: float):
         n = len(users)
         upid = np.fromiter((partition_of(u, num_partitions) for u in users), dtype=np.int64, count=n)
         ipid = np.fromiter((partition_of(i, num_partitions) for i in items), dtype=np.int64, count=n)
-        u_arr = np.asarray(users, dtype=object)
-        i_arr = np.asarray(items, dtype=object)
+        u_arr = np.asarray(users, dtype=str)
+        i_arr = np.asarray(items, dtype=str)
         for p in range(num_partitions):
             su = np.flatnonzero(upid == p)
             si = np.flatnonzero(ipid == p)
@@ -179,11 +179,11 @@ def _gather_stage(params: ALSParams, batch_no: int, fraction: float):
 
     def stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, tuple]]:
         pid, part, blocks = _split(it)
-        new_u = _cat([b[1] for b in blocks], object)
-        new_i = _cat([b[2] for b in blocks], object)
+        new_u = _cat([b[1] for b in blocks], str)
+        new_i = _cat([b[2] for b in blocks], str)
         new_r = _cat([b[3] for b in blocks], np.float64)
         new_t = _cat([b[4] for b in blocks], np.int64)
-        here_i = _cat([b[5] for b in blocks], object)
+        here_i = _cat([b[5] for b in blocks], str)
         rejected = sum(b[6] for b in blocks)
 
         sel = part.replay.selected(batch_no, fraction)
@@ -224,12 +224,12 @@ def _learn_stage(params: ALSParams, batch_no: int, rating_sum: float, ratings_se
         uv = _cat([m[3] for m in msgs], np.float32, params.rank)
         ib = _cat([m[6] for m in msgs], np.float32)
         iv = _cat([m[7] for m in msgs], np.float32, params.rank)
-        new_u = _cat([m[9] for m in msgs], object)
-        new_i = _cat([m[10] for m in msgs], object)
+        new_u = _cat([m[9] for m in msgs], str)
+        new_i = _cat([m[10] for m in msgs], str)
         new_r = _cat([m[11] for m in msgs], np.float64)
         new_t = _cat([m[12] for m in msgs], np.int64)
-        rep_u = _cat([m[13] for m in msgs], object)
-        rep_i = _cat([m[14] for m in msgs], object)
+        rep_u = _cat([m[13] for m in msgs], str)
+        rep_i = _cat([m[14] for m in msgs], str)
         rep_r = _cat([m[15] for m in msgs], np.float32)
         n_new = len(new_r)
         stats: dict[str, float] = {
@@ -266,7 +266,7 @@ def _learn_stage(params: ALSParams, batch_no: int, rating_sum: float, ratings_se
         ku, ki, kr, kp = new_u[keep], new_i[keep], new_r[keep], prio[keep]
         ku_pid = np.fromiter((partition_of(k, P) for k in ku), dtype=np.int64, count=len(ku))
         ki_pid = np.fromiter((partition_of(k, P) for k in ki), dtype=np.int64, count=len(ki))
-        u_arr, i_arr = np.asarray(u_ids, dtype=object), np.asarray(i_ids, dtype=object)
+        u_arr, i_arr = np.asarray(u_ids, dtype=str), np.asarray(i_ids, dtype=str)
         for p in range(P):
             su, si = u_pid == p, i_pid == p
             ru, ri = ku_pid == p, ki_pid == p
@@ -316,7 +316,7 @@ def _route_pairs(num_partitions: int):
         items = [str(r[1]) for r in recs]
         pids = np.fromiter((partition_of(u, num_partitions) for u in users), dtype=np.int64,
                            count=len(users))
-        u_arr, i_arr = np.asarray(users, dtype=object), np.asarray(items, dtype=object)
+        u_arr, i_arr = np.asarray(users, dtype=str), np.asarray(items, dtype=str)
         p_arr = np.empty(len(recs), dtype=object)
         p_arr[:] = [r[2] if len(r) > 2 else None for r in recs]
         for p in range(num_partitions):

@@ -70,11 +70,11 @@ def test_rdd_training_matches_the_numpy_reference_batch_by_batch(spark):
 
 def test_same_batches_give_the_same_model_whatever_the_input_slicing(spark):
     sc = spark.sparkContext
-    rows = _stream(600, seed=3)
+    rows = _stream(400, seed=3)
     models = []
     for slices in (1, 4):
-        model = StreamingALS(rank=3, iterations=2, seed=9, num_partitions=4, reservoir_size=200)
-        for start in range(0, 600, 200):
+        model = StreamingALS(rank=3, iterations=2, seed=9, num_partitions=4, reservoir_size=150)
+        for start in range(0, 400, 200):
             model.train(sc.parallelize(rows[start:start + 200], slices))
         models.append(_table(model.user_factors))
     assert sorted(models[0]) == sorted(models[1])
@@ -85,11 +85,11 @@ def test_same_batches_give_the_same_model_whatever_the_input_slicing(spark):
 
 def test_a_long_run_of_small_batches_keeps_lineage_bounded(spark):
     sc = spark.sparkContext
-    rows = _stream(16 * 15, seed=4)
+    rows = _stream(12 * 15, seed=4)
     model = StreamingALS(rank=2, iterations=1, num_partitions=2, reservoir_size=50,
-                         checkpoint_interval=6)
+                         checkpoint_interval=5)
     depth = []
-    for b in range(16):
+    for b in range(12):
         stats = model.train(sc.parallelize(rows[b * 15:(b + 1) * 15], 1))
         assert stats.n_ratings == 15
         depth.append(len(re.findall(r"RDD\[", model.user_factors.toDebugString().decode())))
