@@ -10,6 +10,7 @@ dropping out of the Service at once because a shared dependency blinked.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -40,6 +41,7 @@ _VISITOR_RE = re.compile(r"^[A-Za-z0-9-]{8,64}$")
 _COOKIE_MAX_AGE = 365 * 24 * 3600
 _GENRES_TTL_S = 300.0
 _GENRE_PAGE = 1000
+_READY_CHECK_S = 1.5
 
 
 def error(status: int, code: str, detail: str, **extra: Any) -> JSONResponse:
@@ -55,11 +57,12 @@ class Predictor:
 
     async def call(
         self, method: str, path: str, params: dict[str, Any] | None = None,
-        body: Any = None,
+        body: Any = None, timeout: float | None = None,
     ) -> JSONResponse:
         params = {k: v for k, v in (params or {}).items() if v is not None}
+        extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
         try:
-            resp = await self.client.request(method, path, params=params, json=body)
+            resp = await self.client.request(method, path, params=params, json=body, **extra)
         except httpx.TimeoutException:
             log.warning("predictor timed out on %s %s", method, path)
             return error(503, "predictor_unavailable",
@@ -204,10 +207,23 @@ def create_app(settings: FrontendSettings | None = None) -> FastAPI:
     @app.get("/readyz")
     async def readyz(state: StateDep) -> dict[str, Any]:
         """Readiness, with the reachability of the predictor and the broker as detail."""
-        resp = await state.predictor.call("GET", "/v1/popular", {"n": 1})
-        predictor = "ok" if resp.status_code < 500 else "unreachable"
-        broker = "ok" if await run_in_threadpool(state.writer.ping) else "unreachable"
-        return {"status": "ready", "predictor": predictor, "broker": broker}
+
+        # Bounded well inside a probe's timeout (k8s: 3 s): a dependency that hangs is
+        # reported as unreachable rather than making the probe itself time out.
+        async def predictor() -> str:
+            resp = await state.predictor.call("GET", "/v1/popular", {"n": 1},
+                                              timeout=_READY_CHECK_S)
+            return "ok" if resp.status_code < 500 else "unreachable"
+
+        async def broker() -> str:
+            try:
+                ok = await asyncio.wait_for(run_in_threadpool(state.writer.ping), _READY_CHECK_S)
+            except TimeoutError:
+                ok = False
+            return "ok" if ok else "unreachable"
+
+        p, b = await asyncio.gather(predictor(), broker())
+        return {"status": "ready", "predictor": p, "broker": b}
 
     @app.get("/api/config")
     async def config(request: Request, response: Response, state: StateDep) -> dict[str, Any]:
