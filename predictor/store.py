@@ -293,10 +293,18 @@ class ModelWatcher:
         for _ in range(5):
             pointer = read_pointer(client, self.keys)
             current = self.model
-            if pointer is None or (current is not None and current.version == pointer.version):
+            if pointer is None:
                 return False
+            base = current
+            if current is not None and current.version == pointer.version:
+                # Same number, same version, unless Redis lost its data and the modeler
+                # started counting again: then the creation time differs; reload in full.
+                created = client.hget(self.keys.meta(pointer.version), "created")
+                if created is None or float(created) == current.created:
+                    return False
+                base = None
             try:
-                model, kind = load_model(client, self.keys, pointer, current)
+                model, kind = load_model(client, self.keys, pointer, base)
             except SnapshotChanged:
                 log.info("version %s collected while loading; re-reading the pointer", pointer.version)
                 continue
