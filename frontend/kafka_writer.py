@@ -75,7 +75,10 @@ class RatingWriter:
 
     def _config(self) -> dict[str, Any]:
         total_ms = int(self.timeout_s * 1000)
-        linger_ms = max(200, total_ms // 10)
+        # We always flush right after our sends, so linger only has to outlast the send loop
+        # of one request (even a slow one on a busy host); kafka-python wants
+        # delivery_timeout >= linger + request_timeout, so the rest goes to the request.
+        linger_ms = max(200, total_ms // 2)
         request_ms = max(500, total_ms - linger_ms - 200)
         return {
             "bootstrap_servers": self.bootstrap_servers,
