@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-AGGREGATIONS = ("sum", "mean", "damped")
+AGGREGATIONS = ("sum", "mean", "damped", "ridge")
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MASK32 = np.uint64(0xFFFFFFFF)
 
@@ -145,7 +145,7 @@ def step_sizes(n: np.ndarray, learning_rate: float, aggregation: str) -> np.ndar
         return np.full(n.shape, learning_rate)
     if aggregation == "mean":
         return learning_rate / safe
-    if aggregation == "damped":
+    if aggregation in ("damped", "ridge"):
         return -np.expm1(safe * math.log1p(-min(learning_rate, 0.999999))) / safe
     raise ValueError(f"aggregation must be one of {AGGREGATIONS}, not {aggregation!r}")
 
@@ -428,6 +428,88 @@ class Reservoir:
         return Reservoir(False, us, it, rs, pr[keep])
 
 
+def ridge_half_step(
+    mu: float,
+    rates: np.ndarray,
+    rows: np.ndarray,
+    table: FactorTable,
+    other_rows: np.ndarray,
+    other: FactorTable,
+    prior: tuple[np.ndarray, np.ndarray],
+    params: ALSParams,
+) -> int:
+    """Exact (proximal) ridge step of every row of ``table`` touched by the pass, the other
+    side fixed - an ALS half-step restricted to the batch, anchored to the row's history.
+
+    For key k with n ratings j in the pass, the other side's rows (c_j, Q_j), its values at the
+    start of the batch (b⁰, V⁰) and N ratings learned before::
+
+        b ← (Σ (r − μ − c − V·Q) + ρ_b b⁰) / (n (1 + λ_b) + ρ_b),        ρ_b = κ N
+        V ← (Σ Q Qᵀ + (λ n + ρ) I)⁻¹ (Σ (r − μ − b − c) Q + ρ V⁰),   ρ = κ N tr(Σ Q Qᵀ)/(rank n)
+
+    With N = 0 this is the ALS-WR solution on the batch's ratings alone; a long history (κN)
+    keeps the row near what it learned before, so nothing is forgotten and memory stays O(1)
+    per key. Rows whose solution is non-finite keep their values; returns how many.
+    """
+    n_rows, rank = len(table), table.rank
+    kappa = params.history_weight
+    n = np.bincount(rows, minlength=n_rows).astype(np.float64)
+    hit = np.flatnonzero(n)
+    if not len(hit):
+        return 0
+    q_bias = other.bias[other_rows].astype(np.float64)
+    q_vec = other.vec[other_rows].astype(np.float64)
+    history = table.count.astype(np.float64)
+    # Biases first (vectors as they are).
+    dot = np.einsum("ij,ij->i", table.vec[rows].astype(np.float64), q_vec)
+    s_b = np.bincount(rows, weights=rates - mu - q_bias - dot, minlength=n_rows)
+    rho_b = kappa * history
+    b0, v0 = prior
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        new_b = (s_b + rho_b * b0) / (n * (1.0 + params.reg_bias) + rho_b)
+    # Then vectors against the residual after the new biases.
+    target = rates - mu - q_bias - new_b[rows]
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]])
+    keys = sorted_rows[starts]
+    gram = np.zeros((len(keys), rank, rank))
+    chunk = max(1, 4_000_000 // (rank * rank))
+    qs = q_vec[order]
+    for lo in range(0, len(order), chunk):
+        block = qs[lo:lo + chunk]
+        outer = np.einsum("ij,ik->ijk", block, block)
+        seg = np.searchsorted(starts, np.arange(lo, lo + len(block)), side="right") - 1
+        np.add.at(gram, seg, outer) if len(keys) < 64 else _add_segments(gram, seg, outer)
+    rhs = np.zeros((len(keys), rank))
+    weighted = (target[order])[:, None] * qs
+    for c in range(rank):
+        rhs[:, c] = np.add.reduceat(weighted[:, c], starts)
+    nk = n[keys]
+    trace = np.trace(gram, axis1=1, axis2=2)
+    rho = kappa * history[keys] * trace / (rank * nk)
+    rhs += rho[:, None] * v0[keys]
+    gram[:, np.arange(rank), np.arange(rank)] += (params.reg_param * nk + rho + 1e-9)[:, None]
+    with np.errstate(over="ignore", invalid="ignore"):
+        try:
+            new_v = np.linalg.solve(gram, rhs[:, :, None])[:, :, 0]
+        except np.linalg.LinAlgError:
+            new_v = np.full((len(keys), rank), np.nan)
+    nb = new_b[keys].astype(np.float32)
+    nv = new_v.astype(np.float32)
+    ok = finite_rows(nb, nv)
+    table.bias[keys[ok]] = nb[ok]
+    table.vec[keys[ok]] = nv[ok]
+    table.touched[keys] = True
+    return int((~ok).sum())
+
+
+def _add_segments(out: np.ndarray, seg: np.ndarray, values: np.ndarray) -> None:
+    """out[seg[k]] += values[k] for sorted ``seg`` (contiguous runs), via reduceat."""
+    starts = np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]])
+    out[seg[starts]] += np.add.reduceat(values, starts, axis=0)
+
+
 def learn_batch(
     params: ALSParams,
     mu: float,
@@ -468,6 +550,18 @@ def learn_batch(
     rates = np.asarray(rates, dtype=np.float64)
     preq = 0.0
     refused = 0
+    if params.aggregation == "ridge":
+        bu, uv = users.bias[u_rows], users.vec[u_rows].astype(np.float64)
+        bi, iv = items.bias[i_rows], items.vec[i_rows].astype(np.float64)
+        pred = predict_raw(mu, bu, bi, uv, iv)
+        before = np.clip(pred[:n_new] - mu + mu_before, lo, hi)
+        preq = float(((rates[:n_new] - before) ** 2).sum())
+        prior_u = (users.bias.copy(), users.vec.copy())
+        prior_i = (items.bias.copy(), items.vec.copy())
+        for _ in range(params.iterations):
+            refused += ridge_half_step(mu, rates, u_rows, users, i_rows, items, prior_u, params)
+            refused += ridge_half_step(mu, rates, i_rows, items, u_rows, users, prior_i, params)
+        return preq, refused
     for it in range(params.iterations):
         bu, uv = users.bias[u_rows], users.vec[u_rows].astype(np.float64)
         bi, iv = items.bias[i_rows], items.vec[i_rows].astype(np.float64)
@@ -497,16 +591,16 @@ class ALSParams:
     """
 
     rank: int = 10
-    iterations: int = 3
+    iterations: int = 2
     reg_param: float = 0.1
     reg_bias: float = 0.1
-    learning_rate: float = 0.05
+    learning_rate: float = 0.1
     seed: int = 42
     init_scale: float = 0.1
     aggregation: str = "damped"
     history_weight: float = 4.0
     reservoir_size: int = 50_000
-    replay_ratio: float = 1.0
+    replay_ratio: float = 3.0
     num_partitions: int = 8
     rating_min: float = 0.5
     rating_max: float = 5.0

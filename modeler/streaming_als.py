@@ -375,7 +375,7 @@ def _items_of(part: _Part) -> FactorTable:
 class StreamingALS:
     """Streaming bias-SGD matrix factorisation, trained one mini-batch RDD at a time.
 
-    ``model = StreamingALS(rank=10, iterations=3, reg_param=0.1, learning_rate=0.05, seed=42,
+    ``model = StreamingALS(rank=10, iterations=2, reg_param=0.1, learning_rate=0.1, seed=42,
     num_partitions=8, scale=RatingScale())``; then ``stats = model.train(rdd)`` per
     mini-batch, where ``rdd`` holds ``(user, item, rating, timestamp)`` tuples (ids are
     turned into ``str``). Ratings that are NaN/inf, off the scale, or lack an id are rejected
@@ -395,9 +395,9 @@ class StreamingALS:
     def __init__(
         self,
         rank: int = 10,
-        iterations: int = 3,
+        iterations: int = 2,
         reg_param: float = 0.1,
-        learning_rate: float = 0.05,
+        learning_rate: float = 0.1,
         seed: int = 42,
         num_partitions: int = 8,
         scale: RatingScale | None = None,
@@ -406,7 +406,7 @@ class StreamingALS:
         aggregation: str = "damped",
         history_weight: float = 4.0,
         reservoir_size: int = 50_000,
-        replay_ratio: float = 1.0,
+        replay_ratio: float = 3.0,
         checkpoint_interval: int = 20,
         params: ALSParams | None = None,
     ) -> None:

@@ -53,7 +53,7 @@ def test_bootstrap_starts_the_stream_from_batch_als_and_keeps_learning(spark, pl
 
 
 def test_evaluate_writes_report_and_plot(spark, planted, tmp_path):
-    rows, movies = planted
+    rows, _ = planted
     report = ev.evaluate(spark, rows, "planted", train_fraction=0.8, seed=3, batch_size=400,
                          curve_every=2, ranks=(3,), regs=(0.1,), show_progress=False,
                          params={"rank": 3, "num_partitions": 2})
