@@ -142,6 +142,9 @@ def test_health_ready_and_metrics(api: TestClient) -> None:
     assert 'predictor_model_swaps_total{kind="full"} 1.0' in text
     assert 'route="/v1/users/{user}/recommendations"' in text
     assert "predictor_request_seconds_bucket" in text
+    assert api.get("/docs").status_code == 200
+    paths = api.get("/openapi.json").json()["paths"]
+    assert {"/v1/users/{user}/recommendations", "/v1/fold-in", "/predictions/ranks"} <= set(paths)
 
 
 def test_readyz_503_before_anything_is_loaded(redis_url, keys) -> None:
