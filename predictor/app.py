@@ -716,6 +716,16 @@ def create_app(settings: PredictorSettings | None = None) -> FastAPI:
                  for k in hits]
         return js({"items": items, "total": total})
 
+    @app.get("/v1/genres", tags=["items"])
+    async def genres(svc: Svc) -> Response:
+        """Every genre of the loaded catalogue with its number of items, most common first."""
+        counts: dict[str, int] = {}
+        for item_genres in svc.watcher.catalog.genres:
+            for g in item_genres:
+                counts[g] = counts.get(g, 0) + 1
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        return js({"genres": [{"genre": g, "items": c} for g, c in ranked]})
+
     @app.get("/v1/items/{item}", tags=["items"], responses={404: {"model": ErrorBody}})
     async def item_info(svc: Svc, item: PathId) -> Response:
         """Metadata of one item, and whether the served model knows it."""

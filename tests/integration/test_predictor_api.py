@@ -327,6 +327,9 @@ def test_catalogue_loader_search_and_join(api: TestClient, planted: Planted, red
     assert [x["item"] for x in found["items"]] == ["m1", "m10", "m100", "m101", "m102"]  # non-numeric ids: text order
     horror = api.get("/v1/items?q=FILM&genre=horror&limit=1000").json()
     assert horror["total"] == N_ITEMS // 2
+    assert api.get("/v1/genres").json()["genres"] == [
+        {"genre": "Comedy", "items": 100}, {"genre": "Drama", "items": 100},
+        {"genre": "Horror", "items": 100}]
     item = api.get("/v1/items/m3").json()
     assert item["title"].startswith("Film 3,") and item["genres"] == ["Comedy", "Drama"] and item["in_model"]
     assert api.get("/v1/items/zzz").status_code == 404
