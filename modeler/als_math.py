@@ -480,7 +480,7 @@ def ridge_half_step(
         block = qs[lo:lo + chunk]
         outer = np.einsum("ij,ik->ijk", block, block)
         seg = np.searchsorted(starts, np.arange(lo, lo + len(block)), side="right") - 1
-        np.add.at(gram, seg, outer) if len(keys) < 64 else _add_segments(gram, seg, outer)
+        _add_segments(gram, seg, outer)
     rhs = np.zeros((len(keys), rank))
     weighted = (target[order])[:, None] * qs
     for c in range(rank):

@@ -233,3 +233,25 @@ def test_a_planted_low_rank_matrix_is_recovered_near_the_noise_level():
                                       + planted.item_bias[[int(r.item) - 1 for r in test]], 0.5, 5))
     assert got < 1.3 * floor, (got, floor)
     assert got < biases_only - 0.05, (got, biases_only)
+
+
+def test_ridge_half_step_is_the_exact_ridge_solution_for_a_newcomer():
+    from modeler.als_math import ridge_half_step
+
+    rng = np.random.default_rng(4)
+    params = ALSParams(rank=3, aggregation="ridge", reg_param=0.1, reg_bias=0.2)
+    users, items = FactorTable(3), FactorTable(3)
+    users.ensure(["u"], 0, 0.1)
+    items.ensure([f"i{k}" for k in range(6)], 0, 0.1)
+    items.bias[:] = rng.normal(0, 0.3, 6)
+    items.vec[:] = rng.normal(0, 0.5, (6, 3))
+    rates = rng.integers(1, 11, 6) / 2.0
+    v0 = users.vec[0].astype(float).copy()
+    refused = ridge_half_step(3.5, rates, np.zeros(6, np.int64), users, np.arange(6), items,
+                              (users.bias.copy(), users.vec.copy()), params)
+    assert refused == 0
+    q, c = items.vec.astype(float), items.bias.astype(float)
+    b = np.sum(rates - 3.5 - c - q @ v0) / (6 * 1.2)
+    v = np.linalg.solve(q.T @ q + 0.1 * 6 * np.eye(3), q.T @ (rates - 3.5 - b - c))
+    assert users.bias[0] == pytest.approx(b, abs=1e-5)
+    np.testing.assert_allclose(users.vec[0], v, atol=1e-5)

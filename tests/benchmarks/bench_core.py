@@ -1,0 +1,133 @@
+"""Benchmark of the streaming ALS core -> build/bench/core.json.
+
+``python -m tests.benchmarks.bench_core [--batches 20] [--batch-size 10000]
+[--partitions 2,4,8] [--skip-accuracy] [--ratings FILE]``
+
+* Throughput: ``StreamingALS.train`` in Spark ``local[2]`` on a synthetic stream
+  (``common.synthetic``), mini-batches of 10,000, default model parameters, for several
+  ``num_partitions``. The first two batches (Python workers starting, JIT of the JVM) are
+  reported but not counted. The machine's load average is recorded next to the figures: on
+  a shared 2-core machine it changes them a lot.
+* Accuracy: the seeds' experiment (``modeler.evaluate``) on ml-latest-small and on a
+  synthetic planted-model set: streaming RMSE / batch ALS RMSE (goal ≤ 1.03).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+OUT = ROOT / "build" / "bench" / "core.json"
+ML_SMALL = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")) / "ml-latest-small" / "ratings.csv"
+
+
+def throughput(spark, batches: int, batch_size: int, partitions: int, seed: int = 7) -> dict[str, Any]:
+    from common.synthetic import generate
+    from modeler.streaming_als import StreamingALS
+
+    n = batches * batch_size
+    rows, _ = generate(n_users=max(2000, n // 40), n_items=max(2000, n // 60), n_ratings=n, seed=seed)
+    stream = [tuple(r) for r in rows]
+    sc = spark.sparkContext
+    model = StreamingALS(num_partitions=partitions, seed=seed)
+    load_before = os.getloadavg()
+    seconds = []
+    for b in range(batches):
+        rdd = sc.parallelize(stream[b * batch_size:(b + 1) * batch_size], 2)
+        stats = model.train(rdd)
+        seconds.append(stats.seconds)
+    counted = seconds[2:] or seconds
+    n_counted = len(counted) * batch_size
+    return {
+        "num_partitions": partitions,
+        "batch_size": batch_size,
+        "batches": batches,
+        "ratings_per_second": n_counted / sum(counted),
+        "median_batch_seconds": statistics.median(counted),
+        "batch_seconds": [round(s, 3) for s in seconds],
+        "params": model.params.to_dict(),
+        "users": model.user_factors.count(),
+        "items": model.item_factors.count(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+    }
+
+
+def accuracy(spark, path: Path | None, name: str, batch_size: int = 1000) -> dict[str, Any]:
+    from common.datasets import read_ratings
+    from common.synthetic import generate
+    from modeler.evaluate import evaluate
+
+    if path is None:
+        rows, _ = generate(n_users=2000, n_items=3000, n_ratings=150_000, seed=1)
+    else:
+        rows = read_ratings(path)
+    started = time.perf_counter()
+    report = evaluate(spark, rows, name, batch_size=batch_size, show_progress=True)
+    report["wall_seconds"] = time.perf_counter() - started
+    report["streaming"].pop("curve", None)  # the figures, not the curve (that is in build/eval)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=10_000)
+    parser.add_argument("--partitions", default="2,4,8")
+    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--ratings", type=Path, default=ML_SMALL)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+
+    from modeler.spark import get_spark
+
+    spark = get_spark("local[2]", app_name="bench-core",
+                      checkpoint_dir=tempfile.mkdtemp(prefix="bench-core-"))
+    result: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "spark_master": spark.sparkContext.master},
+        "goals": {"ratings_per_second": 20_000, "ratio": 1.03},
+        "throughput": [],
+        "accuracy": {},
+    }
+    try:
+        for p in [int(x) for x in args.partitions.split(",")]:
+            figures = throughput(spark, args.batches, args.batch_size, p)
+            result["throughput"].append(figures)
+            print(f"throughput P={p}: {figures['ratings_per_second']:.0f} ratings/s "
+                  f"(median batch {figures['median_batch_seconds']:.2f}s, "
+                  f"load {figures['loadavg_before'][0]:.1f})", flush=True)
+        if not args.skip_accuracy:
+            if args.ratings.exists():
+                small = accuracy(spark, args.ratings, "ml-latest-small")
+                result["accuracy"]["ml-latest-small"] = small
+                print(f"ml-latest-small: ratio {small['ratio']:.4f}", flush=True)
+            synth = accuracy(spark, None, "synthetic-150k")
+            result["accuracy"]["synthetic-150k"] = synth
+            print(f"synthetic: ratio {synth['ratio']:.4f}", flush=True)
+    finally:
+        spark.stop()
+    best = max(result["throughput"], key=lambda f: f["ratings_per_second"], default=None)
+    if best:
+        result["best_ratings_per_second"] = best["ratings_per_second"]
+        result["best_num_partitions"] = best["num_partitions"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
