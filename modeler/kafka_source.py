@@ -202,6 +202,9 @@ class Block:
     n_dlq: int = 0
     dlq_reasons: list[str] = field(default_factory=list)  # a few examples for the log
     read_seconds: float = 0.0
+    # Set when ``start`` lies outside the partition's log (topic recreated, or retention
+    # deleted it): where the log begins now. Nothing was read.
+    reset_to: int | None = None
 
     def rows(self) -> Iterator[tuple[str, str, float, int]]:
         return zip(self.users, self.items, self.ratings, self.timestamps, strict=True)
@@ -216,6 +219,7 @@ class Block:
             "n_dlq": self.n_dlq,
             "dlq_reasons": self.dlq_reasons,
             "read_seconds": self.read_seconds,
+            "reset_to": self.reset_to,
         }
 
 
@@ -234,7 +238,8 @@ def _consumer(bootstrap: str) -> Any:
             bootstrap_servers=bootstrap.split(","),
             group_id=None,
             enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            # Never jump silently: an offset outside the log is reported to the driver.
+            auto_offset_reset="none",
             max_partition_fetch_bytes=16 << 20,
             fetch_max_bytes=64 << 20,
             # An idle partition answers after this long; keeps an empty batch cheap.
@@ -284,6 +289,7 @@ def read_range(
     batch); they are flushed before returning so the offset never passes an unsent one.
     """
     from kafka import TopicPartition
+    from kafka.errors import OffsetOutOfRangeError
 
     t0 = time.perf_counter()
     tp = TopicPartition(rng.topic, rng.partition)
@@ -296,8 +302,13 @@ def read_range(
         pos = rng.start
         deadline = time.monotonic() + idle_timeout_s
         dlq_futures = []
+        out_of_range = False
         while pos < end:
-            polled = consumer.poll(timeout_ms=100, max_records=end - pos, update_offsets=True)
+            try:
+                polled = consumer.poll(timeout_ms=100, max_records=end - pos, update_offsets=True)
+            except OffsetOutOfRangeError:
+                out_of_range = True
+                break
             records = polled.get(tp, [])
             for rec in records:
                 if rec.offset < pos:  # a stale buffered record from before the seek
@@ -342,6 +353,11 @@ def read_range(
                 # Nothing fetched for a while: the broker is slow or away; end the range here.
                 break
         block.next_offset = min(pos, end)
+        if out_of_range or (block.highwater is not None and rng.start > block.highwater):
+            # Some brokers answer an offset past the end with an empty fetch, not an error.
+            block.reset_to = int(consumer.beginning_offsets([tp])[tp])
+            block.next_offset = rng.start
+            block.users, block.items, block.ratings, block.timestamps = [], [], [], []
         if dlq_futures:
             _producer(bootstrap).flush(timeout=30)
             for f in dlq_futures:

@@ -317,6 +317,14 @@ class ModelerService:
         n_valid = sum(x["n_valid"] for x in summaries)
         n_dlq = sum(x["n_dlq"] for x in summaries)
         reached = {x["partition"]: x["next_offset"] for x in summaries}
+        for x in summaries:
+            if x.get("reset_to") is not None:
+                log.warning(
+                    "partition %d of %s has no offset %d (its log now starts at %d and ends at %s):"
+                    " the topic was recreated or truncated; continuing from its beginning",
+                    x["partition"], s.ratings_topic, x["start"], x["reset_to"], x["highwater"],
+                )
+                reached[x["partition"]] = x["reset_to"]
         lag = {
             x["partition"]: max(0, (x["highwater"] or x["next_offset"]) - x["next_offset"])
             for x in summaries

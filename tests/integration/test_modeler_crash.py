@@ -64,7 +64,7 @@ def held_out(row: tuple) -> bool:
 def test_kill_9_twice_then_every_rating_counts_once(
     spark, bootstrap, topic, redis_url, redis_prefix, ml_small, tmp_path
 ):
-    rows = ml_rows(ml_small, 3300)
+    rows = ml_rows(ml_small, 2000)
     train = [r for r in rows if not held_out(r)]
     test = [r for r in rows if held_out(r)]
     producer = make_producer(bootstrap)

@@ -96,3 +96,18 @@ def test_executors_read_every_partition_to_its_high_water_mark(spark, bootstrap,
         assert rec.key.decode() == f"{topic}:{headers['partition']}:{headers['offset']}"
     reasons = {dict(rec.headers)["reason"].decode().split(":")[0] for rec in letters}
     assert {"rating", "user"} <= reasons
+
+
+def test_an_offset_past_the_end_is_reported_not_skipped(spark, bootstrap, topic):
+    """A topic recreated under a stored offset (the broker restarted empty): the executor
+    says where the log begins instead of waiting for offsets that may never come."""
+    producer = make_producer(bootstrap)
+    for n in range(20):
+        producer.send(topic, key=b"7", value=encode("7", str(n), 3.0, n))
+    producer.flush()
+    producer.close()
+    ranges = [ks.OffsetRange(topic, p, 10_000, 100) for p in range(4)]
+    blocks, summaries = ks.read_batch(spark.sparkContext, ranges, bootstrap, f"{topic}.dlq", 0.5, 5.0)
+    blocks.unpersist()
+    assert [s["reset_to"] for s in summaries] == [0, 0, 0, 0]
+    assert all(s["n_valid"] == 0 and s["next_offset"] == 10_000 for s in summaries)
