@@ -42,6 +42,8 @@ key                                       type      contents
                                                     publish (SET NX PX, renewed each batch)
 ``{p}:events`` (pub/sub channel)          channel   a new version's number, published in the
                                                     same MULTI/EXEC that flips ``current``
+``{p}:prediction:{kind}:{id}``            string    JSON result of a jiminy-compatible request
+                                                    (kind ``ratings`` or ``ranks``), with a TTL
 ========================================  ========  =============================================
 
 Readers: ``GET {p}:current``, then read ``{p}:ver:{v}`` and the listed segments. A segment
