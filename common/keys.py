@@ -121,5 +121,8 @@ class Keys:
             raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
         return f"{self.prefix}:seg:{segment}:{kind}"
 
+    def prediction(self, kind: str, prediction_id: str) -> str:
+        return f"{self.prefix}:prediction:{kind}:{prediction_id}"
+
     def rated(self, user: str) -> str:
         return f"{self.prefix}:rated:{user}"

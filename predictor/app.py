@@ -51,7 +51,6 @@ from predictor.store import (
     REDIS_ERRORS,
     ModelWatcher,
     async_client,
-    prediction_key,
     user_entry,
 )
 
@@ -743,13 +742,13 @@ def create_app(settings: PredictorSettings | None = None) -> FastAPI:
     # -- jiminy compatibility (radanalytics jiminy-predictor's REST API)
 
     async def _store(svc: Svc, kind: str, record: dict[str, Any]) -> Response:
-        await svc.redis.set(prediction_key(svc.keys, f"{kind}:{record['id']}"),
+        await svc.redis.set(svc.keys.prediction(kind, record["id"]),
                             orjson.dumps(record), ex=svc.settings.prediction_ttl_s)
         return js({"prediction": record}, 201,
                   headers={"Location": f"/predictions/{kind}/{record['id']}"})
 
     async def _load(svc: Svc, kind: str, pid: str) -> Response:
-        raw = await svc.redis.get(prediction_key(svc.keys, f"{kind}:{pid}"))
+        raw = await svc.redis.get(svc.keys.prediction(kind, pid))
         if raw is None:
             raise ApiError(404, "prediction not found", {"id": pid})
         return Response(raw, media_type="application/json")

@@ -1,7 +1,7 @@
 """Redis I/O for the predictor: the model watcher (a background thread per process) and the
 few per-request reads (user vector, rated set) done on the event loop.
 
-Layout: :mod:`common.keys`. One key is the predictor's own: ``{p}:prediction:{id}``, a
+Layout: :mod:`common.keys`. One key is the predictor's own: ``{p}:prediction:{kind}:{id}``, a
 jiminy-style prediction result (JSON, with a TTL).
 """
 
@@ -34,10 +34,6 @@ REDIS_ERRORS: tuple[type[BaseException], ...] = (
     redis.TimeoutError,
     OSError,
 )
-
-
-def prediction_key(keys: Keys, prediction_id: str) -> str:
-    return f"{keys.prefix}:prediction:{prediction_id}"
 
 
 def sync_client(url: str, timeout: float) -> redis.Redis:
