@@ -24,7 +24,7 @@ def planted():
 def test_bootstrap_starts_the_stream_from_batch_als_and_keeps_learning(spark, planted):
     rows, _ = planted
     history, later = rows[:2400], rows[2400:]
-    model, report = boot.bootstrap_model(spark, history, ranks=(3,), regs=(0.05, 0.3), iterations=5,
+    model, report = boot.bootstrap_model(spark, history, ranks=(3,), regs=(0.05, 0.3), iterations=4,
                                          validation_fraction=0.15, seed=1)
     assert [(g.rank, g.reg_param) for g in report.grid] == [(3, 0.05), (3, 0.3)]
     best = min(report.grid, key=lambda g: g.rmse)
