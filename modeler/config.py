@@ -30,6 +30,8 @@ class ModelerSettings(CommonSettings):
     # Publishing: keep this many versions live; start a full segment after this many deltas.
     keep_versions: int = Field(3, alias="KEEP_VERSIONS", ge=2)
     max_segment_chain: int = Field(8, alias="MAX_SEGMENT_CHAIN", ge=1)
+    # A replaced version stays readable at least this long (readers finishing a read).
+    gc_min_age_s: float = Field(5.0, alias="GC_MIN_AGE_S", ge=0.0)
     popular_size: int = Field(100, alias="POPULAR_SIZE", ge=1)
     metrics_history: int = Field(1000, alias="METRICS_HISTORY", ge=1)
     # Single-writer lease: another modeler waits until this has expired.

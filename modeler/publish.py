@@ -312,28 +312,29 @@ class Publisher:
         publish_version(self.client, self.keys, meta, extra=more)
 
     def collect_garbage(self, min_age_s: float = 5.0) -> int:
-        """Old versions and their segments go (common.snapshot), and so do state hashes of
-        segments no live version references."""
+        """Old versions and their segments go (common.snapshot), and so do the state hashes
+        of the segments that no surviving version references."""
         from common.snapshot import collect_garbage
 
+        before = self._referenced_segments() if self.state_names else set()
         deleted = collect_garbage(self.client, self.keys, keep=self.keep_versions, min_age_s=min_age_s)
         if deleted and self.state_names:
-            live = [int(v) for v in self.client.zrange(self.keys.versions, 0, -1)]
-            referenced: set[int] = set()
-            for v in live:
-                segs = self.client.hget(self.keys.meta(v), "segments")
-                if segs is not None:
-                    referenced.update(json.loads(segs))
-            doomed = []
-            pattern = f"{self.keys.prefix}:seg:*:state:*"
-            for key in self.client.scan_iter(match=pattern, count=1000):
-                parts = key.decode().split(":")
-                seg = parts[-3]
-                if seg.isdigit() and int(seg) not in referenced and int(seg) < max(live, default=0):
-                    doomed.append(key)
+            gone = before - self._referenced_segments()
+            doomed = [state_key(self.keys.prefix, s, n) for s in gone for n in self.state_names]
             if doomed:
                 deleted += int(self.client.delete(*doomed))
         return deleted
+
+    def _referenced_segments(self) -> set[int]:
+        live = [v.decode() if isinstance(v, bytes) else v for v in self.client.zrange(self.keys.versions, 0, -1)]
+        pipe = self.client.pipeline(transaction=False)
+        for v in live:
+            pipe.hget(self.keys.meta(int(v)), "segments")
+        referenced: set[int] = set()
+        for segs in pipe.execute():
+            if segs is not None:
+                referenced.update(int(x) for x in json.loads(segs))
+        return referenced
 
 
 def backoff_delays(first: float = 0.5, cap: float = 10.0) -> Iterator[float]:

@@ -497,7 +497,7 @@ class ModelerService:
         self.popular = popular
         self._need_full = False
         try:
-            publisher.collect_garbage()
+            publisher.collect_garbage(s.gc_min_age_s)
         except Exception as exc:  # a failed GC is retried after the next batch
             log.warning("garbage collection failed: %s", _short(exc))
         return "full" if full else "delta"

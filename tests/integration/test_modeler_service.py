@@ -107,7 +107,7 @@ def test_replayed_ratings_become_consistent_versions(spark, bootstrap, topic, re
     producer.flush()
     producer.close()
     settings = settings_for(bootstrap, topic, redis_url, redis_prefix, BATCH_MAX_RECORDS=500,
-                            MAX_SEGMENT_CHAIN=3, KEEP_VERSIONS=2)
+                            MAX_SEGMENT_CHAIN=3, KEEP_VERSIONS=2, GC_MIN_AGE_S=0)
     client = redis.Redis.from_url(redis_url)
     sub = client.pubsub()
     sub.subscribe(f"{redis_prefix}:events")
@@ -158,6 +158,10 @@ def test_replayed_ratings_become_consistent_versions(spark, bootstrap, topic, re
     live = [int(v) for v in client.zrange(f"{redis_prefix}:versions", 0, -1)]
     for v in range(1, int(meta["version"]) + 1):
         assert (v in live) == bool(client.exists(f"{redis_prefix}:ver:{v}"))
+    assert len(live) < int(meta["version"])
+    referenced = {s for v in live for s in json.loads(client.hget(f"{redis_prefix}:ver:{v}", "segments"))}
+    stored = {int(k.decode().split(":")[2]) for k in client.scan_iter(match=f"{redis_prefix}:seg:*", count=1000)}
+    assert stored == referenced  # factor and state hashes of collected segments are gone
     sub.close()
 
     # A second modeler restores the same model and has nothing left to do.
