@@ -5,25 +5,27 @@ rows between partitions. Layout, chosen after the seeds' performance warnings:
 
 * Every id has a fixed partition, ``crc32(id) % num_partitions``
   (:func:`modeler.als_math.partition_of`), the same on every machine and run.
-* The model is two RDDs of ``num_partitions`` records each, ``(pid, block)``, under ONE
-  partitioner (identity on ``pid``): the user side holds a :class:`~modeler.als_math.FactorTable`
-  (ids, biases, vectors, counts) and the replay :class:`~modeler.als_math.Reservoir` of the
-  users of that partition; the item side holds the items' ``FactorTable``.
-* A mini-batch is validated and cut into one numpy block per target user partition, shuffled
-  there (the only shuffle of raw ratings), and meets its user block through a
-  partitioner-aware ``union`` - no join, so the factor RDDs are never reshuffled.
-* Each pass (``iterations`` per batch) moves only what a rating needs across: user rows to
-  the item partitions (one numpy message per pair of partitions), errors and old item rows
-  back. All per-partition work is vectorised numpy on blocks of rows.
-* After each batch the new state is materialised and its lineage cut (``localCheckpoint``,
+* The model is ONE RDD of ``num_partitions`` records ``(pid, _Part)`` under one partitioner
+  (identity on ``pid``). Partition p holds a :class:`~modeler.als_math.FactorTable` (ids,
+  biases, vectors, counts, touched flags) of the users and one of the items living in p, and
+  the replay sample's entries of those users (full) and items (ids + priorities).
+* ``train()`` is one Spark job of four stages whatever ``iterations`` is: (1) validate the
+  batch and cut it into one numpy block per model partition - the only shuffle of raw
+  ratings; (2) a partitioner-aware ``union`` with the model (no join, the model is never
+  reshuffled) and each partition emits the rows the batch and its replay touch; (3) one task
+  learns that working set (bounded by the batch size, never the model) with
+  :func:`modeler.als_math.learn_batch`; (4) a second co-partitioned union writes the learned
+  rows back. Messages are numpy blocks, one per pair of partitions - no Python object per
+  rating crosses a shuffle.
+* After each batch the new model RDD is materialised and its lineage cut (``localCheckpoint``,
   a reliable ``checkpoint`` every ``checkpoint_interval`` batches when the SparkContext has a
-  checkpoint directory), and the previous batch's RDDs are unpersisted: the DAG and the
-  cached data stay bounded however long the stream runs. Nothing collects factor matrices
-  to the driver; the driver gets a few numbers per partition.
+  checkpoint directory), and the previous one is unpersisted: the DAG and the cached data
+  stay bounded however long the stream runs. Nothing collects factor matrices to the
+  driver; it gets one small dict per partition.
 
 Memory bound: factors ``(n_users + n_items) × (rank + 2) × 4`` bytes plus ids, and at most
-``reservoir_size`` replay ratings (ids + rating + priority, ~100-150 bytes each in Python) -
-independent of the length of the stream. See docs/streaming_als.md.
+``reservoir_size`` (expected, ±√R) replay ratings (ids as fixed-width strings + rating +
+priority, and an item-side copy of id + priority) - independent of the length of the stream. See docs/streaming_als.md.
 """
 
 from __future__ import annotations
@@ -210,7 +212,7 @@ def _gather_stage(params: ALSParams, batch_no: int, fraction: float):
     return stage
 
 
-def _learn_stage(params: ALSParams, batch_no: int, rating_sum: float, ratings_seen: int):
+def _learn_stage(params: ALSParams, rating_sum: float, ratings_seen: int):
     """C: the batch's working set (ratings + the rows they touch) learned in one task;
     updated rows go back to their partitions. The model itself never comes here."""
     P = params.num_partitions
@@ -524,7 +526,7 @@ class StreamingALS:
             .mapPartitions(_gather_stage(p, batch_no, fraction)) \
             .partitionBy(1, _zero)
         learned = gathered.mapPartitions(
-            _learn_stage(p, batch_no, self.rating_sum, self.ratings_seen)) \
+            _learn_stage(p, self.rating_sum, self.ratings_seen)) \
             .partitionBy(P, _identity)
         state = self._zip(self._state, learned).mapPartitions(_apply_stage, preservesPartitioning=True)
         if (self.checkpoint_interval > 0 and batch_no % self.checkpoint_interval == 0
