@@ -101,6 +101,7 @@ class ModelerService:
         self._train_failures = 0
         self._failures = 0
         self._inflight: Any = None
+        self._write_job_s = 0.0
         self.reports: list[BatchReport] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -405,9 +406,9 @@ class ModelerService:
         self.reports.append(report)
         del self.reports[:-100]
         log.info(
-            "version %d: %d ratings (%d dead-lettered) in %.2f s (read %.2f, train %.2f, publish %.2f)"
-            " = %.0f ratings/s, prequential RMSE %s, ratings_seen %d%s",
-            version, n_trained, n_dlq, seconds, t_read, t_train, t_pub, self.ratings_per_s,
+            "version %d: %d ratings (%d dead-lettered) in %.2f s (read %.2f, read+train %.2f, publish %.2f"
+            " of which write job %.2f) = %.0f ratings/s, prequential RMSE %s, ratings_seen %d%s",
+            version, n_trained, n_dlq, seconds, t_read, t_train, t_pub, self._write_job_s, self.ratings_per_s,
             f"{rmse:.4f}" if rmse is not None else "-", int(self.model.ratings_seen),
             " (full segment)" if published == "full" else "",
         )
@@ -460,11 +461,13 @@ class ModelerService:
         if redis_lost:
             records = records.union(self._rated_backfill_rdd(sc, offsets, blocks))
         top_n = s.popular_size
+        t_job = time.perf_counter()
         results = (
             records
             .mapPartitions(lambda it: pub.write_partition(it, url, prefix, version, top_n))
             .collect()
         )
+        self._write_job_s = time.perf_counter() - t_job
         written = sum(n for n, _ in results)
         changed = [kv for _, top in results for kv in top]
         popular = pub.merge_popular([] if full else self.popular, changed, top_n)
