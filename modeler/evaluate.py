@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 GRID_RANKS = (10, 20, 50)
 GRID_REGS = (0.05, 0.1, 0.15)
-MAX_CURVE_POINTS = 100
+MAX_CURVE_POINTS = 60
 
 
 def split_rows(rows: Sequence[RatingRow], train_fraction: float, seed: int
@@ -110,7 +110,8 @@ CANDIDATES: tuple[dict[str, Any], ...] = (
 
 def choose_params(train: Sequence[RatingRow], batch_size: int, base: dict[str, Any] | None = None,
                   validation_fraction: float = 0.1, seed: int = 7,
-                  candidates: Sequence[dict[str, Any]] = CANDIDATES) -> tuple[dict[str, Any], list]:
+                  candidates: Sequence[dict[str, Any]] = CANDIDATES,
+                  max_ratings: int = 150_000) -> tuple[dict[str, Any], list]:
     """Pick streaming parameters on a random validation part of ``train``.
 
     Each candidate streams the rest of ``train`` (timestamp order, same batch size) through
@@ -121,6 +122,9 @@ def choose_params(train: Sequence[RatingRow], batch_size: int, base: dict[str, A
     from modeler.als_math import ALSParams, LocalStreamingALS
     from modeler.streaming_als import StreamingALS
 
+    if len(train) > max_ratings:
+        # Long histories: choose on the earliest max_ratings (what was known first).
+        train = sorted(train, key=lambda r: (r.timestamp, r.user, r.item))[:max_ratings]
     fit, valid = split_rows(train, 1.0 - validation_fraction, seed)
     stream = sorted(fit, key=lambda r: (r.timestamp, r.user, r.item))
     truth = np.array([r.rating for r in valid])
