@@ -131,7 +131,15 @@ class ModelerService:
         try:
             while not self.stopping:
                 if not self._ready:
-                    self._start()
+                    try:
+                        self._start()
+                    except Stopped:
+                        raise
+                    except Exception as exc:
+                        self._failures += 1
+                        delay = min(self.settings.retry_max_backoff_s, 0.5 * 2 ** min(self._failures, 8))
+                        log.exception("start-up failed (%s); retrying in %.1f s", _short(exc), delay)
+                        pub.sleep_unless(lambda: self.stopping, delay)
                     continue
                 try:
                     report = self.step()
@@ -235,6 +243,10 @@ class ModelerService:
                     old.unpersist()
         self._last_blocks = []
         self._inflight = None
+        state = getattr(self.model, "_state", None)
+        if state is not None:
+            with contextlib.suppress(Exception):
+                state.unpersist()
         self._ready = False
 
     def _renew_lease(self) -> bool:
