@@ -381,16 +381,15 @@ def read_ranges(
         yield read_range(rng, bootstrap, dlq_topic, rating_min, rating_max)
 
 
-def read_range_rated(
-    rng: OffsetRange, bootstrap: str, rating_min: float, rating_max: float
-) -> Iterator[tuple[str, str, str, float]]:
-    """``("r", user, item, rating)`` of the valid ratings of ``rng``, read-only (no DLQ)."""
+def read_range_chunks(
+    rng: OffsetRange, bootstrap: str, rating_min: float, rating_max: float, chunk: int = 200_000
+) -> Iterator[Block]:
+    """The whole of ``rng`` as blocks of at most ``chunk`` records, read-only (no DLQ)."""
     pos, end = rng.start, rng.start + rng.cap
     while pos < end:
-        block = read_range(OffsetRange(rng.topic, rng.partition, pos, min(end - pos, 200_000)),
+        block = read_range(OffsetRange(rng.topic, rng.partition, pos, min(end - pos, chunk)),
                            bootstrap, None, rating_min, rating_max)
-        for u, i, r in zip(block.users, block.items, block.ratings, strict=True):
-            yield "r", u, i, r
+        yield block
         if block.next_offset <= pos:
             break
         pos = block.next_offset

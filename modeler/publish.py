@@ -73,78 +73,71 @@ def write_partition(
     top_n: int = 100,
     chunk: int = 5000,
 ) -> Iterator[tuple[int, list[tuple[str, int]]]]:
-    """``mapPartitions`` body writing tagged records; yields ``(records written, top items)``.
+    """``mapPartitions`` body writing columnar chunks; yields ``(rows written, top items)``.
 
-    Records: ``("u"|"i", id, (bias, vector), count)`` - the factor record goes to segment
-    ``segment``, the rating count to its state hash (``user_counts``/``item_counts``);
-    ``("r", user, item, rating)`` into ``{p}:rated:{user}`` (idempotent). The top items
-    by count among the item records written come back for the version's ``popular``.
+    Chunks (one per model or batch partition, so Spark moves a few numpy arrays, not a
+    tuple per row):
+
+    - ``("u"|"i", ids, biases (n,), vectors (n, rank), counts (n,))``: factor records into
+      segment ``segment``, rating counts into its state hash ``user_counts``/``item_counts``;
+    - ``("r", users, items, ratings)``: each user's rated items into ``{p}:rated:{user}``
+      (idempotent).
+
+    The top ``top_n`` items by count among the item rows written come back for the
+    version's ``popular``.
     """
-    import heapq
-
     from common.keys import ITEMS, USERS, Keys
     from common.snapshot import write_segment
 
     keys = Keys(prefix)
     counts_name = {USER: "user_counts", ITEM: "item_counts"}
-    top: list[tuple[int, str]] = []  # min-heap of (count, item) - ties resolved on the driver
+    top: list[tuple[str, int]] = []
+    n = 0
     try:
         client = redis_client(redis_url)
         pipe = client.pipeline(transaction=False)
-        factors: dict[str, tuple[list, list, list]] = {USER: ([], [], []), ITEM: ([], [], [])}
-        counts: dict[str, dict[str, str]] = {USER: {}, ITEM: {}}
-        rated: dict[str, dict[str, str]] = {}
-        n = 0
         pending = 0
-
-        def flush() -> None:
-            for tag in (USER, ITEM):
-                ids, biases, vectors = factors[tag]
-                if ids:
-                    write_segment(
-                        pipe, keys, segment, USERS if tag == USER else ITEMS, ids,
-                        np.asarray(biases, dtype=np.float32), np.stack(vectors).astype(np.float32),
-                        chunk=chunk,
-                    )
-                    factors[tag] = ([], [], [])
-                if counts[tag]:
-                    pipe.hset(state_key(prefix, segment, counts_name[tag]), mapping=counts[tag])
-                    counts[tag] = {}
-            for user, items in rated.items():
-                pipe.hset(keys.rated(user), mapping=items)
-            rated.clear()
-            pipe.execute()
-
         for rec in records:
             tag = rec[0]
-            if tag in factors:
-                ident = str(rec[1])
-                ids, biases, vectors = factors[tag]
-                ids.append(ident)
-                biases.append(float(rec[2][0]))
-                vectors.append(np.asarray(rec[2][1], dtype=np.float32))
-                if len(rec) > 3 and rec[3] is not None:
-                    c = int(rec[3])
-                    counts[tag][ident] = str(c)
-                    if tag == ITEM and top_n > 0:
-                        if len(top) < top_n:
-                            heapq.heappush(top, (c, ident))
-                        elif c > top[0][0]:
-                            heapq.heapreplace(top, (c, ident))
+            if tag in counts_name:
+                _, ids, biases, vectors, counts = rec
+                if not len(ids):
+                    continue
+                ids = [str(i) for i in ids]
+                write_segment(pipe, keys, segment, USERS if tag == USER else ITEMS, ids,
+                              np.asarray(biases, dtype=np.float32), np.asarray(vectors, dtype=np.float32),
+                              chunk=chunk)
+                counts = np.asarray(counts, dtype=np.int64)
+                name = state_key(prefix, segment, counts_name[tag])
+                text = counts.astype(str).tolist()
+                for start in range(0, len(ids), chunk):
+                    pipe.hset(name, mapping=dict(zip(ids[start : start + chunk], text[start : start + chunk],
+                                                     strict=True)))
+                if tag == ITEM and top_n > 0:
+                    best = np.argsort(-counts, kind="stable")[:top_n]
+                    top.extend((ids[j], int(counts[j])) for j in best)
+                n += len(ids)
+                pending += len(ids)
             elif tag == RATED:
-                rated.setdefault(str(rec[1]), {})[str(rec[2])] = repr(float(rec[3]))
+                _, users, items, ratings = rec
+                by_user: dict[str, dict[str, str]] = {}
+                for u, i, r in zip(users, items, ratings, strict=True):
+                    by_user.setdefault(u, {})[i] = repr(float(r))
+                for user, rated in by_user.items():
+                    pipe.hset(keys.rated(user), mapping=rated)
+                n += len(users)
+                pending += len(users)
             else:
                 raise ValueError(f"unknown record tag {tag!r}")
-            n += 1
-            pending += 1
-            if pending >= chunk:
-                flush()
+            if pending >= 4 * chunk:
+                pipe.execute()
                 pending = 0
-        flush()
+        pipe.execute()
     except Exception:
         _drop_client(redis_url)
         raise
-    yield n, [(item, c) for c, item in top]
+    top.sort(key=lambda kv: (-kv[1], kv[0]))
+    yield n, top[:top_n]
 
 
 def merge_popular(

@@ -532,7 +532,8 @@ class ModelerService:
 
         def read(it: Any) -> Any:
             for rng in it:
-                yield from ks.read_range_rated(rng, bootstrap, lo, hi)
+                for block in ks.read_range_chunks(rng, bootstrap, lo, hi):
+                    yield _rated_chunk(block)
 
         return sc.parallelize(ranges, max(1, len(ranges))).mapPartitions(read)
 
@@ -623,34 +624,35 @@ def train_model(model: Any, ratings: Any) -> dict[str, Any]:
 
 
 def _factor_records(only_touched: bool) -> Callable[[tuple[int, Any]], Any]:
-    """Item then user factor records, with rating counts, of one partition of the model.
+    """Item and user factor chunks, with rating counts, of one partition of the model.
 
     The model's partitions hold a ``FactorTable`` per side (ids, bias, vec, count, touched);
     the public ``changed_users``/``changed_items`` carry no counts, which a restore needs,
-    and would cost a task per side.
+    and a tuple per row would cost far more to move than a few arrays.
     """
 
     def records(kv: tuple[int, Any]) -> Any:
         part = kv[1]
         out = []
         for tag, t in ((pub.ITEM, part.items), (pub.USER, part.users)):
-            rows = np.flatnonzero(t.touched) if only_touched else range(len(t.ids))
-            out.extend((tag, t.ids[j], (float(t.bias[j]), t.vec[j].copy()), int(t.count[j])) for j in rows)
+            rows = np.flatnonzero(t.touched) if only_touched else np.arange(len(t.ids))
+            ids = [t.ids[j] for j in rows]
+            out.append((tag, ids, t.bias[rows], t.vec[rows], t.count[rows]))
         return out
 
     return records
 
 
 def publish_rdd(model: Any, full: bool, blocks: Any) -> Any:
-    """One RDD of tagged records for :func:`modeler.publish.write_partition`: the model's
+    """One RDD of columnar chunks for :func:`modeler.publish.write_partition`: the model's
     (changed or all) factor records and the batch's ratings, in as many partitions as the
     model has (one Spark job, few tasks)."""
     factors = model._state.flatMap(_factor_records(not full))
     if blocks is None:
         return factors
-    merged = factors.union(blocks.flatMap(_rated_records))
+    merged = factors.union(blocks.map(_rated_chunk))
     return merged.coalesce(max(1, model.num_partitions))
 
 
-def _rated_records(block: ks.Block) -> Any:
-    return ((pub.RATED, u, i, r) for u, i, r in zip(block.users, block.items, block.ratings, strict=True))
+def _rated_chunk(block: ks.Block) -> tuple:
+    return (pub.RATED, block.users, block.items, block.ratings)
