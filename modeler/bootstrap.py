@@ -70,37 +70,52 @@ def fit_biases(u: np.ndarray, i: np.ndarray, r: np.ndarray, n_users: int, n_item
     return mu, bu, bi
 
 
-def spark_als(spark, u: np.ndarray, i: np.ndarray, r: np.ndarray, rank: int, reg_param: float,
-              iterations: int = 10, seed: int = 42):
-    """Fit ``pyspark.ml.recommendation.ALS`` (explicit) on int-indexed ratings."""
-    from pyspark.ml.recommendation import ALS
-
-    # Spark's default of 10 user/item blocks costs 10 tasks per stage of every iteration;
-    # on small data and a 2-core machine that overhead dominates. ~1 block per 100k ratings.
-    blocks = max(2, min(10, len(r) // 100_000))
-    df = _frame(spark, u, i, r, blocks)
-    als = ALS(rank=rank, maxIter=iterations, regParam=reg_param, userCol="u", itemCol="i",
-              ratingCol="r", seed=seed, coldStartStrategy="nan", nonnegative=False,
-              numUserBlocks=blocks, numItemBlocks=blocks)
-    return als.fit(df)
+def als_blocks(n_ratings: int) -> int:
+    """User/item blocks for Spark ALS: ~1 per 100k ratings, 2..10. Spark's default of 10
+    costs 10 tasks per stage of every iteration, which dominates on small data / 2 cores."""
+    return max(2, min(10, n_ratings // 100_000))
 
 
-def _frame(spark, u: np.ndarray, i: np.ndarray, r: np.ndarray, partitions: int = 2):
+def ratings_frame(spark, u: np.ndarray, i: np.ndarray, r: np.ndarray):
+    """A cached DataFrame (u int, i int, r double) for :func:`spark_als` - build it once per
+    training set and reuse it over a grid (creating it from Python rows is the slow part)."""
     from pyspark.sql.types import DoubleType, IntegerType, StructField, StructType
 
     schema = StructType([StructField("u", IntegerType(), False), StructField("i", IntegerType(), False),
                          StructField("r", DoubleType(), False)])
     data = list(zip(u.tolist(), i.tolist(), r.tolist(), strict=True))
-    return spark.createDataFrame(data, schema).repartition(partitions)
+    return spark.createDataFrame(data, schema).repartition(als_blocks(len(r))).cache()
 
 
-def als_predict(spark, model, u: np.ndarray, i: np.ndarray) -> np.ndarray:
-    """ALS predictions for int pairs, NaN where the user or item was not trained (in order)."""
+def spark_als(spark, u: np.ndarray | None, i: np.ndarray | None, r: np.ndarray | None, rank: int,
+              reg_param: float, iterations: int = 10, seed: int = 42, frame=None):
+    """Fit ``pyspark.ml.recommendation.ALS`` (explicit) on int-indexed ratings (or ``frame``)."""
+    from pyspark.ml.recommendation import ALS
+
+    df = frame if frame is not None else ratings_frame(spark, u, i, r)
+    blocks = max(2, df.rdd.getNumPartitions())
+    als = ALS(rank=rank, maxIter=iterations, regParam=reg_param, userCol="u", itemCol="i",
+              ratingCol="r", seed=seed, coldStartStrategy="nan", nonnegative=False,
+              numUserBlocks=blocks, numItemBlocks=blocks)
+    model = als.fit(df)
+    if frame is None:
+        df.unpersist()
+    return model
+
+
+def pairs_frame(spark, u: np.ndarray, i: np.ndarray):
+    """A cached DataFrame (k, u, i) of pairs to predict, reusable over a grid."""
     from pyspark.sql.types import IntegerType, LongType, StructField, StructType
 
     schema = StructType([StructField("k", LongType(), False), StructField("u", IntegerType(), False),
                          StructField("i", IntegerType(), False)])
-    df = spark.createDataFrame(list(zip(range(len(u)), u.tolist(), i.tolist(), strict=True)), schema)
+    rows = list(zip(range(len(u)), u.tolist(), i.tolist(), strict=True))
+    return spark.createDataFrame(rows, schema).repartition(als_blocks(len(u))).cache()
+
+
+def als_predict(spark, model, u: np.ndarray, i: np.ndarray, frame=None) -> np.ndarray:
+    """ALS predictions for int pairs, NaN where the user or item was not trained (in order)."""
+    df = frame if frame is not None else pairs_frame(spark, u, i)
     out = np.full(len(u), np.nan)
     for row in model.transform(df).select("k", "prediction").collect():
         out[row["k"]] = row["prediction"]
@@ -170,11 +185,13 @@ def bootstrap_model(
     report = BootstrapReport(n, int(tr.sum()), int(va.sum()), mu, rmse(data.r[va], base_val))
     resid = data.r - mu - bu[data.u] - bi[data.i]
     best: GridPoint | None = None
+    train_df = ratings_frame(spark, data.u[tr], data.i[tr], resid[tr])
+    valid_df = pairs_frame(spark, data.u[va], data.i[va])
     for rank in ranks:
         for reg in regs:
             t0 = time.perf_counter()
-            model = spark_als(spark, data.u[tr], data.i[tr], resid[tr], rank, reg, iterations, seed)
-            dot = np.nan_to_num(als_predict(spark, model, data.u[va], data.i[va]))
+            model = spark_als(spark, None, None, None, rank, reg, iterations, seed, frame=train_df)
+            dot = np.nan_to_num(als_predict(spark, model, data.u[va], data.i[va], frame=valid_df))
             pred = np.clip(mu + bu[data.u[va]] + bi[data.i[va]] + dot, scale.min, scale.max)
             point = GridPoint(rank, reg, rmse(data.r[va], pred), time.perf_counter() - t0)
             log.info("bootstrap grid rank=%d reg=%.3f validation RMSE %.4f", rank, reg, point.rmse)
@@ -182,6 +199,8 @@ def bootstrap_model(
             if best is None or point.rmse < best.rmse:
                 best = point
     assert best is not None
+    train_df.unpersist()
+    valid_df.unpersist()
     report.rank, report.reg_param, report.validation_rmse = best.rank, best.reg_param, best.rmse
 
     # Refit on everything with the chosen grid point.

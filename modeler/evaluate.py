@@ -62,7 +62,7 @@ def batch_side(spark, train: Sequence[RatingRow], test: Sequence[RatingRow],
                iterations: int = 10, seed: int = 42, scale: RatingScale | None = None,
                progress: Any = None) -> dict[str, Any]:
     """Spark ML ALS over the grid; the best test RMSE with its parameters and the whole grid."""
-    from modeler.bootstrap import Indexed, als_predict, spark_als
+    from modeler.bootstrap import Indexed, als_predict, pairs_frame, ratings_frame, spark_als
 
     scale = scale or RatingScale()
     data = Indexed.from_rows(train)
@@ -75,12 +75,14 @@ def batch_side(spark, train: Sequence[RatingRow], test: Sequence[RatingRow],
     mean = float(data.r.mean())
     grid = []
     best: dict[str, Any] | None = None
+    train_df = ratings_frame(spark, data.u, data.i, data.r)
+    test_df = pairs_frame(spark, tu[known], ti[known])
     for rank in ranks:
         for reg in regs:
             t0 = time.perf_counter()
-            model = spark_als(spark, data.u, data.i, data.r, rank, reg, iterations, seed)
+            model = spark_als(spark, None, None, None, rank, reg, iterations, seed, frame=train_df)
             pred = np.full(len(test), mean)
-            pred[known] = als_predict(spark, model, tu[known], ti[known])
+            pred[known] = als_predict(spark, model, tu[known], ti[known], frame=test_df)
             pred = np.clip(np.nan_to_num(pred, nan=mean), scale.min, scale.max)
             point = {"rank": rank, "reg_param": reg, "rmse": rmse(truth, pred),
                      "seconds": time.perf_counter() - t0}
@@ -92,6 +94,8 @@ def batch_side(spark, train: Sequence[RatingRow], test: Sequence[RatingRow],
             if progress is not None:
                 progress.update(1)
     assert best is not None
+    train_df.unpersist()
+    test_df.unpersist()
     return {**best, "iterations": iterations, "grid": grid,
             "test_pairs_unseen_in_train": int((~known).sum())}
 
