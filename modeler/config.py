@@ -8,17 +8,18 @@ from common.settings import CommonSettings
 
 
 class ModelerSettings(CommonSettings):
-    # Streaming ALS parameters (see modeler.streaming_als).
-    model_rank: int = Field(10, alias="MODEL_RANK", ge=1, le=512)
-    model_iterations: int = Field(3, alias="MODEL_ITERATIONS", ge=1)
-    model_reg_param: float = Field(0.05, alias="MODEL_REG_PARAM", ge=0.0)
-    model_learning_rate: float = Field(0.05, alias="MODEL_LEARNING_RATE", gt=0.0)
-    model_seed: int = Field(42, alias="MODEL_SEED")
+    # Streaming ALS parameters; unset means the default of modeler.streaming_als (tuned there).
+    model_rank: int | None = Field(None, alias="MODEL_RANK", ge=1, le=512)
+    model_iterations: int | None = Field(None, alias="MODEL_ITERATIONS", ge=1)
+    model_reg_param: float | None = Field(None, alias="MODEL_REG_PARAM", ge=0.0)
+    model_learning_rate: float | None = Field(None, alias="MODEL_LEARNING_RATE", gt=0.0)
+    model_seed: int | None = Field(None, alias="MODEL_SEED")
+    # Partitions of the model's state RDD (a few per executor core).
     model_num_partitions: int = Field(4, alias="MODEL_NUM_PARTITIONS", ge=1)
-    model_init_scale: float = Field(0.1, alias="MODEL_INIT_SCALE", gt=0.0)
+    model_init_scale: float | None = Field(None, alias="MODEL_INIT_SCALE", gt=0.0)
     # Bounded replay of past ratings (0 turns it off).
-    model_reservoir_size: int = Field(50_000, alias="MODEL_RESERVOIR_SIZE", ge=0)
-    model_replay_ratio: float = Field(1.0, alias="MODEL_REPLAY_RATIO", ge=0.0)
+    model_reservoir_size: int | None = Field(None, alias="MODEL_RESERVOIR_SIZE", ge=0)
+    model_replay_ratio: float | None = Field(None, alias="MODEL_REPLAY_RATIO", ge=0.0)
 
     # Micro-batch trigger: a batch reads at most this many records (over all partitions)...
     batch_max_records: int = Field(20_000, alias="BATCH_MAX_RECORDS", ge=1)

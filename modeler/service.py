@@ -276,10 +276,8 @@ class ModelerService:
         rows = read_ratings(s.bootstrap_ratings, scale=s.scale)
         log.info("bootstrapping from %d ratings in %s", len(rows), s.bootstrap_ratings)
         model, report = bootstrap_model(
-            self.spark, rows, seed=s.model_seed, scale=s.scale,
-            learning_rate=s.model_learning_rate, num_partitions=s.model_num_partitions,
-            init_scale=s.model_init_scale, reservoir_size=s.model_reservoir_size,
-            replay_ratio=s.model_replay_ratio,
+            self.spark, rows, scale=s.scale,
+            **{k: v for k, v in model_params(s).items() if k not in ("rank", "iterations", "scale")},
         )
         log.info("bootstrap done: %s", report)
         return model
@@ -558,8 +556,9 @@ def _short(exc: BaseException) -> str:
 
 
 def model_params(settings: ModelerSettings) -> dict[str, Any]:
+    """StreamingALS arguments from the settings; unset ones keep the model's defaults."""
     s = settings
-    return {
+    given = {
         "rank": s.model_rank,
         "iterations": s.model_iterations,
         "reg_param": s.model_reg_param,
@@ -569,8 +568,10 @@ def model_params(settings: ModelerSettings) -> dict[str, Any]:
         "init_scale": s.model_init_scale,
         "reservoir_size": s.model_reservoir_size,
         "replay_ratio": s.model_replay_ratio,
-        "scale": s.scale,
     }
+    params = {k: v for k, v in given.items() if v is not None}
+    params["scale"] = s.scale
+    return params
 
 
 def new_model(settings: ModelerSettings) -> Any:
@@ -607,7 +608,18 @@ def restore_model(spark: Any, settings: ModelerSettings, restored: pub.Restored)
     if "params" not in extra:
         kwargs = model_params(settings)
         kwargs["rank"] = meta.rank
-    elif int(extra["params"].get("rank", meta.rank)) != settings.model_rank:
+    else:
+        # Parameters stored by an older release may name fields this one no longer has.
+        import dataclasses
+
+        from modeler.als_math import ALSParams
+
+        known = {f.name for f in dataclasses.fields(ALSParams)}
+        dropped = sorted(set(extra["params"]) - known)
+        if dropped:
+            log.warning("ignoring stored model parameters unknown to this release: %s", dropped)
+        extra["params"] = {k: v for k, v in extra["params"].items() if k in known}
+    if settings.model_rank is not None and settings.model_rank != meta.rank:
         log.warning("MODEL_RANK=%d ignored: the stored model has rank %d (rebuild to change it)",
                     settings.model_rank, meta.rank)
     return StreamingALS.restore(
