@@ -153,7 +153,10 @@ def streaming_side(spark, train: Sequence[RatingRow], test: Sequence[RatingRow],
     from modeler.streaming_als import StreamingALS
 
     sc = spark.sparkContext
-    model = StreamingALS(**(params or {}), scale=scale or RatingScale())
+    # One model partition per local core unless told otherwise: every partition costs a task
+    # in each stage of every mini-batch, and on local[N] the job latency is what limits.
+    params = {"num_partitions": _local_cores(sc.master) or 8, **(params or {})}
+    model = StreamingALS(**params, scale=scale or RatingScale())
     stream = sorted(train, key=lambda r: (r.timestamp, r.user, r.item))
     test_rdd = sc.parallelize([(r.user, r.item, float(r.rating)) for r in test],
                               max(2, model.num_partitions)).persist()
@@ -195,6 +198,19 @@ def streaming_side(spark, train: Sequence[RatingRow], test: Sequence[RatingRow],
         "ratings_per_second": n_seen / train_seconds if train_seconds else float("nan"),
         "median_batch_seconds": float(np.median(steady)) if steady else float("nan"),
     }
+
+
+def _local_cores(master: str) -> int | None:
+    """N of ``local[N]`` (``local[*]``: the CPU count); None for a cluster master."""
+    import os
+    import re
+
+    if master == "local":
+        return 1
+    match = re.fullmatch(r"local\[(\d+|\*)(?:,\s*\d+)?\]", master)
+    if not match:
+        return None
+    return (os.cpu_count() or 1) if match.group(1) == "*" else int(match.group(1))
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
