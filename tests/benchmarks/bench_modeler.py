@@ -1,12 +1,13 @@
 """End-to-end modeler benchmark: broker -> ``python -m modeler`` (Spark local[2]) -> Redis.
 
-    python -m tests.benchmarks.bench_modeler [--rate 20000] [--seconds 30] [--backlog 200000]
+    python -m tests.benchmarks.bench_modeler [--rate R] [--seconds 30] [--backlog 200000] [--batch-max-records N]
 
 Two phases against a real broker, redis-server and the modeler as its own process:
 
 1. *throughput*: ``--backlog`` ratings are produced before timing starts; ratings/s is the
    rate at which published versions' ``ratings_seen`` grows while draining them.
-2. *freshness*: ratings are produced at a steady ``--rate`` for ``--seconds``; for a sample
+2. *freshness*: ratings are produced at a steady ``--rate`` (default 70% of the phase-1
+   throughput) for ``--seconds``; for a sample
    of them (every 50th) the time from ``send()`` to the announcement of the first version
    whose stored offsets cover it (so its user's factors changed in a visible version).
    Sustained ratings/s of this phase is reported too.
@@ -97,7 +98,9 @@ def wait_seen(watcher: Watcher, n: int, timeout: float, proc: subprocess.Popen) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rate", type=float, default=20000.0, help="steady ratings/s in phase 2")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="steady ratings/s in phase 2 (default: 70%% of the phase-1 throughput, so that"
+                             " freshness is measured under a load the modeler sustains)")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of phase 2")
     parser.add_argument("--backlog", type=int, default=200_000, help="ratings drained in phase 1")
     parser.add_argument("--batch-max-records", type=int, default=20_000)
@@ -170,17 +173,19 @@ def main(argv: list[str] | None = None) -> int:
         batch_sizes = [b[3] - a[3] for a, b in itertools.pairwise(busy)]
 
         # Phase 2: steady rate, freshness of sampled ratings.
+        rate = args.rate or max(100.0, round(0.7 * throughput, -2))
+        log.info("phase 2: %.0f ratings/s for %.0f s", rate, args.seconds)
         samples: list[tuple[int, int, float]] = []
         first_version = watcher.versions[-1][1]
         base_seen = watcher.seen()
-        n_total = int(args.rate * args.seconds)
+        n_total = int(rate * args.seconds)
         t_start = time.monotonic()
         sent = 0
-        chunk = max(1, int(args.rate / 50))
+        chunk = max(1, int(rate / 50))
         while sent < n_total:
             send(min(chunk, n_total - sent), sample_every=50, samples=samples)
             sent += min(chunk, n_total - sent)
-            ahead = sent / args.rate - (time.monotonic() - t_start)
+            ahead = sent / rate - (time.monotonic() - t_start)
             if ahead > 0:
                 time.sleep(ahead)
         producer.flush()
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         before_publish = [m["batch_seconds"] for m in phase2] or [m["batch_seconds"] for m in metrics]
         result = {
             "ratings_per_s": round(throughput, 1),
-            "steady_rate_offered": args.rate,
+            "steady_rate_offered": rate,
             "steady_ratings_per_s": round(steady_seen / max(span, produce_seconds), 1),
             "steady_caught_up": caught_up,
             "freshness_p50_s": round(float(np.percentile(fresh, 50)), 3) if fresh else None,
