@@ -258,9 +258,11 @@ def _learn_stage(params: ALSParams, rating_sum: float, ratings_seen: int):
             i_inc = np.bincount(i_rows[:n_new], minlength=len(i_ids))
             prio = rating_priority(new_u.tolist(), new_i.tolist(), new_t, params.seed)
             keep = keep_mask(prio, keep_frac)
-        else:
-            u_inc = np.zeros(len(u_ids), dtype=np.int64)
-            i_inc = np.zeros(len(i_ids), dtype=np.int64)
+        else:  # nothing valid: nothing learned, no row is written back (or marked changed)
+            u_ids, i_ids = [], []
+            ub, uv, ib, iv = ub[:0], uv[:0], ib[:0], iv[:0]
+            u_inc = np.zeros(0, dtype=np.int64)
+            i_inc = np.zeros(0, dtype=np.int64)
             prio = np.zeros(0, dtype=np.uint64)
             keep = np.zeros(0, dtype=bool)
         u_pid = np.fromiter((partition_of(k, P) for k in u_ids), dtype=np.int64, count=len(u_ids))

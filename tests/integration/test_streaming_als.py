@@ -132,3 +132,15 @@ def test_restore_rejects_factors_of_the_wrong_rank(spark):
     bad = sc.parallelize([("u", (0.0, np.zeros(5, np.float32)))], 1)
     with pytest.raises(Exception, match="rank"):
         StreamingALS.restore(sc, bad, sc.parallelize([], 1), 3.0, 1, rank=3, num_partitions=2)
+
+
+def test_a_batch_without_valid_ratings_changes_nothing(spark):
+    sc = spark.sparkContext
+    model = StreamingALS(rank=2, iterations=1, num_partitions=2, reservoir_size=100)
+    model.train(sc.parallelize(_stream(200, seed=6), 2))
+    before = _table(model.user_factors)
+    stats = model.train(sc.parallelize(BAD, 1))
+    assert (stats.n_ratings, stats.n_rejected) == (0, len(BAD))
+    assert model.ratings_seen == 200 and model.batches == 1
+    assert model.changed_users.count() == 0 and model.changed_items.count() == 0
+    assert _equal(_table(model.user_factors), before)
