@@ -364,7 +364,7 @@ class FactorTable:
         rows = self.lookup(keys)
         fresh = np.flatnonzero(rows < 0)
         if len(fresh):
-            self.add_rows([keys[j] for j in fresh], bias[fresh], vec[fresh])
+            self.add_rows([keys[int(j)] for j in fresh], bias[fresh], vec[fresh])
             rows = self.lookup(keys)
         self.bias[rows] = bias
         self.vec[rows] = vec

@@ -92,7 +92,11 @@ def spark_als(spark, u: np.ndarray | None, i: np.ndarray | None, r: np.ndarray |
     """Fit ``pyspark.ml.recommendation.ALS`` (explicit) on int-indexed ratings (or ``frame``)."""
     from pyspark.ml.recommendation import ALS
 
-    df = frame if frame is not None else ratings_frame(spark, u, i, r)
+    if frame is None:
+        assert u is not None and i is not None and r is not None, "ratings or a frame"
+        df = ratings_frame(spark, u, i, r)
+    else:
+        df = frame
     blocks = max(2, df.rdd.getNumPartitions())
     als = ALS(rank=rank, maxIter=iterations, regParam=reg_param, userCol="u", itemCol="i",
               ratingCol="r", seed=seed, coldStartStrategy="nan", nonnegative=False,
@@ -246,7 +250,7 @@ def save_factors(model, path: Path) -> None:
         arrays[f"{side}_count"] = np.array([v[2] for _, v in recs], dtype=np.int64)
     arrays["mu"] = np.array(state.mu)
     arrays["ratings_seen"] = np.array(state.ratings_seen)
-    np.savez(path, **arrays)
+    np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds oddly
 
 
 def _floats(text: str) -> list[float]:

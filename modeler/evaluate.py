@@ -132,7 +132,7 @@ def choose_params(train: Sequence[RatingRow], batch_size: int, base: dict[str, A
     fit, valid = split_rows(train, 1.0 - validation_fraction, seed)
     stream = sorted(fit, key=lambda r: (r.timestamp, r.user, r.item))
     truth = np.array([r.rating for r in valid])
-    table = []
+    table: list[dict[str, Any]] = []
     for overrides in candidates:
         chosen = {**(base or {}), **overrides}
         params: ALSParams = StreamingALS(**chosen).params

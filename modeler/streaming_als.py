@@ -541,7 +541,7 @@ class StreamingALS:
             state.persist()
             state.localCheckpoint()
         parts = state.map(_part_stats).collect()
-        st = next((x for x in parts if x), {})
+        st: dict[str, Any] = next((x for x in parts if x), {})
         old, self._state = self._state, state
         old.unpersist()
 
