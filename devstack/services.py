@@ -128,6 +128,21 @@ class Process:
             self.proc.wait(5)
 
 
+def stop_process_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM a child started with ``start_new_session=True`` and everything it spawned
+    (uvicorn workers, Spark's JVM and Python workers); SIGKILL what is left after ``timeout``."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
 def _spawn(cmd: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
     log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
     return subprocess.Popen(

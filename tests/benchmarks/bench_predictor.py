@@ -30,7 +30,6 @@ import multiprocessing as mp
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from devstack.services import stop_process_group
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -290,12 +291,7 @@ def start_predictor(redis_url: str, prefix: str, workers: int) -> tuple[subproce
 
 
 def stop_predictor(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
+    stop_process_group(proc, timeout=20)
 
 
 def wait_model(port: int, version: int, timeout: float = 120) -> None:

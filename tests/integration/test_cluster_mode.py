@@ -14,7 +14,6 @@ import importlib.util
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from devstack.services import check_java, free_port, wait_for_port
+from devstack.services import check_java, free_port, stop_process_group, wait_for_port
 
 pytestmark = pytest.mark.spark
 log = logging.getLogger(__name__)
@@ -83,16 +82,7 @@ def _spawn(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.P
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
+    stop_process_group(proc)
 
 
 @pytest.fixture(scope="module")

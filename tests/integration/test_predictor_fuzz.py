@@ -5,7 +5,6 @@ model; no answer may be a 5xx."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from devstack.services import free_port
+from devstack.services import free_port, stop_process_group
 from tests.integration.test_predictor_api import plant, publish, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,12 +44,7 @@ def served(redis_url, redis_client, keys):
         wait_for(ready, timeout=40, step=0.2)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+        stop_process_group(proc)
 
 
 @pytest.mark.timeout(180)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from common.keys import Keys
 from common.snapshot import Meta, collect_garbage, write_segment
-from devstack.services import free_port, start_redis
+from devstack.services import free_port, start_redis, stop_process_group
 from predictor.app import create_app
 from tests.integration.test_predictor_api import (
     RANK,
@@ -212,9 +211,4 @@ def test_python_m_predictor_with_two_workers(redis_url, redis_client, keys, tmp_
         assert 'predictor_requests_total{method="GET",route="/v1/model",status="200"} 30.0' in metrics
         assert "predictor_model_version 2.0" in metrics
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+        stop_process_group(proc)
