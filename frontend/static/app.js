@@ -377,11 +377,14 @@ function drawChart(points) {
 async function search(append = false) {
   const s = state.search;
   if (!append) s.offset = 0;
+  // Only the newest search may render: an older answer arriving late must not replace it.
+  const seq = (s.seq = (s.seq || 0) + 1);
   const params = new URLSearchParams({ limit: "20", offset: String(s.offset) });
   if (s.q) params.set("q", s.q);
   if (s.genre) params.set("genre", s.genre);
   $("search-status").textContent = "Searching…";
   const resp = await api(`/api/items?${params}`);
+  if (seq !== s.seq) return;
   readProblem(resp);
   if (!resp.ok) {
     $("search-status").textContent = describe(resp, "Search failed.");
@@ -457,13 +460,16 @@ async function start() {
   renderMine();
   drawChart([]);
 
+  let typing = null;
   $("search-form").addEventListener("submit", (e) => {
     e.preventDefault();
+    // Enter searches now; a search-as-you-type still pending would re-render the results
+    // a moment later and take keyboard focus away from the row being rated.
+    clearTimeout(typing);
     state.search.q = $("q").value.trim();
     state.search.genre = $("genre").value;
     search();
   });
-  let typing = null;
   $("q").addEventListener("input", () => {
     clearTimeout(typing);
     typing = setTimeout(() => { state.search.q = $("q").value.trim(); state.search.genre = $("genre").value; search(); }, 300);
