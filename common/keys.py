@@ -121,6 +121,10 @@ class Keys:
             raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
         return f"{self.prefix}:seg:{segment}:{kind}"
 
+    def state(self, segment: int, name: str) -> str:
+        """Modeler-only per-key state of a segment (e.g. rating counts), see the table."""
+        return f"{self.prefix}:seg:{segment}:state:{name}"
+
     def prediction(self, kind: str, prediction_id: str) -> str:
         return f"{self.prefix}:prediction:{kind}:{prediction_id}"
 

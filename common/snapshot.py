@@ -19,7 +19,7 @@ import numpy as np
 import redis
 
 from common.codec import decode_matrix, decode_record, encode_matrix
-from common.keys import ITEMS, KINDS, Keys
+from common.keys import KINDS, Keys
 
 
 class SnapshotChanged(RuntimeError):
@@ -154,38 +154,37 @@ def publish_version(client: redis.Redis, keys: Keys, meta: Meta, extra: Any = No
     pipe.execute()
 
 
-def collect_garbage(client: redis.Redis, keys: Keys, keep: int = 3, min_age_s: float = 5.0) -> int:
-    """Drop versions beyond the newest ``keep`` (older than ``min_age_s``) and any segment
-    no surviving version references. Returns the number of keys deleted."""
-    live = [int(v) for v in client.zrange(keys.versions, 0, -1)]  # type: ignore[arg-type]
+def collect_garbage(
+    client: redis.Redis, keys: Keys, keep: int = 3, min_age_s: float = 5.0,
+    state_names: Sequence[str] = (),
+) -> int:
+    """Drop versions beyond the newest ``keep`` (older than ``min_age_s``) and every segment
+    no surviving version references, with the segment's ``state_names`` hashes.
+    Returns the number of keys deleted."""
+    scored: list[tuple[bytes, float]] = client.zrange(keys.versions, 0, -1, withscores=True)  # type: ignore[assignment]
+    live = sorted((int(v), float(created)) for v, created in scored)
     if len(live) <= keep:
         return 0
-    live.sort()
     now = time.time()
-    survivors = live[-keep:]
-    doomed = []
-    for v in live[:-keep]:
-        created = client.zscore(keys.versions, str(v)) or 0.0
-        if now - created >= min_age_s:
-            doomed.append(v)
-        else:
-            survivors.append(v)
+    doomed = [v for v, created in live[:-keep] if now - created >= min_age_s]
     if not doomed:
         return 0
-    referenced: set[int] = set()
-    for v in survivors:
-        segs = client.hget(keys.meta(v), "segments")
-        if segs is not None:
-            referenced.update(json.loads(_s(segs)))
+    pipe = client.pipeline(transaction=False)
+    for v, _ in live:
+        pipe.hget(keys.meta(v), "segments")
+    segments = {
+        v: json.loads(_s(raw)) if raw is not None else []
+        for (v, _), raw in zip(live, pipe.execute())
+    }
+    referenced = {s for v, segs in segments.items() if v not in doomed for s in segs}
+    dead = {s for v in doomed for s in segments[v]} - referenced
     dead_keys = [keys.meta(v) for v in doomed]
-    for v in doomed:
-        segs = client.hget(keys.meta(v), "segments")
-        for s in json.loads(_s(segs)) if segs is not None else []:
-            if s not in referenced:
-                dead_keys.extend(keys.segment(s, k) for k in KINDS)
+    for s in dead:
+        dead_keys.extend(keys.segment(s, k) for k in KINDS)
+        dead_keys.extend(keys.state(s, n) for n in state_names)
     pipe = client.pipeline(transaction=True)
     pipe.zrem(keys.versions, *[str(v) for v in doomed])
-    pipe.delete(*set(dead_keys))
+    pipe.delete(*dead_keys)
     return int(pipe.execute()[1])
 
 
@@ -215,15 +214,14 @@ def read_factors(
     newest_first = list(reversed(pointer.segments))
     for s in newest_first:
         pipe.hmget(keys.segment(s, kind), list(ids))
-    if kind == ITEMS or len(newest_first) > 1:
-        pipe.exists(*[keys.meta(pointer.version)])
+    pipe.exists(keys.meta(pointer.version))
     replies = pipe.execute()
     out: dict[str, tuple[float, np.ndarray]] = {}
     for values in replies[: len(newest_first)]:
         for i, raw in zip(ids, values):
             if raw is not None and i not in out:
                 out[i] = decode_record(raw, rank)
-    if len(replies) > len(newest_first) and not replies[-1]:
+    if not replies[-1]:
         raise SnapshotChanged(f"version {pointer.version} was garbage-collected while reading")
     return out
 
@@ -234,12 +232,10 @@ def read_all_factors(
     """The complete ``kind`` matrix of a version: ``(ids, biases (n,), vectors (n, rank))``."""
     merged: dict[str, bytes] = {}
     for s in pointer.segments:
-        key = keys.segment(s, kind)
-        # The base segment always holds at least one record; gone means collected.
-        if s == pointer.segments[0] and not client.exists(key) and not client.exists(keys.meta(pointer.version)):
-            raise SnapshotChanged(f"version {pointer.version} was garbage-collected")
-        for k, v in client.hscan_iter(key, count=5000):
+        for k, v in client.hscan_iter(keys.segment(s, kind), count=5000):
             merged[_s(k)] = v
+    # Metadata and segments are deleted in one transaction: if the metadata is still there,
+    # every segment was whole while we read it.
     if client.exists(keys.meta(pointer.version)) == 0:
         raise SnapshotChanged(f"version {pointer.version} was garbage-collected while reading")
     ids = list(merged)

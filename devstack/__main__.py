@@ -27,6 +27,7 @@ from devstack.services import (
     Process,
     check_java,
     create_topics,
+    free_port,
     start_broker,
     start_redis,
 )
@@ -176,25 +177,24 @@ def up(args: argparse.Namespace) -> int:
             env.setdefault("MODELER_METRICS_PORT", str(_preferred_port(9400) or 0))
             stack.run("modeler", ["modeler"], env)
             summary.append(f"modeler    Spark {env['SPARK_MASTER']}, metrics :{env['MODELER_METRICS_PORT']}/metrics")
-        if "predictor" in services and _has_main("predictor"):
-            port = _preferred_port(args.predictor_port) or _free()
-            env["PREDICTOR_PORT"] = str(port)
-            p = stack.run("predictor", ["predictor"], env)
+        for name, preferred, env_port in (
+            ("predictor", args.predictor_port, "PREDICTOR_PORT"),
+            ("frontend", args.frontend_port, "FRONTEND_PORT"),
+        ):
+            if name not in services or not _has_main(name):
+                continue
+            port = _preferred_port(preferred) or free_port()
+            env[env_port] = str(port)
             url = f"http://127.0.0.1:{port}"
-            env["PREDICTOR_URL"] = url
-            if _wait_http(f"{url}/healthz", p, 60):
-                urls.append(f"predictor  {url}/docs")
-            else:
-                summary.append(f"predictor  did not come up; see {p.log_path}")
-        if "frontend" in services and _has_main("frontend"):
-            port = _preferred_port(args.frontend_port) or _free()
-            env["FRONTEND_PORT"] = str(port)
-            p = stack.run("frontend", ["frontend"], env)
-            url = f"http://127.0.0.1:{port}"
-            if _wait_http(f"{url}/healthz", p, 60):
+            if name == "predictor":
+                env["PREDICTOR_URL"] = url  # the frontend, started next, reads through it
+            p = stack.run(name, [name], env)
+            if not _wait_http(f"{url}/healthz", p, 60):
+                summary.append(f"{name:<10} did not come up; see {p.log_path}")
+            elif name == "frontend":
                 urls.insert(0, f"frontend   {url}/   <- open this page")
             else:
-                summary.append(f"frontend   did not come up; see {p.log_path}")
+                urls.append(f"predictor  {url}/docs")
         if "replay" in services and importlib.util.find_spec("modeler.replay"):
             cmd = ["modeler.replay", "--ratings", str(ratings), "--rate", str(args.rate), "--no-progress"]
             stack.run("replay", cmd, env)
@@ -219,12 +219,6 @@ def up(args: argparse.Namespace) -> int:
         stack.stop()
         print("stopped everything `up` started.", flush=True)
     return 0
-
-
-def _free() -> int:
-    from devstack.services import free_port
-
-    return free_port()
 
 
 def main(argv: list[str] | None = None) -> int:

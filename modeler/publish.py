@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from common.keys import KINDS
+
 log = logging.getLogger(__name__)
 
 # Tags of the records a publish job writes (see write_partition).
@@ -57,12 +59,6 @@ def _drop_client(url: str) -> None:
 
 
 # --------------------------------------------------------------------------- executor side
-
-
-def state_key(prefix: str, segment: int, name: str) -> str:
-    """``{p}:seg:{s}:state:{name}``: per-key model state versioned like the factor segments
-    (e.g. rating counts), so a restart restores exactly the published version's state."""
-    return f"{prefix}:seg:{segment}:state:{name}"
 
 
 def write_partition(
@@ -108,7 +104,7 @@ def write_partition(
                               np.asarray(biases, dtype=np.float32), np.asarray(vectors, dtype=np.float32),
                               chunk=chunk)
                 counts = np.asarray(counts, dtype=np.int64)
-                name = state_key(prefix, segment, counts_name[tag])
+                name = keys.state(segment, counts_name[tag])
                 text = counts.astype(str).tolist()
                 for start in range(0, len(ids), chunk):
                     pipe.hset(name, mapping=dict(zip(ids[start : start + chunk], text[start : start + chunk],
@@ -264,7 +260,7 @@ class Publisher:
             for name in self.state_names:
                 merged: dict[str, str] = {}
                 for s in pointer.segments:
-                    for k, v in self.client.hscan_iter(state_key(self.keys.prefix, s, name), count=5000):
+                    for k, v in self.client.hscan_iter(self.keys.state(s, name), count=5000):
                         merged[k.decode()] = v.decode()
                 state[name] = merged
             raw = self.client.hget(self.keys.meta(pointer.version), MODEL_STATE_FIELD)
@@ -276,12 +272,12 @@ class Publisher:
 
     def clear_segment(self, segment: int) -> None:
         """Drop leftovers of an attempt at ``segment`` that was never published."""
-        names = [self.keys.segment(segment, k) for k in ("users", "items")]
-        names += [state_key(self.keys.prefix, segment, n) for n in self.state_names]
+        names = [self.keys.segment(segment, k) for k in KINDS]
+        names += [self.keys.state(segment, n) for n in self.state_names]
         self.client.delete(*names)
 
     def segment_exists(self, segment: int) -> bool:
-        names = [self.keys.segment(segment, k) for k in ("users", "items")]
+        names = [self.keys.segment(segment, k) for k in KINDS]
         return bool(self.client.exists(*names))
 
     def publish(
@@ -305,29 +301,11 @@ class Publisher:
         publish_version(self.client, self.keys, meta, extra=more)
 
     def collect_garbage(self, min_age_s: float = 5.0) -> int:
-        """Old versions and their segments go (common.snapshot), and so do the state hashes
-        of the segments that no surviving version references."""
+        """Old versions, their segments and the segments' state hashes (common.snapshot)."""
         from common.snapshot import collect_garbage
 
-        before = self._referenced_segments() if self.state_names else set()
-        deleted = collect_garbage(self.client, self.keys, keep=self.keep_versions, min_age_s=min_age_s)
-        if deleted and self.state_names:
-            gone = before - self._referenced_segments()
-            doomed = [state_key(self.keys.prefix, s, n) for s in gone for n in self.state_names]
-            if doomed:
-                deleted += int(self.client.delete(*doomed))
-        return deleted
-
-    def _referenced_segments(self) -> set[int]:
-        live = [v.decode() if isinstance(v, bytes) else v for v in self.client.zrange(self.keys.versions, 0, -1)]
-        pipe = self.client.pipeline(transaction=False)
-        for v in live:
-            pipe.hget(self.keys.meta(int(v)), "segments")
-        referenced: set[int] = set()
-        for segs in pipe.execute():
-            if segs is not None:
-                referenced.update(int(x) for x in json.loads(segs))
-        return referenced
+        return collect_garbage(self.client, self.keys, keep=self.keep_versions,
+                               min_age_s=min_age_s, state_names=self.state_names)
 
 
 def backoff_delays(first: float = 0.5, cap: float = 10.0) -> Iterator[float]:

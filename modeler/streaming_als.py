@@ -670,7 +670,7 @@ class StreamingALS:
 
 def _build_part(rank: int):
     def build(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, _Part]]:
-        pid, part, recs = _split_build(it)
+        pid, part, recs = _split(it)
         for side, table in ((0, part.users), (1, part.items)):
             chosen = sorted((r for s, r in recs if s == side), key=lambda r: str(r[0]))
             if not chosen:
@@ -684,19 +684,6 @@ def _build_part(rank: int):
         yield pid, part
 
     return build
-
-
-def _split_build(it: Iterator[tuple[int, Any]]) -> tuple[int, _Part, list[Any]]:
-    pid, part, recs = -1, None, []
-    for key, value in it:
-        pid = key
-        if isinstance(value, _Part):
-            part = value
-        else:
-            recs.append(value)
-    if part is None:
-        raise RuntimeError("model partition missing from a co-partitioned union")
-    return pid, part, recs
 
 
 __all__ = ["ModelState", "StreamingALS", "TrainStats"]
