@@ -267,11 +267,123 @@ def _producer(bootstrap: str) -> Any:
 
 
 def _drop_clients(bootstrap: str) -> None:
+    from modeler.kafka_fetch import drop_fetcher
+
+    drop_fetcher(bootstrap)
     for cache in (_CONSUMERS, _PRODUCERS):
         client = cache.pop(bootstrap, None)
         if client is not None:
             with contextlib.suppress(Exception):
                 client.close()
+
+
+class _Ingest:
+    """Validates records into a :class:`Block`; invalid ones go to the dead-letter topic.
+
+    Called with the offsets and values of one fetch, in offset order, by either reader.
+    """
+
+    def __init__(
+        self, block: Block, rng: OffsetRange, bootstrap: str, dlq_topic: str | None,
+        rating_min: float, rating_max: float,
+    ) -> None:
+        self.block = block
+        self.rng = rng
+        self.bootstrap = bootstrap
+        self.dlq_topic = dlq_topic
+        self.rating_min = rating_min
+        self.rating_max = rating_max
+        self.dlq_futures: list[Any] = []
+
+    def __call__(self, offsets: list[int], values: list[bytes | None]) -> None:
+        block, lo, hi = self.block, self.rating_min, self.rating_max
+        users, items = block.users.append, block.items.append
+        ratings, timestamps = block.ratings.append, block.timestamps.append
+        for offset, value in zip(offsets, values, strict=True):
+            row, reason = parse_message(value, lo, hi)
+            if row is not None:
+                users(row[0])
+                items(row[1])
+                ratings(row[2])
+                timestamps(row[3])
+            else:
+                self._dead(offset, value, reason)
+
+    def _dead(self, offset: int, value: bytes | None, reason: str) -> None:
+        block, rng = self.block, self.rng
+        block.n_dlq += 1
+        if len(block.dlq_reasons) < 3:
+            block.dlq_reasons.append(f"offset {offset}: {reason}")
+        if self.dlq_topic is None:  # a read-only pass (rebuilding rated items)
+            return
+        self.dlq_futures.append(
+            _producer(self.bootstrap).send(
+                self.dlq_topic,
+                key=f"{rng.topic}:{rng.partition}:{offset}".encode(),
+                value=bytes(value) if value is not None else b"",
+                headers=[
+                    ("reason", reason.encode()),
+                    ("topic", rng.topic.encode()),
+                    ("partition", str(rng.partition).encode()),
+                    ("offset", str(offset).encode()),
+                ],
+            )
+        )
+
+    def flush(self) -> None:
+        if self.dlq_futures:
+            _producer(self.bootstrap).flush(timeout=30)
+            for f in self.dlq_futures:
+                f.get(timeout=30)  # raises if the dead letter was not stored: retry the batch
+
+
+def _consume_range(
+    topic: str, partition: int, start: int, end: int, bootstrap: str,
+    sink: _Ingest, idle_timeout_s: float,
+) -> tuple[int, int | None, int | None]:
+    """kafka-python consumer reader of ``[start, end)``: ``(next offset, high-water mark,
+    reset_to)``. The general path: any record format and codec kafka-python reads."""
+    from kafka import TopicPartition
+    from kafka.errors import OffsetOutOfRangeError
+
+    tp = TopicPartition(topic, partition)
+    consumer = _consumer(bootstrap)
+    consumer.assign([tp])
+    consumer.seek(tp, start)
+    highwater: int | None = None
+    pos = start
+    deadline = time.monotonic() + idle_timeout_s
+    out_of_range = False
+    while pos < end:
+        try:
+            polled = consumer.poll(timeout_ms=100, max_records=end - pos, update_offsets=True)
+        except OffsetOutOfRangeError:
+            out_of_range = True
+            break
+        records = polled.get(tp, [])
+        # A stale buffered record from before the seek is dropped; so is anything past the
+        # cap (offsets may have gaps after compaction).
+        kept = [rec for rec in records if pos <= rec.offset < end]
+        if kept:
+            sink([rec.offset for rec in kept], [rec.value for rec in kept])
+            pos = kept[-1].offset + 1
+        if records:
+            deadline = time.monotonic() + idle_timeout_s
+        else:
+            # Control records (transaction markers) advance the position silently.
+            pos = max(pos, min(consumer.position(tp), end))
+        hw = consumer.highwater(tp)
+        if hw is not None:
+            highwater = hw
+            if pos >= hw:
+                break
+        if time.monotonic() > deadline:
+            # Nothing fetched for a while: the broker is slow or away; end the range here.
+            break
+    if out_of_range or (highwater is not None and start > highwater):
+        # Some brokers answer an offset past the end with an empty fetch, not an error.
+        return start, highwater, int(consumer.beginning_offsets([tp])[tp])
+    return min(pos, end), highwater, None
 
 
 def read_range(
@@ -281,87 +393,50 @@ def read_range(
     rating_min: float,
     rating_max: float,
     idle_timeout_s: float = 2.0,
+    fast: bool = True,
 ) -> Block:
     """Read one partition from ``rng.start`` until its high-water mark or ``rng.cap``.
 
     Invalid messages go to ``dlq_topic`` (value = the original bytes, headers = reason and
     origin, key = ``topic:partition:offset`` so a consumer can de-duplicate a replayed
     batch); they are flushed before returning so the offset never passes an unsent one.
+
+    ``fast`` reads with :mod:`modeler.kafka_fetch` (raw fetches, our own record decoder);
+    whatever it cannot decode (legacy record format, a codec not installed here) is read
+    with the kafka-python consumer from that offset on. ``fast=False`` uses the consumer
+    for the whole range; both give the same :class:`Block`.
     """
-    from kafka import TopicPartition
-    from kafka.errors import OffsetOutOfRangeError
+    from modeler.kafka_fetch import UnsupportedRecords, fetcher
 
     t0 = time.perf_counter()
-    tp = TopicPartition(rng.topic, rng.partition)
+    block = Block(rng.partition, rng.start, rng.start, None)
+    sink = _Ingest(block, rng, bootstrap, dlq_topic, rating_min, rating_max)
+    end = rng.start + rng.cap
     try:
-        consumer = _consumer(bootstrap)
-        consumer.assign([tp])
-        consumer.seek(tp, rng.start)
-        block = Block(rng.partition, rng.start, rng.start, None)
-        end = rng.start + rng.cap
-        pos = rng.start
-        deadline = time.monotonic() + idle_timeout_s
-        dlq_futures = []
-        out_of_range = False
-        while pos < end:
+        if fast:
             try:
-                polled = consumer.poll(timeout_ms=100, max_records=end - pos, update_offsets=True)
-            except OffsetOutOfRangeError:
-                out_of_range = True
-                break
-            records = polled.get(tp, [])
-            for rec in records:
-                if rec.offset < pos:  # a stale buffered record from before the seek
-                    continue
-                row, reason = parse_message(rec.value, rating_min, rating_max)
-                if row is not None:
-                    block.users.append(row[0])
-                    block.items.append(row[1])
-                    block.ratings.append(row[2])
-                    block.timestamps.append(row[3])
-                else:
-                    block.n_dlq += 1
-                    if len(block.dlq_reasons) < 3:
-                        block.dlq_reasons.append(f"offset {rec.offset}: {reason}")
-                    if dlq_topic is None:  # a read-only pass (rebuilding rated items)
-                        continue
-                    dlq_futures.append(
-                        _producer(bootstrap).send(
-                            dlq_topic,
-                            key=f"{rng.topic}:{rng.partition}:{rec.offset}".encode(),
-                            value=rec.value if rec.value is not None else b"",
-                            headers=[
-                                ("reason", reason.encode()),
-                                ("topic", rng.topic.encode()),
-                                ("partition", str(rng.partition).encode()),
-                                ("offset", str(rec.offset).encode()),
-                            ],
-                        )
-                    )
-                pos = rec.offset + 1
-            if records:
-                deadline = time.monotonic() + idle_timeout_s
-            else:
-                # Control records (transaction markers) advance the position silently.
-                pos = max(pos, consumer.position(tp))
-            hw = consumer.highwater(tp)
-            if hw is not None:
-                block.highwater = hw
-                if pos >= hw:
-                    break
-            if time.monotonic() > deadline:
-                # Nothing fetched for a while: the broker is slow or away; end the range here.
-                break
-        block.next_offset = min(pos, end)
-        if out_of_range or (block.highwater is not None and rng.start > block.highwater):
-            # Some brokers answer an offset past the end with an empty fetch, not an error.
-            block.reset_to = int(consumer.beginning_offsets([tp])[tp])
+                got = fetcher(bootstrap).read_range(
+                    rng.topic, rng.partition, rng.start, rng.cap, sink, idle_timeout_s
+                )
+                next_offset, block.highwater, reset_to = got.next_offset, got.highwater, got.reset_to
+            except UnsupportedRecords as exc:
+                log.info("partition %d of %s: %s; reading on with the kafka-python consumer",
+                         rng.partition, rng.topic, exc)
+                next_offset, block.highwater, reset_to = _consume_range(
+                    rng.topic, rng.partition, exc.offset, end, bootstrap, sink, idle_timeout_s
+                )
+                if reset_to is not None:  # the log moved under us: report from the start
+                    next_offset = rng.start
+        else:
+            next_offset, block.highwater, reset_to = _consume_range(
+                rng.topic, rng.partition, rng.start, end, bootstrap, sink, idle_timeout_s
+            )
+        block.next_offset = next_offset
+        if reset_to is not None:
+            block.reset_to = reset_to
             block.next_offset = rng.start
             block.users, block.items, block.ratings, block.timestamps = [], [], [], []
-        if dlq_futures:
-            _producer(bootstrap).flush(timeout=30)
-            for f in dlq_futures:
-                f.get(timeout=30)  # raises if the dead letter was not stored: retry the batch
+        sink.flush()
     except Exception:
         _drop_clients(bootstrap)
         raise
