@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help bootstrap up test test-fast lint bench bench-core bench-modeler bench-predictor eval clean
+.PHONY: help bootstrap up test test-fast lint bench bench-core bench-modeler bench-predictor bench-kafka eval clean
 
 help:
 	@echo "make up      start broker, Redis, modeler, predictor, frontend; stream MovieLens in"
@@ -39,7 +39,7 @@ lint: bootstrap
 	$(VENV)/bin/ruff check common modeler predictor frontend devstack tests
 	$(VENV)/bin/mypy common predictor frontend
 
-bench: bench-core bench-modeler bench-predictor
+bench: bench-core bench-modeler bench-predictor bench-kafka
 
 bench-core: bootstrap
 	$(PY) -m tests.benchmarks.bench_core
@@ -49,6 +49,9 @@ bench-modeler: bootstrap
 
 bench-predictor: bootstrap
 	$(PY) -m tests.benchmarks.bench_predictor
+
+bench-kafka: bootstrap
+	$(PY) -m tests.benchmarks.bench_kafka_read
 
 eval: bootstrap
 	$(PY) -m modeler.evaluate --ratings $(or $(RATINGS_FILE),../shared/data/ml-latest-small/ratings.csv) --out build/eval

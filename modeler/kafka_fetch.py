@@ -136,12 +136,16 @@ def _records(
     add_offset = offsets.append
     add_value = values.append
     for _ in range(count):
-        # Single-byte varints (< 64 after zig-zag) are the common case for every field
-        # but the timestamp delta: read those inline, call _varint only for longer ones.
+        # Varints of one or two bytes (|n| < 8192) are the common case for every field but
+        # the timestamp delta: read those inline, call _varint only for longer ones.
         b = buf[rp]
         if b < 0x80:
             length = (b >> 1) ^ -(b & 1)
             rp += 1
+        elif buf[rp + 1] < 0x80:
+            b = (b & 0x7F) | (buf[rp + 1] << 7)
+            length = (b >> 1) ^ -(b & 1)
+            rp += 2
         else:
             length, rp = _varint(buf, rp)
         record_end = rp + length
@@ -153,6 +157,10 @@ def _records(
         if b < 0x80:
             delta = (b >> 1) ^ -(b & 1)
             q += 1
+        elif buf[q + 1] < 0x80:
+            b = (b & 0x7F) | (buf[q + 1] << 7)
+            delta = (b >> 1) ^ -(b & 1)
+            q += 2
         else:
             delta, q = _varint(buf, q)
         b = buf[q]
@@ -167,6 +175,10 @@ def _records(
         if b < 0x80:
             vlen = (b >> 1) ^ -(b & 1)
             q += 1
+        elif buf[q + 1] < 0x80:
+            b = (b & 0x7F) | (buf[q + 1] << 7)
+            vlen = (b >> 1) ^ -(b & 1)
+            q += 2
         else:
             vlen, q = _varint(buf, q)
         if q + vlen > record_end or record_end > stop or length <= 0:
