@@ -194,3 +194,27 @@ def test_a_broker_that_is_away_fails_the_read_within_its_budget():
     assert time.monotonic() - t0 < 10
     assert bootstrap not in kf._FETCHERS  # dropped: the retried batch starts afresh
     assert isinstance(info.value, kf.FetchFailed)
+
+
+def test_records_the_decoder_leaves_are_read_by_the_consumer_from_that_offset(bootstrap, mixed, monkeypatch):
+    """A legacy or zstd batch cannot be produced through this broker (it rewrites batches),
+    so the decoder is made to refuse everything from a mid-range offset on: the rest of the
+    range comes from the kafka-python consumer and the Block is the same as the consumer's."""
+    topic, n, starts = mixed
+    cut = starts[len(starts) // 2]
+    decode = kf.decode_batches
+    refused = []
+
+    def refusing(data, start, end):
+        if start >= cut:
+            refused.append(start)
+            raise kf.UnsupportedRecords(start, "pretend legacy format")
+        return decode(data, start, min(end, cut))  # hand over what precedes the cut only
+
+    monkeypatch.setattr(kf, "decode_batches", refusing)
+    rng = ks.OffsetRange(topic, PART, 2, n)
+    fast = ks.read_range(rng, bootstrap, None, 0.5, 5.0, fast=True)
+    assert refused == [cut]
+    slow = ks.read_range(rng, bootstrap, None, 0.5, 5.0, fast=False)
+    assert _state(fast) == _state(slow)
+    assert fast.next_offset == n
