@@ -1,11 +1,13 @@
 """Kafka -> RDD, the way Spark's direct Kafka stream does it, with kafka-python.
 
 The driver plans each micro-batch as one *range* per topic partition (start offset and a
-record cap). Executors read their range with ``assign`` + ``seek`` (no consumer group, no
-committed offsets: the offsets live with the model version in Redis), parse and validate
-each message where it was read, send bad ones to the dead-letter topic, and report the
-offset they actually reached and the high-water mark they saw. Ratings never pass through
-the driver: only one small summary per partition does.
+record cap). Executors read their range with raw Fetch requests decoded by
+:mod:`modeler.kafka_fetch` (the kafka-python consumer, ``assign`` + ``seek``, is the
+fallback for record formats and codecs that module leaves alone); there is no consumer
+group and no committed offset: the offsets live with the model version in Redis. They
+parse and validate each message where it was read, send bad ones to the dead-letter topic,
+and report the offset they actually reached and the high-water mark they saw. Ratings
+never pass through the driver: only one small summary per partition does.
 
 A range ends at the high-water mark seen while fetching, or at its cap. ``end_offsets()``
 alone is not trusted for that (the local broker under-reports it).
