@@ -28,6 +28,7 @@ range with the kafka-python consumer.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import struct
@@ -521,8 +522,17 @@ def fetcher(bootstrap: str) -> PartitionFetcher:
     """This process's fetcher for ``bootstrap`` (Spark reuses Python workers across tasks)."""
     f = _FETCHERS.get(bootstrap)
     if f is None:
+        if not _FETCHERS:
+            # Closed before interpreter teardown, which otherwise finds the client's
+            # metadata loop holding a reference to an already collected manager.
+            atexit.register(_close_all)
         f = _FETCHERS[bootstrap] = PartitionFetcher(bootstrap)
     return f
+
+
+def _close_all() -> None:
+    for bootstrap in list(_FETCHERS):
+        drop_fetcher(bootstrap)
 
 
 def drop_fetcher(bootstrap: str) -> None:
