@@ -240,7 +240,8 @@ def decode_batches(data: bytes, start: int, end: int) -> Decoded:
         seen_records += count
         batch_next = base + last_delta + 1
         if base >= end:
-            return Decoded(offsets, values, pos, True, seen_bytes, seen_records)
+            # Offsets from pos to end do not exist (compaction, markers): all passed.
+            return Decoded(offsets, values, end, True, seen_bytes, seen_records)
         if batch_next <= pos:  # wholly before the range (fetch started mid-way)
             p += size
             continue

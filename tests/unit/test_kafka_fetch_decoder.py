@@ -148,6 +148,10 @@ def test_offset_gaps_left_by_compaction_pass():
     assert got.offsets == [10, 12, 13, 17] and got.next_offset == 18
     assert decode_batches(data, 11, 100).offsets == [12, 13, 17]
     assert decode_batches(data, 10, 15).next_offset == 15
+    # A range wholly inside a gap before the next batch is passed, not fetched forever.
+    later = batch(30, recs)
+    got = decode_batches(later, 20, 25)
+    assert got.offsets == [] and got.next_offset == 25 and got.reached_end
 
 
 def test_a_bad_crc_is_an_error():
