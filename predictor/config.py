@@ -20,3 +20,8 @@ class PredictorSettings(CommonSettings):
     redis_timeout_s: float = Field(1.0, gt=0, alias="PREDICTOR_REDIS_TIMEOUT_S")
     # Users whose vector and rated set are cached per model version, per worker.
     user_cache_size: int = Field(100_000, ge=0, alias="PREDICTOR_USER_CACHE_SIZE")
+    # Top-N batching under load (see predictor.app.TopNBatcher): a busy worker waits up to
+    # this long for concurrent requests to share one pass over the item matrix ...
+    batch_wait_ms: float = Field(2.0, ge=0, le=100, alias="PREDICTOR_BATCH_WAIT_MS")
+    # ... or until this many are pending (bounds the time the event loop is blocked).
+    max_batch: int = Field(32, ge=1, le=1024, alias="PREDICTOR_MAX_BATCH")

@@ -208,27 +208,18 @@ def unit_rows(matrix: np.ndarray) -> np.ndarray:
 CHUNK = 64  # items per block for the top-k prefilter below
 
 
-def _threshold(scores: np.ndarray, k: int) -> np.ndarray:
-    """A lower bound on the k-th largest value of each column of ``scores`` (n, B).
-
-    Split the n rows into blocks (:func:`block_maxima`) and take each block's maximum: k blocks whose
-    maxima are >= t hold at least k values >= t, so the k-th largest block maximum t never
-    exceeds the k-th largest value. Rows >= t are then few, and only they are ranked: two
-    cheap vectorised passes over n instead of an O(n) argpartition with index bookkeeping.
-    """
-    maxima = block_maxima(scores)
-    m = maxima.shape[0]
-    if k >= m:
-        return np.full(scores.shape[1:], -np.inf, dtype=scores.dtype)
-    return np.partition(maxima, m - k, axis=0)[m - k]
-
-
 def _rank_rows(values: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best of ``values`` (with their ``rows``), best first, finite only."""
+    """The k best of ``values`` (with their ``rows``), best first, finite only.
+
+    Order: value descending, ties by lower row, whatever path found the candidates (every
+    value equal to the k-th best is kept until the final sort, so a tie at the cut is
+    decided by row, not by where argpartition happened to put it).
+    """
     if len(values) > k:
-        part = np.argpartition(values, len(values) - k)[len(values) - k :]
-        values, rows = values[part], rows[part]
-    order = np.lexsort((rows, -values))  # ties: lower row first, the same on every path
+        kth = np.partition(values, len(values) - k)[len(values) - k]
+        keep = values >= kth
+        values, rows = values[keep], rows[keep]
+    order = np.lexsort((rows, -values))[:k]
     values, rows = values[order], rows[order]
     keep = np.isfinite(values)
     if not keep.all():
@@ -241,15 +232,8 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
     Entries set to -inf (excluded items) never come out.
     """
-    n = scores.shape[0]
-    k = min(k, n)
-    if k <= 0:
-        return np.empty(0, np.int64), np.empty(0, F32)
-    if n <= 4 * CHUNK or k * CHUNK * 4 > n:
-        return _rank_rows(scores, np.arange(n), k)
-    t = _threshold(scores, k)
-    rows = np.flatnonzero(scores >= t)
-    return _rank_rows(scores[rows], rows, k)
+    rows, values = top_k_columns(scores.reshape(-1, 1), [k])[0]
+    return rows, values
 
 
 def block_maxima(scores: np.ndarray) -> np.ndarray:
@@ -269,19 +253,55 @@ def block_maxima(scores: np.ndarray) -> np.ndarray:
 
 
 def top_k_columns(scores: np.ndarray, ks: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """:func:`top_k` of every column of ``scores`` (n, B): ``ks[j]`` best of column j."""
+    """:func:`top_k` of every column of ``scores`` (n, B): ``ks[j]`` best of column j.
+
+    Prefilter, for all columns at once: split the n rows into blocks (:func:`block_maxima`);
+    k blocks whose maxima are >= t hold at least k values >= t, so t_j, the k_j-th largest
+    block maximum of column j, never exceeds the k_j-th largest value of column j. Only the
+    rows of blocks whose maximum reaches t_j can hold a value >= t_j, so those few blocks
+    (about k_j per column, CHUNK rows each) are gathered and ranked; the (n, B) matrix is
+    read once for the maxima and never scanned column by column.
+    """
     n, b = scores.shape
+    ks = [min(k, n) for k in ks]
+    empty = (np.empty(0, np.int64), np.empty(0, scores.dtype))
     if n <= 4 * CHUNK or max(ks) * CHUNK * 4 > n:
-        return [top_k(np.ascontiguousarray(scores[:, j]), ks[j]) for j in range(b)]
-    maxima = block_maxima(scores)  # (m, B)
-    m = maxima.shape[0]
+        rows = np.arange(n)
+        return [_rank_rows(scores[:, j], rows, ks[j]) if ks[j] > 0 else empty for j in range(b)]
+    m = n // CHUNK
+    full = m * CHUNK
+    maxima = block_maxima(scores)  # (m or m + 1, B); the last row is the tail's if full < n
+    blocks = maxima.shape[0]
+    kth = sorted({blocks - max(k, 1) for k in ks})
+    part = np.partition(maxima, kth, axis=0)
+    cols = np.arange(b)
+    t = part[[blocks - max(k, 1) for k in ks], cols]  # (B,) lower bounds on the k_j-th best
+    sel_block, sel_col = np.nonzero(maxima[:m] >= t)
+    # Rows of block s: s, s + m, ..., s + (CHUNK - 1) m.
+    rows = (sel_block[:, None] + m * np.arange(CHUNK)).ravel()
+    cand_cols = np.repeat(sel_col, CHUNK)
+    if full < n:  # the tail block is small: take its rows for every column
+        tail = np.arange(full, n)
+        rows = np.concatenate([rows, np.tile(tail, b)])
+        cand_cols = np.concatenate([cand_cols, np.repeat(cols, n - full)])
+    values = scores[rows, cand_cols]
+    keep = values >= t[cand_cols]
+    rows, cand_cols, values = rows[keep], cand_cols[keep], values[keep]
+    # One sort for the whole batch: by column, then value descending, then row.
+    order = np.lexsort((rows, -values, cand_cols))
+    rows, cand_cols, values = rows[order], cand_cols[order], values[order]
+    starts = np.searchsorted(cand_cols, cols)
+    ends = np.searchsorted(cand_cols, cols, side="right")
     out = []
     for j in range(b):
-        k = min(ks[j], n)
-        t = np.partition(maxima[:, j], m - k)[m - k]  # see _threshold: a lower bound on the k-th best
-        column = scores[:, j]
-        rows = np.flatnonzero(column >= t)
-        out.append(_rank_rows(column[rows], rows, k))
+        lo = int(starts[j])
+        hi = min(lo + ks[j], int(ends[j]))  # fewer only if a column holds NaN
+        r, v = rows[lo:hi], values[lo:hi]
+        # At least k_j candidates are >= t_j; -inf ones (excluded items) sort last: cut them.
+        if len(v) and not np.isfinite(v[-1]):
+            finite = np.isfinite(v)
+            r, v = r[finite], v[finite]
+        out.append((r, v))
     return out
 
 
