@@ -14,8 +14,10 @@ class ModelerSettings(CommonSettings):
     model_reg_param: float | None = Field(None, alias="MODEL_REG_PARAM", ge=0.0)
     model_learning_rate: float | None = Field(None, alias="MODEL_LEARNING_RATE", gt=0.0)
     model_seed: int | None = Field(None, alias="MODEL_SEED")
-    # Partitions of the model's state RDD (a few per executor core).
-    model_num_partitions: int = Field(4, alias="MODEL_NUM_PARTITIONS", ge=1)
+    # Partitions of the model's state RDD; unset: one per core Spark has (local[N]: N). Each
+    # partition is a task in three of a batch's four stages, and a PySpark task costs tens of
+    # ms, so more partitions than cores only adds overhead. A stored model keeps its own.
+    model_num_partitions: int | None = Field(None, alias="MODEL_NUM_PARTITIONS", ge=1)
     model_init_scale: float | None = Field(None, alias="MODEL_INIT_SCALE", gt=0.0)
     # Bounded replay of past ratings (0 turns it off).
     model_reservoir_size: int | None = Field(None, alias="MODEL_RESERVOIR_SIZE", ge=0)

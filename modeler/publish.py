@@ -136,6 +136,45 @@ def write_partition(
     yield n, top[:top_n]
 
 
+def factor_chunks(users: Any, items: Any, only_touched: bool) -> list[tuple]:
+    """The ``("i"|"u", ids, biases, vectors, counts)`` chunks of :func:`write_partition` for
+    one model partition's tables (anything with ``ids``, ``bias``, ``vec``, ``count`` and
+    ``touched``): the rows the last batch changed, or all of them."""
+    out = []
+    for tag, t in ((ITEM, items), (USER, users)):
+        rows = np.flatnonzero(t.touched) if only_touched else np.arange(len(t.ids))
+        out.append((tag, [t.ids[j] for j in rows], t.bias[rows], t.vec[rows], t.count[rows]))
+    return out
+
+
+@dataclass(frozen=True)
+class SegmentSink:
+    """A ``StreamingALS.train(..., sink=...)`` callable: writes one model partition's factor
+    rows (changed ones, or all for a ``full`` segment) and its users' newly rated items into
+    segment ``segment``, on the executor, inside the training job - the publish needs no
+    Spark job of its own. Redis trouble is reported, not raised (a raise would fail the
+    training job): the driver then falls back to a separate write job with retries.
+    """
+
+    redis_url: str
+    prefix: str
+    segment: int
+    full: bool
+    top_n: int = 100
+
+    def __call__(self, update: Any) -> dict[str, Any]:
+        chunks = factor_chunks(update.users, update.items, not self.full)
+        if len(update.batch_users):
+            chunks.append((RATED, update.batch_users.tolist(), update.batch_items.tolist(),
+                           update.batch_ratings.tolist()))
+        try:
+            written, top = next(write_partition(chunks, self.redis_url, self.prefix, self.segment,
+                                                self.top_n))
+        except Exception as exc:
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        return {"ok": True, "written": written, "top": top}
+
+
 def merge_popular(
     previous: Iterable[tuple[str, int]], changed: Iterable[tuple[str, int]], n: int
 ) -> list[tuple[str, int]]:

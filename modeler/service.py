@@ -33,8 +33,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from modeler import kafka_source as ks
 from modeler import publish as pub
 from modeler.config import ModelerSettings
@@ -56,6 +54,8 @@ class BatchReport:
     publish_seconds: float = 0.0
     full: bool = False
     lag: dict[int, int] = field(default_factory=dict)
+    # Written by the training job itself (no separate write job).
+    inline: bool = False
 
 
 class ModelerService:
@@ -101,7 +101,7 @@ class ModelerService:
         self._train_failures = 0
         self._failures = 0
         self._inflight: Any = None
-        self._write_job_s = 0.0
+        self._write_job_s: float | None = 0.0  # None: the training job wrote the segment
         self.reports: list[BatchReport] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -194,6 +194,11 @@ class ModelerService:
 
     def _start(self) -> None:
         """Lease, topics, model restore (or fresh model), offsets."""
+        if self.settings.model_num_partitions is None:
+            from modeler.spark import total_cores
+
+            cores = total_cores(self.spark.sparkContext)
+            self.settings = self.settings.model_copy(update={"model_num_partitions": cores})
         s = self.settings
         self._retrying("taking the modeler lease", "redis", self._wait_lease)
         self._retrying("creating topics", "kafka", self.admin.ensure_topics)
@@ -307,8 +312,10 @@ class ModelerService:
         # accumulator. An empty batch costs that one job and changes nothing.
         blocks, acc = ks.batch_blocks(sc, ranges, bootstrap, dlq, lo, hi)
         self._inflight = blocks
+        version = self.version + 1
+        sink = self._inline_sink(version)
         try:
-            stats = train_model(self.model, blocks.flatMap(ks.Block.rows))
+            stats = train_model(self.model, blocks.flatMap(ks.Block.rows), sink)
             summaries = list(acc.value.values())
             if len(summaries) < len(ranges):  # the model did not read every partition
                 summaries = blocks.map(ks.Block.summary).collect()
@@ -363,7 +370,6 @@ class ModelerService:
 
         # ---- publish (the model and the offsets are consistent from here on)
         t2 = time.perf_counter()
-        version = self.version + 1
         new_offsets = dict(self.offsets)
         new_offsets.update(reached)
         self.dlq_total += n_dlq
@@ -385,7 +391,8 @@ class ModelerService:
             "lag": {str(p): v for p, v in lag.items()},
             "time": time.time(),
         }
-        published = self._publish(version, blocks if n_valid else None, new_offsets, entry)
+        inline = (sink, list(getattr(self.model, "last_sink_results", []))) if sink is not None else None
+        published = self._publish(version, blocks if n_valid else None, new_offsets, entry, inline)
         if not published:
             # Stopped while Redis was away: abandon this batch; a restart redoes it.
             self.dlq_total -= n_dlq
@@ -412,20 +419,42 @@ class ModelerService:
         m.version.set(version)
         m.ratings_seen.set(int(self.model.ratings_seen))
         report = BatchReport(version, n_trained, n_dlq, seconds, t_read, t_train, t_pub,
-                             published == "full", lag)
+                             published == "full", lag, self._write_job_s is None)
         self.reports.append(report)
         del self.reports[:-100]
         log.info(
             "version %d: %d ratings (%d dead-lettered) in %.2f s (read %.2f, read+train %.2f, publish %.2f"
-            " of which write job %.2f) = %.0f ratings/s, prequential RMSE %s, ratings_seen %d%s",
-            version, n_trained, n_dlq, seconds, t_read, t_train, t_pub, self._write_job_s, self.ratings_per_s,
+            " %s) = %.0f ratings/s, prequential RMSE %s, ratings_seen %d%s",
+            version, n_trained, n_dlq, seconds, t_read, t_train, t_pub,
+            "written by the training job" if self._write_job_s is None
+            else f"of which write job {self._write_job_s:.2f}", self.ratings_per_s,
             f"{rmse:.4f}" if rmse is not None else "-", int(self.model.ratings_seen),
             " (full segment)" if published == "full" else "",
         )
         return report
 
-    def _publish(self, version: int, blocks: Any, offsets: dict[int, int], entry: dict) -> str | None:
-        """Write segment ``version`` and flip to it; retried while Redis is away.
+    def _inline_sink(self, version: int) -> pub.SegmentSink | None:
+        """The sink that writes segment ``version`` from inside the training job, or ``None``
+        when the publish must run its own write job (Redis away or lost the model: that path
+        retries, and rebuilds what Redis lost)."""
+        s = self.settings
+        try:
+            pointer = self.publisher.pointer()
+            ours = pointer is not None and pointer.version == self.version and self.version > 0
+            if self.version > 0 and not ours:
+                return None
+            full = self._need_full or not ours or len(self.segments) >= s.max_segment_chain
+            self.publisher.clear_segment(version)
+        except Exception as exc:  # Redis trouble: the publish step retries with backoff
+            log.debug("no inline publish of version %d: %s", version, _short(exc))
+            self.publisher.reset_client()
+            return None
+        return pub.SegmentSink(s.redis_url, s.redis_prefix, version, full, s.popular_size)
+
+    def _publish(self, version: int, blocks: Any, offsets: dict[int, int], entry: dict,
+                 inline: tuple[pub.SegmentSink, list[Any]] | None = None) -> str | None:
+        """Write segment ``version`` (unless ``inline``: the training job wrote it already,
+        with these per-partition answers) and flip to it; retried while Redis is away.
 
         Returns ``"full"``/``"delta"``, or ``None`` if stopped before it could publish.
         """
@@ -433,7 +462,9 @@ class ModelerService:
         delays = pub.backoff_delays(0.5, s.retry_max_backoff_s)
         while True:
             try:
-                return self._publish_once(version, blocks, offsets, entry)
+                # A retry never trusts the inline writes: Redis may have lost them meanwhile.
+                attempt, inline = inline, None
+                return self._publish_once(version, blocks, offsets, entry, attempt)
             except LeaseLost:
                 raise
             except Exception as exc:
@@ -450,7 +481,8 @@ class ModelerService:
                     log.warning("stopping with version %d unpublished; a restart redoes it", version)
                     return None
 
-    def _publish_once(self, version: int, blocks: Any, offsets: dict[int, int], entry: dict) -> str:
+    def _publish_once(self, version: int, blocks: Any, offsets: dict[int, int], entry: dict,
+                      inline: tuple[pub.SegmentSink, list[Any]] | None = None) -> str:
         from common.snapshot import Meta
 
         s = self.settings
@@ -460,24 +492,36 @@ class ModelerService:
         pointer = publisher.pointer()
         ours = pointer is not None and pointer.version == self.version and self.version > 0
         redis_lost = not ours and self.version > 0
-        full = self._need_full or not ours or len(self.segments) >= s.max_segment_chain
+        if inline is not None:
+            failed = [r.get("error") for r in inline[1] if not (isinstance(r, dict) and r.get("ok"))]
+            if redis_lost or failed or not inline[1]:
+                log.warning("the training job's writes of version %d are not usable (%s); "
+                            "writing it again", version,
+                            "Redis lost the model" if redis_lost else (failed[:1] or "no answers"))
+                inline = None
         if redis_lost:
             log.warning("Redis no longer holds version %d (pointer %s): republishing the whole model",
                         self.version, pointer)
-        publisher.clear_segment(version)
-        sc = self.spark.sparkContext
-        url, prefix = s.redis_url, s.redis_prefix
-        records = publish_rdd(self.model, full, blocks)
-        if redis_lost:
-            records = records.union(self._rated_backfill_rdd(sc, offsets, blocks))
         top_n = s.popular_size
-        t_job = time.perf_counter()
-        results = (
-            records
-            .mapPartitions(lambda it: pub.write_partition(it, url, prefix, version, top_n))
-            .collect()
-        )
-        self._write_job_s = time.perf_counter() - t_job
+        if inline is not None:
+            full = inline[0].full
+            results = [(r["written"], r["top"]) for r in inline[1]]
+            self._write_job_s = None
+        else:
+            full = self._need_full or not ours or len(self.segments) >= s.max_segment_chain
+            publisher.clear_segment(version)
+            sc = self.spark.sparkContext
+            url, prefix = s.redis_url, s.redis_prefix
+            records = publish_rdd(self.model, full, blocks)
+            if redis_lost:
+                records = records.union(self._rated_backfill_rdd(sc, offsets, blocks))
+            t_job = time.perf_counter()
+            results = (
+                records
+                .mapPartitions(lambda it: pub.write_partition(it, url, prefix, version, top_n))
+                .collect()
+            )
+            self._write_job_s = time.perf_counter() - t_job
         written = sum(n for n, _ in results)
         changed = [kv for _, top in results for kv in top]
         popular = pub.merge_popular([] if full else self.popular, changed, top_n)
@@ -602,7 +646,7 @@ def restore_model(spark: Any, settings: ModelerSettings, restored: pub.Restored)
         (i, (float(b), v, int(item_counts.get(i, 0))))
         for i, b, v in zip(restored.item_ids, restored.item_biases, restored.item_vectors, strict=True)
     ]
-    slices = max(1, settings.model_num_partitions)
+    slices = max(1, settings.model_num_partitions or 1)
     extra = dict(restored.model_state)
     kwargs: dict[str, Any] = {}
     if "params" not in extra:
@@ -628,8 +672,8 @@ def restore_model(spark: Any, settings: ModelerSettings, restored: pub.Restored)
     )
 
 
-def train_model(model: Any, ratings: Any) -> dict[str, Any]:
-    stats = model.train(ratings)
+def train_model(model: Any, ratings: Any, sink: Any = None) -> dict[str, Any]:
+    stats = model.train(ratings, sink=sink) if sink is not None else model.train(ratings)
     if isinstance(stats, dict):
         return stats
     return {k: getattr(stats, k) for k in ("n_ratings", "n_rejected", "prequential_sse", "new_users", "new_items")}
@@ -644,13 +688,7 @@ def _factor_records(only_touched: bool) -> Callable[[tuple[int, Any]], Any]:
     """
 
     def records(kv: tuple[int, Any]) -> Any:
-        part = kv[1]
-        out = []
-        for tag, t in ((pub.ITEM, part.items), (pub.USER, part.users)):
-            rows = np.flatnonzero(t.touched) if only_touched else np.arange(len(t.ids))
-            ids = [t.ids[j] for j in rows]
-            out.append((tag, ids, t.bias[rows], t.vec[rows], t.count[rows]))
-        return out
+        return pub.factor_chunks(kv[1].users, kv[1].items, only_touched)
 
     return records
 

@@ -43,3 +43,17 @@ def get_spark(
         checkpoint_dir or tempfile.mkdtemp(prefix="streamrec-checkpoints-")
     )
     return spark
+
+
+def total_cores(sc) -> int:
+    """Cores the session computes with: N for ``local[N]`` (all CPUs for ``local[*]``),
+    otherwise Spark's default parallelism (the executors' cores, unless configured)."""
+    import re
+
+    master = sc.master
+    if master == "local":
+        return 1
+    m = re.fullmatch(r"local\[(\d+|\*)(?:,\s*\d+)?\]", master)
+    if m:
+        return os.cpu_count() or 1 if m.group(1) == "*" else max(1, int(m.group(1)))
+    return max(1, int(sc.defaultParallelism))

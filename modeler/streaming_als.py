@@ -107,13 +107,34 @@ class ModelState:
 @dataclass
 class _Part:
     """Partition p of the model: users and items whose id hashes to p, and the replay
-    sample's entries rated by those users (``replay``) / for those items (``mirror``)."""
+    sample's entries rated by those users (``replay``) / for those items (``mirror``).
+    ``batch`` holds the last batch's valid ratings by those users (for a sink; replaced by
+    every batch, so it stays batch-sized)."""
 
     users: FactorTable
     items: FactorTable
     replay: Reservoir
     mirror: Reservoir
     stats: dict[str, float] = field(default_factory=dict)
+    batch: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    learned: int = 0  # valid ratings the whole last batch learned (all partitions)
+
+
+@dataclass
+class PartitionUpdate:
+    """What a ``train(..., sink=...)`` callable sees of one model partition after the batch.
+
+    ``users``/``items`` are the partition's tables (``touched`` marks the rows the batch
+    changed); ``batch_users``/``batch_items``/``batch_ratings`` are the batch's valid ratings
+    by this partition's users. Read-only: the tables belong to the cached model.
+    """
+
+    pid: int
+    users: FactorTable
+    items: FactorTable
+    batch_users: np.ndarray
+    batch_items: np.ndarray
+    batch_ratings: np.ndarray
 
 
 def _empty_part(rank: int) -> _Part:
@@ -267,6 +288,8 @@ def _learn_stage(params: ALSParams, rating_sum: float, ratings_seen: int):
             keep = np.zeros(0, dtype=bool)
         u_pid = np.fromiter((partition_of(k, P) for k in u_ids), dtype=np.int64, count=len(u_ids))
         i_pid = np.fromiter((partition_of(k, P) for k in i_ids), dtype=np.int64, count=len(i_ids))
+        # The batch's ratings go back to their user's partition too (for a sink).
+        r_pid = u_pid[u_rows[:n_new]] if n_new else np.zeros(0, dtype=np.int64)
         ku, ki, kr, kp = new_u[keep], new_i[keep], new_r[keep], prio[keep]
         ku_pid = np.fromiter((partition_of(k, P) for k in ku), dtype=np.int64, count=len(ku))
         ki_pid = np.fromiter((partition_of(k, P) for k in ki), dtype=np.int64, count=len(ki))
@@ -274,10 +297,12 @@ def _learn_stage(params: ALSParams, rating_sum: float, ratings_seen: int):
         for p in range(P):
             su, si = u_pid == p, i_pid == p
             ru, ri = ku_pid == p, ki_pid == p
+            rb = r_pid == p
             yield p, (-1, u_arr[su].tolist(), ub[su], uv[su], u_inc[su],
                       i_arr[si].tolist(), ib[si], iv[si], i_inc[si],
                       (ku[ru], ki[ru], kr[ru], kp[ru]), (ki[ri], kp[ri]),
-                      keep_frac, stats if p == 0 else {})
+                      keep_frac, stats if p == 0 else {},
+                      (new_u[:n_new][rb], new_i[:n_new][rb], new_r[:n_new][rb]), n_new)
 
     return stage
 
@@ -288,14 +313,14 @@ def _apply_stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, _Part]]:
     users, items = _copy_table(part.users), _copy_table(part.items)
     users.touched[:] = False
     items.touched[:] = False
-    replay, mirror, stats = part.replay, part.mirror, {}
-    for _, u_ids, ub, uv, u_inc, i_ids, ib, iv, i_inc, rep, mir, keep_frac, st in msgs:
+    replay, mirror, stats, batch, learned = part.replay, part.mirror, {}, None, 0
+    for _, u_ids, ub, uv, u_inc, i_ids, ib, iv, i_inc, rep, mir, keep_frac, st, rated, n in msgs:
         users.upsert(u_ids, ub, uv, u_inc)
         items.upsert(i_ids, ib, iv, i_inc)
         replay = replay.updated(keep_frac, *rep)
         mirror = mirror.updated(keep_frac, None, mir[0], None, mir[1])
-        stats = st
-    yield pid, _Part(users, items, replay, mirror, stats)
+        stats, batch, learned = st, rated, n
+    yield pid, _Part(users, items, replay, mirror, stats, batch, learned)
 
 
 def _copy_table(t: FactorTable) -> FactorTable:
@@ -304,8 +329,18 @@ def _copy_table(t: FactorTable) -> FactorTable:
                        t.count.copy(), t.touched.copy())
 
 
-def _part_stats(kv: tuple[int, _Part]) -> dict[str, float]:
-    return kv[1].stats
+def _finish(sink: Any):
+    """The per-partition end of ``train()``: the batch statistics, and the sink's answer."""
+
+    def finish(kv: tuple[int, _Part]) -> tuple[dict[str, float], Any]:
+        pid, part = kv
+        if sink is None or not part.learned:  # nothing learned: nothing to write
+            return part.stats, None
+        empty = np.zeros(0, dtype=str)
+        bu, bi, br = part.batch if part.batch is not None else (empty, empty, np.zeros(0))
+        return part.stats, sink(PartitionUpdate(pid, part.users, part.items, bu, bi, br))
+
+    return finish
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,6 +468,7 @@ class StreamingALS:
         self.batches = 0
         self.last_batch_size = 0
         self.last_stats: TrainStats | None = None
+        self.last_sink_results: list[Any] = []
         self._state: Any = None  # RDD[(pid, _Part)], num_partitions records
 
     # -- plain attributes ------------------------------------------------------------------
@@ -508,12 +544,19 @@ class StreamingALS:
             self._state = (sc.parallelize(range(P), P).map(lambda k: (k, _empty_part(rank)))
                            .partitionBy(P, _identity))
 
-    def train(self, rdd) -> TrainStats:
+    def train(self, rdd, sink: Any = None) -> TrainStats:
         """Learn one mini-batch RDD of ``(user, item, rating, timestamp)``; return its stats.
 
         Four stages, whatever ``iterations``: route the ratings to their users' partitions;
         gather the rows they (and the replayed ratings) touch; learn that working set in one
         task (:func:`modeler.als_math.learn_batch`); write the rows back. One Spark job.
+
+        ``sink``: an optional picklable callable run on the executors, in the same job, with a
+        :class:`PartitionUpdate` of every model partition once the batch is learned (e.g. to
+        write the changed rows somewhere); it should return something small. Its answers,
+        one per partition, are in :attr:`last_sink_results` (``None`` for every partition when
+        the batch had no valid rating: the sink is not called then). It must not raise for trouble
+        it can report (an exception fails the batch like any task failure).
         """
         started = time.perf_counter()
         p = self.params
@@ -540,8 +583,9 @@ class StreamingALS:
             # marked RDD itself would never be computed (nor its lineage cut).
             state.persist()
             state.localCheckpoint()
-        parts = state.map(_part_stats).collect()
-        st: dict[str, Any] = next((x for x in parts if x), {})
+        parts = state.map(_finish(sink)).collect()
+        self.last_sink_results = [r for _, r in parts] if sink is not None else []
+        st: dict[str, Any] = next((x for x, _ in parts if x), {})
         old, self._state = self._state, state
         old.unpersist()
 
@@ -686,4 +730,4 @@ def _build_part(rank: int):
     return build
 
 
-__all__ = ["ModelState", "StreamingALS", "TrainStats"]
+__all__ = ["ModelState", "PartitionUpdate", "StreamingALS", "TrainStats"]

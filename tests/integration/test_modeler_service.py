@@ -118,6 +118,8 @@ def test_replayed_ratings_become_consistent_versions(spark, bootstrap, topic, re
     meta = snap["meta"]
     assert int(meta["ratings_seen"]) == len(rows)
     assert int(meta["version"]) == snap["pointer"]["version"] >= 5
+    # With Redis healthy every version was written by its training job (no write job).
+    assert service.reports and all(r.inline for r in service.reports)
     # Offsets of the version = every message of the topic (nothing else was produced).
     offsets = json.loads(meta["offsets"])
     assert set(offsets) == {f"{topic}:{p}" for p in range(4)}

@@ -144,3 +144,42 @@ def test_a_batch_without_valid_ratings_changes_nothing(spark):
     assert model.ratings_seen == 200 and model.batches == 1
     assert model.changed_users.count() == 0 and model.changed_items.count() == 0
     assert _equal(_table(model.user_factors), before)
+
+
+def _recorder():
+    """A sink that returns what it saw (a closure: cloudpickle ships it by value to the
+    executors, which cannot import this test module)."""
+
+    def record(update):
+        return {
+            "pid": update.pid,
+            "users": sorted(update.users.ids[j] for j in np.flatnonzero(update.users.touched)),
+            "items": sorted(update.items.ids[j] for j in np.flatnonzero(update.items.touched)),
+            "ratings": sorted(zip(update.batch_users.tolist(), update.batch_items.tolist(),
+                                  update.batch_ratings.tolist())),
+        }
+
+    return record
+
+
+def test_a_sink_sees_each_partitions_changed_rows_and_the_batchs_valid_ratings(spark):
+    sc = spark.sparkContext
+    model = StreamingALS(rank=3, iterations=1, num_partitions=3, reservoir_size=300)
+    rows = _stream(600, seed=8)
+    model.train(sc.parallelize(rows[:300], 2))
+    batch = rows[300:] + BAD
+    stats = model.train(sc.parallelize(batch, 2), sink=_recorder())
+    seen = model.last_sink_results
+    assert sorted(r["pid"] for r in seen) == [0, 1, 2]
+    assert stats.n_ratings == 300
+    # Every valid rating of the batch, exactly once, in the partition of its user.
+    got = sorted(t for r in seen for t in r["ratings"])
+    assert got == sorted((str(u), str(i), float(x)) for u, i, x, _ in rows[300:])
+    for r in seen:
+        assert {u for u, _, _ in r["ratings"]} <= set(r["users"])
+    # The changed rows are the ones the model reports as changed.
+    assert sorted(u for r in seen for u in r["users"]) == sorted(k for k, _ in model.changed_users.collect())
+    assert sorted(i for r in seen for i in r["items"]) == sorted(k for k, _ in model.changed_items.collect())
+    # A batch with nothing valid does not call the sink.
+    model.train(sc.parallelize(BAD, 1), sink=_recorder())
+    assert model.last_sink_results == [None, None, None]
