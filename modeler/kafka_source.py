@@ -493,9 +493,12 @@ def batch_blocks(
     dlq_topic: str,
     rating_min: float,
     rating_max: float,
+    slices: int | None = None,
 ) -> tuple[Any, Any]:
     """A lazy, persisted ``RDD[Block]`` over ``ranges`` and an accumulator that receives each
-    partition's summary when its block is computed.
+    partition's summary when its block is computed. ``slices`` caps the Spark partitions
+    (tasks) the ranges are read in: a PySpark task costs tens of ms, so a few cores read
+    many Kafka partitions best a few ranges per task.
 
     Training on ``blocks.flatMap(Block.rows)`` reads Kafka inside the training job itself
     (one Spark job less per batch than :func:`read_batch`); the summaries (offsets reached)
@@ -511,7 +514,8 @@ def batch_blocks(
             acc.add({block.partition: block.summary()})
             yield block
 
-    blocks = sc.parallelize(ranges, max(1, len(ranges))).mapPartitions(read)
+    n = max(1, min(len(ranges), slices or len(ranges)))
+    blocks = sc.parallelize(ranges, n).mapPartitions(read)
     return blocks.persist(StorageLevel.MEMORY_AND_DISK), acc
 
 

@@ -6,7 +6,9 @@ Layout: :mod:`common.keys`. A version ``v`` is published in three steps:
    (segment ids are version numbers, and an unpublished ``v`` is re-used after a restart);
 2. executors write the factor records (the changed ones, or all of them for a *full*
    segment) and each user's rated items per partition, where the data lives
-   (:func:`write_partition`, one Spark job for everything);
+   (:func:`write_partition`): normally inside the training job itself, right after each
+   model partition has learned the batch (:class:`SegmentSink`); when Redis was away or lost
+   the model meanwhile, in a write job of its own, with retries;
 3. the driver calls :func:`common.snapshot.publish_version`: metadata (with the Kafka
    offsets the version has consumed), pointer flip, metrics entry, ``popular`` and the
    pub/sub announcement in one MULTI/EXEC.

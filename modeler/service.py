@@ -310,7 +310,8 @@ class ModelerService:
         # Kafka is read inside the training job (one Spark job less per batch): the blocks
         # are cached, and each partition's summary (offsets reached) comes back through an
         # accumulator. An empty batch costs that one job and changes nothing.
-        blocks, acc = ks.batch_blocks(sc, ranges, bootstrap, dlq, lo, hi)
+        blocks, acc = ks.batch_blocks(sc, ranges, bootstrap, dlq, lo, hi,
+                                      getattr(self.model, "num_partitions", None))
         self._inflight = blocks
         version = self.version + 1
         sink = self._inline_sink(version)
