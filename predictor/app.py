@@ -711,8 +711,10 @@ def create_app(settings: PredictorSettings | None = None) -> FastAPI:
             problems.append("no model and no popular fallback loaded yet")
         if problems:
             return error(503, "not ready", problems)
+        # "worker": which process answered (several uvicorn workers share the port, each
+        # with its own model copy: a deployment check can tell when all of them are ready).
         return js({"status": "ready", "version": model.version if model else None,
-                   "strategy": "model" if model else "popular"})
+                   "strategy": "model" if model else "popular", "worker": os.getpid()})
 
     @app.get("/metrics", tags=["ops"])
     async def prometheus(svc: Svc) -> Response:

@@ -4,7 +4,9 @@ thread, async Redis client)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -136,6 +138,7 @@ def test_health_ready_and_metrics(api: TestClient) -> None:
     assert api.get("/healthz").json() == {"status": "ok"}
     ready = api.get("/readyz")
     assert ready.status_code == 200 and ready.json()["version"] == 1
+    assert ready.json()["worker"] == os.getpid()  # in-process here: this test's own process
     api.get("/v1/users/u1/recommendations")
     text = api.get("/metrics").text
     assert "predictor_model_version 1.0" in text
@@ -240,6 +243,48 @@ def test_recommendations_n_bounds_and_candidates(api: TestClient, planted: Plant
     raw = planted.raw(0)
     expected = sorted(cands[:5], key=lambda i: -raw[planted.items.index(i)])[:3]
     assert got == expected and body["strategy"] == "model"
+
+
+def test_plain_top_n_requests_take_the_direct_path_with_the_routes_answers(api: TestClient) -> None:
+    """A plainly formed GET top-N request skips FastAPI's routing (``hot_args``); the same
+    request with an extra parameter only the declared route accepts must answer identically."""
+    from predictor.app import hot_args
+
+    for user, query in [("u0", "n=15"), ("u5", "include_rated=true&n=7"), ("u3", ""),
+                        ("stranger", "n=4"), ("u1", "n=1000&include_rated=0")]:
+        path = f"/v1/users/{user}/recommendations"
+        routed = f"{query}&via=route" if query else "via=route"
+        assert hot_args(path, query.encode()) is not None
+        assert hot_args(path, routed.encode()) is None
+        direct, declared = api.get(f"{path}?{query}"), api.get(f"{path}?{routed}")
+        assert direct.status_code == declared.status_code == 200
+        assert direct.content == declared.content
+        assert direct.headers["content-type"] == declared.headers["content-type"]
+    for odd in (b"n=010", b"n=5&n=6", b"n=", b"include_rated=yes", b"n=10000"):
+        assert hot_args("/v1/users/u0/recommendations", odd) is None
+    assert hot_args("/v1/users//recommendations", b"") is None
+    assert hot_args("/v1/users/a/b/recommendations", b"") is None
+
+
+def test_concurrent_top_n_requests_are_batched_and_each_exact(api: TestClient, planted: Planted) -> None:
+    import httpx
+
+    paths = [f"/v1/users/u{u}/recommendations?n=12" for u in range(N_USERS)]
+    for path in paths:  # warm the per-version user cache: every request below submits at once
+        api.get(path)
+
+    async def burst() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=api.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return list(await asyncio.gather(*(client.get(p) for p in paths)))
+
+    responses = api.portal.call(burst)
+    for u, r in enumerate(responses):
+        assert [x["item"] for x in r.json()["items"]] == planted.top(u, 12)
+    sizes = api.app.state.svc.metrics.batch_size.collect()[0].samples
+    count_le_1 = next(s.value for s in sizes if s.name.endswith("_bucket") and s.labels["le"] == "1.0")
+    total = next(s.value for s in sizes if s.name.endswith("_count"))
+    assert total > count_le_1  # some matrix products answered several requests
 
 
 def test_unknown_user_gets_popular(api: TestClient) -> None:

@@ -120,3 +120,28 @@ def test_similar_is_cosine_without_the_item_itself() -> None:
     rows, vals = m.similar(17, 5)
     assert rows.tolist() == brute_top(cos, 5)
     assert np.allclose(vals, cos[rows], atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [20000, 20001, 20063])  # with and without a tail block
+def test_top_k_columns_ties_at_the_cut_tail_and_exclusions(n: int) -> None:
+    rng = np.random.default_rng(n)
+    # Few distinct values: many exact ties at every cut, decided by the lower row.
+    scores = rng.integers(0, 40, size=(n, 6)).astype(np.float32)
+    scores[-1, 0] = 100.0  # the best item of column 0 sits in the tail block (if any)
+    scores[rng.choice(n, n - 5, replace=False), 3] = -np.inf  # only 5 finite in column 3
+    scores[:, 4] = -np.inf  # nothing left to recommend
+    ks = [10, 0, 50, 10, 10, 1]
+    for j, (rows, vals) in enumerate(top_k_columns(scores, ks)):
+        assert rows.tolist() == brute_top(scores[:, j], ks[j])
+        assert np.array_equal(vals, scores[rows, j])
+    assert top_k_columns(scores, ks)[0][0][0] == n - 1
+
+
+def test_top_k_breaks_ties_by_row_on_every_path() -> None:
+    scores = np.zeros(30000, np.float32)
+    scores[[7, 20000]] = 2.0
+    assert top_k(scores, 5)[0].tolist() == [7, 20000, 0, 1, 2]
+    small = np.zeros(100, np.float32)  # the short-array path
+    assert top_k(small, 3)[0].tolist() == [0, 1, 2]
+    two = np.stack([scores, scores[::-1]], axis=1)
+    assert [r.tolist() for r, _ in top_k_columns(two, [3, 3])] == [[7, 20000, 0], [9999, 29992, 0]]
