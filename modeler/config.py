@@ -14,9 +14,9 @@ class ModelerSettings(CommonSettings):
     model_reg_param: float | None = Field(None, alias="MODEL_REG_PARAM", ge=0.0)
     model_learning_rate: float | None = Field(None, alias="MODEL_LEARNING_RATE", gt=0.0)
     model_seed: int | None = Field(None, alias="MODEL_SEED")
-    # Partitions of the model's state RDD; unset: one per core Spark has (local[N]: N). Each
-    # partition is a task in three of a batch's four stages, and a PySpark task costs tens of
-    # ms, so more partitions than cores only adds overhead. A stored model keeps its own.
+    # Partitions of the model's state RDD; unset: 1 on a local master (one fused task per
+    # batch, see modeler.spark.default_model_partitions), the executors' cores on a cluster.
+    # A stored model keeps its own.
     model_num_partitions: int | None = Field(None, alias="MODEL_NUM_PARTITIONS", ge=1)
     model_init_scale: float | None = Field(None, alias="MODEL_INIT_SCALE", gt=0.0)
     # Bounded replay of past ratings (0 turns it off).

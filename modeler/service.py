@@ -195,10 +195,10 @@ class ModelerService:
     def _start(self) -> None:
         """Lease, topics, model restore (or fresh model), offsets."""
         if self.settings.model_num_partitions is None:
-            from modeler.spark import total_cores
+            from modeler.spark import default_model_partitions
 
-            cores = total_cores(self.spark.sparkContext)
-            self.settings = self.settings.model_copy(update={"model_num_partitions": cores})
+            n = default_model_partitions(self.spark.sparkContext)
+            self.settings = self.settings.model_copy(update={"model_num_partitions": n})
         s = self.settings
         self._retrying("taking the modeler lease", "redis", self._wait_lease)
         self._retrying("creating topics", "kafka", self.admin.ensure_topics)

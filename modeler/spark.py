@@ -45,15 +45,12 @@ def get_spark(
     return spark
 
 
-def total_cores(sc) -> int:
-    """Cores the session computes with: N for ``local[N]`` (all CPUs for ``local[*]``),
-    otherwise Spark's default parallelism (the executors' cores, unless configured)."""
-    import re
-
-    master = sc.master
-    if master == "local":
+def default_model_partitions(sc) -> int:
+    """Partitions of the streaming model when none are configured: 1 on a ``local`` master
+    (the whole batch is gathered, learned and written back in one task, with no shuffle of
+    factor rows between stages: on a 2-core machine each PySpark stage and task costs far
+    more than a batch's numpy work), otherwise Spark's default parallelism (the executors'
+    cores), so the model's rows are spread over the cluster."""
+    if sc.master == "local" or sc.master.startswith("local["):
         return 1
-    m = re.fullmatch(r"local\[(\d+|\*)(?:,\s*\d+)?\]", master)
-    if m:
-        return os.cpu_count() or 1 if m.group(1) == "*" else max(1, int(m.group(1)))
     return max(1, int(sc.defaultParallelism))

@@ -1,7 +1,7 @@
 """Benchmark of the streaming ALS core -> build/bench/core.json.
 
 ``python -m tests.benchmarks.bench_core [--batches 20] [--batch-size 10000]
-[--partitions 2,4,8] [--skip-accuracy] [--ratings FILE]``
+[--partitions 1,2,4] [--skip-accuracy] [--ratings FILE]``
 
 * Throughput: ``StreamingALS.train`` in Spark ``local[2]`` on a synthetic stream
   (``common.synthetic``), mini-batches of 10,000, default model parameters, for several
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=10_000)
-    parser.add_argument("--partitions", default="2,4,8")
+    parser.add_argument("--partitions", default="1,2,4")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--ratings", type=Path, default=ML_SMALL)
     parser.add_argument("--out", type=Path, default=OUT)

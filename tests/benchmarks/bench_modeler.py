@@ -1,11 +1,12 @@
 """End-to-end modeler benchmark: broker -> ``python -m modeler`` (Spark local[2]) -> Redis.
 
-    python -m tests.benchmarks.bench_modeler [--rate R] [--seconds 30] [--backlog 200000] [--batch-max-records N]
+    python -m tests.benchmarks.bench_modeler [--rate R] [--seconds 30] [--backlog 300000] [--batch-max-records N]
 
 Two phases against a real broker, redis-server and the modeler as its own process:
 
-1. *throughput*: ``--backlog`` ratings are produced before timing starts; ratings/s is the
-   rate at which published versions' ``ratings_seen`` grows while draining them.
+1. *throughput*: ``--backlog`` ratings are in the topic before the modeler starts; ratings/s
+   is the rate at which published versions' ``ratings_seen`` grows while it drains them,
+   from its third version on (the first ones include Spark's start and warm-up).
 2. *freshness*: ratings are produced at a steady ``--rate`` (default 70% of the phase-1
    throughput) for ``--seconds``; for a sample
    of them (every 50th) the time from ``send()`` to the announcement of the first version
@@ -85,6 +86,9 @@ class Watcher(threading.Thread):
         return None
 
 
+WARMUP_VERSIONS = 3
+
+
 def wait_seen(watcher: Watcher, n: int, timeout: float, proc: subprocess.Popen) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="steady ratings/s in phase 2 (default: 70%% of the phase-1 throughput, so that"
                              " freshness is measured under a load the modeler sustains)")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of phase 2")
-    parser.add_argument("--backlog", type=int, default=200_000, help="ratings drained in phase 1")
+    parser.add_argument("--backlog", type=int, default=300_000, help="ratings drained in phase 1")
     parser.add_argument("--batch-max-records", type=int, default=20_000)
     parser.add_argument("--out", default=str(ROOT / "build" / "bench" / "modeler.json"))
     args = parser.parse_args(argv)
@@ -130,11 +134,6 @@ def main(argv: list[str] | None = None) -> int:
             "MODELER_METRICS_PORT": "0", "LOG_FORMAT": "text",
         })
         log_path = out.parent / "modeler-bench.log"
-        with open(log_path, "wb") as fh:
-            proc = subprocess.Popen([sys.executable, "-m", "modeler"], cwd=ROOT, env=env, stdout=fh,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        watcher = Watcher(redis_proc.url, prefix)
-        watcher.start()
         producer = make_producer(broker.url)
         cursor = 0
 
@@ -148,27 +147,29 @@ def main(argv: list[str] | None = None) -> int:
                     sent = time.time()
                     fut.add_callback(lambda md, sent=sent: samples.append((md.partition, md.offset, sent)))
 
-        # Warm-up: Spark start, first batches (JIT of the Python workers, caches).
-        send(5000)
-        producer.flush()
-        if not wait_seen(watcher, 5000, 300, proc):
-            raise RuntimeError(f"modeler did not publish the warm-up; see {log_path}")
-        log.info("warm-up done (version %d)", watcher.versions[-1][1])
-
-        # Phase 1: drain a backlog.
+        # Phase 1: the whole backlog is in the topic before the modeler starts (a modeler
+        # draining while the producer still writes would share the 2 cores with it, and only
+        # the tail of the drain would be timed). Its first WARMUP_VERSIONS versions (Spark
+        # start, first Python workers, JIT) are not counted.
         send(args.backlog)
         producer.flush()
-        start_seen, t0 = watcher.seen(), time.time()
-        v0 = watcher.versions[-1][1]
-        target = 5000 + args.backlog
-        wait_seen(watcher, target, 600, proc)
-        drained = watcher.seen() - start_seen
-        t1 = watcher.versions[-1][0]
+        with open(log_path, "wb") as fh:
+            proc = subprocess.Popen([sys.executable, "-m", "modeler"], cwd=ROOT, env=env, stdout=fh,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        watcher = Watcher(redis_proc.url, prefix)
+        watcher.start()
+        if not wait_seen(watcher, args.backlog, 600, proc):
+            raise RuntimeError(f"modeler did not drain the backlog; see {log_path}")
+        busy = watcher.versions[WARMUP_VERSIONS - 1:]
+        if len(busy) < 3:
+            raise RuntimeError("backlog too small to time: raise --backlog")
+        t0, start_seen = busy[0][0], busy[0][3]
+        t1, drained = busy[-1][0], busy[-1][3] - start_seen
         throughput = drained / max(t1 - t0, 1e-9)
-        log.info("phase 1: %d ratings in %.1f s = %.0f ratings/s", drained, t1 - t0, throughput)
+        log.info("phase 1: %d ratings in %.1f s = %.0f ratings/s (after %d warm-up versions)",
+                 drained, t1 - t0, throughput, WARMUP_VERSIONS)
         # While draining, the modeler is never idle: the time between two announcements is
         # one whole batch (read, train, write, publish).
-        busy = [v for v in watcher.versions if v[1] >= v0]
         batch_intervals = [b[0] - a[0] for a, b in itertools.pairwise(busy)]
         batch_sizes = [b[3] - a[3] for a, b in itertools.pairwise(busy)]
 
@@ -221,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             "steady_batch_ratings_p50": float(np.percentile([m["batch_ratings"] for m in phase2 or metrics], 50)),
             "ratings": watcher.seen(),
             "phase1_backlog": args.backlog,
+            "phase1_ratings_timed": drained,
             "phase1_seconds": round(t1 - t0, 2),
             "versions": watcher.versions[-1][1],
             "batch_max_records": args.batch_max_records,

@@ -194,8 +194,10 @@ def test_poison_messages_go_to_the_dlq_and_leave_the_model_unchanged(
             n_poison += 1
     producer.flush()
     producer.close()
-    # One batch holds the whole topic, so the comparison model sees the same batch.
-    settings = settings_for(bootstrap, topic, redis_url, redis_prefix, BATCH_MAX_RECORDS=100_000)
+    # One batch holds the whole topic, so the comparison model sees the same batch. A model of
+    # one partition: the fused plan the modeler uses on a local master by default.
+    settings = settings_for(bootstrap, topic, redis_url, redis_prefix, BATCH_MAX_RECORDS=100_000,
+                            MODEL_NUM_PARTITIONS=1)
     service = ModelerService(settings, spark=spark)
     run_until_seen(service, len(rows))
     client = redis.Redis.from_url(redis_url)
@@ -204,7 +206,8 @@ def test_poison_messages_go_to_the_dlq_and_leave_the_model_unchanged(
     assert json.loads(snap["meta"]["metrics"])["dlq_total"] == n_poison
     assert sum(json.loads(snap["meta"]["offsets"]).values()) == len(rows) + n_poison
 
-    reference = new_model(settings)
+    # The reference is laid out differently (3 partitions, four-stage plan): same floats.
+    reference = new_model(settings.model_copy(update={"model_num_partitions": 3}))
     reference.train(spark.sparkContext.parallelize(rows, 3))
     ref_users = dict(reference.user_factors.collect())
     ref_items = dict(reference.item_factors.collect())

@@ -34,10 +34,11 @@ def _assert_tables_equal(got: dict, table, atol: float = 2e-5) -> None:
         np.testing.assert_allclose(vec, table.vec[j], atol=atol, err_msg=key)
 
 
-def test_rdd_training_matches_the_numpy_reference_batch_by_batch(spark):
+@pytest.mark.parametrize("partitions", [3, 1])  # 1: the fused one-task plan
+def test_rdd_training_matches_the_numpy_reference_batch_by_batch(spark, partitions):
     sc = spark.sparkContext
     kwargs = dict(rank=4, iterations=2, reg_param=0.08, learning_rate=0.06, seed=5,
-                  num_partitions=3, reservoir_size=400, history_weight=2.0)
+                  num_partitions=partitions, reservoir_size=400, history_weight=2.0)
     model = StreamingALS(**kwargs)
     ref = LocalStreamingALS(model.params)
     rows = _stream(1200)
