@@ -17,8 +17,9 @@ rows between partitions. Layout, chosen after the seeds' performance warnings:
   :func:`modeler.als_math.learn_batch`; (4) a second co-partitioned union writes the learned
   rows back. Messages are numpy blocks, one per pair of partitions - no Python object per
   rating crosses a shuffle. A model of ONE partition (the default on a local master) runs
-  (2)-(4) as one task - the same functions chained, no shuffle between them - so a batch is
-  two stages: with PySpark's tens of ms per stage and task, that halves a batch's fixed cost.
+  (1)-(4) in one task - the same functions chained, the input and the model brought together
+  by a narrow ``coalesce(1)``, no shuffle at all - so a batch is one stage of one task: with
+  PySpark's tens of ms per stage and task, that is most of a small batch's cost saved.
 * After each batch the new model RDD is materialised and its lineage cut (``localCheckpoint``,
   a reliable ``checkpoint`` every ``checkpoint_interval`` batches when the SparkContext has a
   checkpoint directory), and the previous one is unpersisted: the DAG and the cached data
@@ -551,11 +552,22 @@ class StreamingALS:
 
     def _zip(self, state, messages):
         """Co-partitioned union: partition p of the result = partition p of both inputs
-        (a PartitionerAwareUnionRDD; no shuffle of the model)."""
+        (a PartitionerAwareUnionRDD; no shuffle of the model). With ONE partition, a narrow
+        ``coalesce(1)`` of the union does it for inputs of any partitioning, so messages
+        need no shuffle at all (see :meth:`_keyed`)."""
+        if self.num_partitions == 1:
+            return state.union(messages).coalesce(1)
         merged = state.union(messages)
         if merged.getNumPartitions() != self.num_partitions:
             raise RuntimeError("model RDDs lost their partitioner; a union would misalign them")
         return merged
+
+    def _keyed(self, rdd):
+        """Messages keyed by model partition, placed there: a shuffle, unless the model has
+        one partition (then :meth:`_zip` brings everything into one task without one)."""
+        if self.num_partitions == 1:
+            return rdd
+        return rdd.partitionBy(self.num_partitions, _identity)
 
     def _ensure_state(self, sc) -> None:
         if self._state is None:
@@ -569,7 +581,9 @@ class StreamingALS:
 
         Four stages, whatever ``iterations``: route the ratings to their users' partitions;
         gather the rows they (and the replayed ratings) touch; learn that working set in one
-        task (:func:`modeler.als_math.learn_batch`); write the rows back. One Spark job.
+        task (:func:`modeler.als_math.learn_batch`); write the rows back. One Spark job. A
+        model of one partition does all of it in one task: a narrow coalesce puts the input
+        and the model together, with no shuffle at all.
 
         ``sink``: an optional picklable callable run on the executors, in the same job, with a
         :class:`PartitionUpdate` of every model partition once the batch is learned (e.g. to
@@ -585,8 +599,7 @@ class StreamingALS:
         self._ensure_state(sc)
         batch_no = self.batches + 1
         fraction = replay_fraction(p, self.last_batch_size, self.ratings_seen)
-        routed = rdd.mapPartitionsWithIndex(_route_ratings(P, p.rating_min, p.rating_max)) \
-            .partitionBy(P, _identity)
+        routed = self._keyed(rdd.mapPartitionsWithIndex(_route_ratings(P, p.rating_min, p.rating_max)))
         if P == 1:
             state = self._zip(self._state, routed).mapPartitions(
                 _fused_stage(p, batch_no, fraction, self.rating_sum, self.ratings_seen),
@@ -652,9 +665,8 @@ class StreamingALS:
         p = self.params
         P = p.num_partitions
         state = self._need()
-        routed = triples.mapPartitionsWithIndex(_route_pairs(P)).partitionBy(P, _identity)
-        to_items = (self._zip(state, routed).mapPartitions(_predict_user_side(P))
-                    .partitionBy(P, _identity))
+        routed = self._keyed(triples.mapPartitionsWithIndex(_route_pairs(P)))
+        to_items = self._keyed(self._zip(state, routed).mapPartitions(_predict_user_side(P)))
         return self._zip(state, to_items).mapPartitions(
             _predict_item_side(self.mu, p.rating_min, p.rating_max))
 
