@@ -6,7 +6,9 @@ Prediction (bias matrix factorisation, the modeler's model)::
 
 A :class:`FactorModel` is immutable once built: a new version is a new object, swapped in by
 replacing one reference, so a request that took a reference at its start never sees a mix.
-Per-version caches (user vectors, rated sets) hang off the model object and die with it.
+Per-version caches (user vectors, rated sets) hang off the model object and die with it
+(a delta version starts with the entries of the users its segments leave alone:
+``predictor.store.carry_user_cache``).
 """
 
 from __future__ import annotations

@@ -304,15 +304,41 @@ class ModelWatcher:
             except SnapshotChanged:
                 log.info("version %s collected while loading; re-reading the pointer", pointer.version)
                 continue
+            kept = 0
+            if kind == "delta" and current is not None:
+                kept = carry_user_cache(client, self.keys, current, model)
             self.model = model
             log.info(
-                "model version %d loaded (%s): %d items, rank %d",
-                model.version, kind, model.n_items, model.rank,
+                "model version %d loaded (%s): %d items, rank %d, %d cached users kept",
+                model.version, kind, model.n_items, model.rank, kept,
             )
             if self.on_swap is not None:
                 self.on_swap(model, kind)
             return True
         return False
+
+
+def carry_user_cache(client: redis.Redis, keys: Keys, old: FactorModel, new: FactorModel) -> int:
+    """Copy ``old``'s cached users that ``new``'s delta segments leave alone into ``new``'s
+    cache; the number copied.
+
+    ``new`` is ``old`` plus delta segments. A user's factors are those of the newest segment
+    holding them, so a user absent from every delta segment has the same factors in both
+    versions. Their rated set is unchanged too: the modeler writes a batch's ratings with
+    the factors of the users who made them, into the same segment. Without this, each new
+    version (every few seconds when streaming) would send every request back to Redis.
+    Nothing is carried if the delta added items: a cached user's rated rows could miss one.
+    """
+    if new.n_items != old.n_items or new.segments[: len(old.segments)] != old.segments:
+        return 0
+    touched: set[str] = set()
+    for s in new.segments[len(old.segments) :]:
+        touched.update(k.decode() if isinstance(k, bytes) else k
+                       for k in client.hkeys(keys.segment(s, USERS)))
+    # One C-level copy of the items: requests may be adding to the old cache meanwhile.
+    entries = list(old.user_cache.items())
+    new.user_cache.update((user, e) for user, e in entries if user not in touched)
+    return len(new.user_cache)
 
 
 # ---------------------------------------------------------------------- per request

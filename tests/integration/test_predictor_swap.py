@@ -19,6 +19,7 @@ from common.snapshot import Meta, collect_garbage, write_segment
 from devstack.services import free_port, start_redis, stop_process_group
 from predictor.app import create_app
 from tests.integration.test_predictor_api import (
+    N_USERS,
     RANK,
     Planted,
     plant,
@@ -111,6 +112,37 @@ def test_delta_segment_applied_incrementally(redis_url, redis_client, keys) -> N
         r = api.get("/v1/predict?user=u0&item=brand-new").json()
         assert r["rating"] == pytest.approx(float(np.clip(p.raw(0)[-1], 0.5, 5)), abs=1e-4)
         assert api.get("/v1/model").json()["n_items"] == len(p.items)
+
+
+def test_delta_version_keeps_the_cached_users_it_leaves_alone(redis_url, redis_client, keys) -> None:
+    p = plant(seed=9)
+    publish(redis_client, keys, p, 1)
+    with TestClient(create_app(settings_for(redis_url, keys))) as api:
+        wait_version(api, 1)
+        for u in range(N_USERS):  # every user cached under version 1
+            api.get(f"/v1/users/u{u}/recommendations?n=10")
+        # Version 2 = segment 1 + delta 2: users 0 and 1 change (u0 also rates its new best
+        # item, which must disappear from its list), so do five items; no item is added.
+        p.user_factors[[0, 1]] *= -1
+        changed = [3, 4, 5, 6, 7]
+        p.item_factors[changed] = np.random.default_rng(2).normal(0, 1, (5, RANK)).astype(np.float32)
+        p.rated["u0"][p.top(0, 1)[0]] = 5.0
+        publish(redis_client, keys, p, 2, segments=[1, 2], items=changed, users=[0, 1])
+        wait_version(api, 2)
+        assert set(api.app.state.svc.watcher.model.user_cache) == {f"u{u}" for u in range(2, N_USERS)}
+        for u in range(N_USERS):
+            got = [x["item"] for x in api.get(f"/v1/users/u{u}/recommendations?n=10").json()["items"]]
+            assert got == p.top(u, 10), u
+        # Version 3 adds an item: cached rated rows could miss it, so nothing is carried.
+        p.items.append("late")
+        p.item_factors = np.vstack([p.item_factors, np.full((1, RANK), 1.5, np.float32)])
+        p.item_bias = np.append(p.item_bias, np.float32(0.5))
+        publish(redis_client, keys, p, 3, segments=[1, 2, 3], items=[len(p.items) - 1], users=[])
+        wait_version(api, 3)
+        assert api.app.state.svc.watcher.model.user_cache == {}
+        for u in range(N_USERS):
+            got = [x["item"] for x in api.get(f"/v1/users/u{u}/recommendations?n=10").json()["items"]]
+            assert got == p.top(u, 10), u
 
 
 def test_polling_finds_a_version_without_announcement(redis_url, redis_client, keys) -> None:
