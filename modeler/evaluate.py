@@ -150,12 +150,13 @@ def streaming_side(spark, train: Sequence[RatingRow], test: Sequence[RatingRow],
                    curve_every: int, params: dict[str, Any] | None = None,
                    scale: RatingScale | None = None, progress: Any = None) -> dict[str, Any]:
     """Replay ``train`` in timestamp order through StreamingALS; test RMSE curve + prequential."""
+    from modeler.spark import default_model_partitions
     from modeler.streaming_als import StreamingALS
 
     sc = spark.sparkContext
-    # One model partition per local core unless told otherwise: every partition costs a task
-    # in each stage of every mini-batch, and on local[N] the job latency is what limits.
-    params = {"num_partitions": _local_cores(sc.master) or 8, **(params or {})}
+    # The modeler's default layout unless told otherwise (local: one partition, one task per
+    # mini-batch; on local[N] the job latency is what limits).
+    params = {"num_partitions": default_model_partitions(sc), **(params or {})}
     model = StreamingALS(**params, scale=scale or RatingScale())
     stream = sorted(train, key=lambda r: (r.timestamp, r.user, r.item))
     test_rdd = sc.parallelize([(r.user, r.item, float(r.rating)) for r in test],
@@ -198,19 +199,6 @@ def streaming_side(spark, train: Sequence[RatingRow], test: Sequence[RatingRow],
         "ratings_per_second": n_seen / train_seconds if train_seconds else float("nan"),
         "median_batch_seconds": float(np.median(steady)) if steady else float("nan"),
     }
-
-
-def _local_cores(master: str) -> int | None:
-    """N of ``local[N]`` (``local[*]``: the CPU count); None for a cluster master."""
-    import os
-    import re
-
-    if master == "local":
-        return 1
-    match = re.fullmatch(r"local\[(\d+|\*)(?:,\s*\d+)?\]", master)
-    if not match:
-        return None
-    return (os.cpu_count() or 1) if match.group(1) == "*" else int(match.group(1))
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
