@@ -262,29 +262,35 @@ def top_k_columns(scores: np.ndarray, ks: list[int]) -> list[tuple[np.ndarray, n
     block maximum of column j, never exceeds the k_j-th largest value of column j. Only the
     rows of blocks whose maximum reaches t_j can hold a value >= t_j, so those few blocks
     (about k_j per column, CHUNK rows each) are gathered and ranked; the (n, B) matrix is
-    read once for the maxima and never scanned column by column.
+    read once for the maxima and never scanned column by column. A column asking for so
+    many that the blocks would not thin it out is ranked whole, on its own.
     """
     n, b = scores.shape
     ks = [min(k, n) for k in ks]
-    empty = (np.empty(0, np.int64), np.empty(0, scores.dtype))
-    if n <= 4 * CHUNK or max(ks) * CHUNK * 4 > n:
-        rows = np.arange(n)
-        return [_rank_rows(scores[:, j], rows, ks[j]) if ks[j] > 0 else empty for j in range(b)]
+    whole = [n <= 4 * CHUNK or k * CHUNK * 4 > n for k in ks]
+    out: list[tuple[np.ndarray, np.ndarray]] = [
+        (np.empty(0, np.int64), np.empty(0, scores.dtype)) for _ in ks
+    ]
+    every_row = np.arange(n)
+    for j in range(b):
+        if whole[j] and ks[j] > 0:
+            out[j] = _rank_rows(scores[:, j], every_row, ks[j])
+    if all(whole):
+        return out
     m = n // CHUNK
     full = m * CHUNK
     maxima = block_maxima(scores)  # (m or m + 1, B); the last row is the tail's if full < n
     blocks = maxima.shape[0]
-    kth = sorted({blocks - max(k, 1) for k in ks})
-    part = np.partition(maxima, kth, axis=0)
+    cut = [blocks - (1 if whole[j] else max(ks[j], 1)) for j in range(b)]
     cols = np.arange(b)
-    t = part[[blocks - max(k, 1) for k in ks], cols]  # (B,) lower bounds on the k_j-th best
+    t = np.partition(maxima, sorted(set(cut)), axis=0)[cut, cols]  # (B,) lower bounds on the k_j-th best
+    t[np.array(whole)] = np.inf  # ranked whole above: no candidates from the prefilter
     sel_block, sel_col = np.nonzero(maxima[:m] >= t)
     # Rows of block s: s, s + m, ..., s + (CHUNK - 1) m.
     rows = (sel_block[:, None] + m * np.arange(CHUNK)).ravel()
     cand_cols = np.repeat(sel_col, CHUNK)
     if full < n:  # the tail block is small: take its rows for every column
-        tail = np.arange(full, n)
-        rows = np.concatenate([rows, np.tile(tail, b)])
+        rows = np.concatenate([rows, np.tile(np.arange(full, n), b)])
         cand_cols = np.concatenate([cand_cols, np.repeat(cols, n - full)])
     values = scores[rows, cand_cols]
     keep = values >= t[cand_cols]
@@ -294,16 +300,17 @@ def top_k_columns(scores: np.ndarray, ks: list[int]) -> list[tuple[np.ndarray, n
     rows, cand_cols, values = rows[order], cand_cols[order], values[order]
     starts = np.searchsorted(cand_cols, cols)
     ends = np.searchsorted(cand_cols, cols, side="right")
-    out = []
     for j in range(b):
+        if whole[j]:
+            continue
         lo = int(starts[j])
         hi = min(lo + ks[j], int(ends[j]))  # fewer only if a column holds NaN
         r, v = rows[lo:hi], values[lo:hi]
         # At least k_j candidates are >= t_j; -inf ones (excluded items) sort last: cut them.
-        if len(v) and not np.isfinite(v[-1]):
-            finite = np.isfinite(v)
+        finite = np.isfinite(v)
+        if not finite.all():
             r, v = r[finite], v[finite]
-        out.append((r, v))
+        out[j] = (r, v)
     return out
 
 

@@ -145,3 +145,20 @@ def test_top_k_breaks_ties_by_row_on_every_path() -> None:
     assert top_k(small, 3)[0].tolist() == [0, 1, 2]
     two = np.stack([scores, scores[::-1]], axis=1)
     assert [r.tolist() for r, _ in top_k_columns(two, [3, 3])] == [[7, 20000, 0], [9999, 29992, 0]]
+
+
+def test_recommend_batch_mixing_short_and_long_lists_is_brute_force() -> None:
+    m = planted(n_items=30011, rank=8, seed=9)  # 30011: a tail block after the full ones
+    rng = np.random.default_rng(10)
+    ns = [10, 1, 200, 10, 5, 1000]  # 200 and 1000 are too many for the block prefilter
+    users = [(float(rng.normal()), rng.normal(0, 0.5, 8).astype(np.float32), n,
+              rng.choice(m.n_items, 300, replace=False) if j % 2 == 0 else None)
+             for j, n in enumerate(ns)]
+    x = np.vstack([np.array([u[1] for u in users]).T, np.ones((1, len(users)), np.float32)])
+    scores = m.item_aug @ x  # the very product recommend_batch ranks
+    for j, (rows, vals) in enumerate(recommend_batch(m, users)):
+        column = scores[:, j].copy()
+        if users[j][3] is not None:
+            column[users[j][3]] = -np.inf
+        assert rows.tolist() == brute_top(column, ns[j])
+        assert np.array_equal(vals, column[rows] + np.float32(users[j][0]))
