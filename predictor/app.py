@@ -571,8 +571,7 @@ class PredictorApp(FastAPI):
     per request through them, 0.11-0.16 ms here), more than the batched maths for one user
     of a 62k-item model. A well-formed top-N request (:func:`hot_args`) is answered here by
     the same code, with the same JSON bytes, status codes, error bodies and metrics as the
-    declared route;
-    every other request, and the OpenAPI schema, go through FastAPI unchanged.
+    declared route; every other request, and the OpenAPI schema, go through FastAPI.
     """
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
