@@ -180,14 +180,19 @@ def _wait_redis_ping(port: int, proc: subprocess.Popen, timeout: float = 20.0) -
     raise TimeoutError("redis-server did not answer PING")
 
 
-def start_broker(port: int | None = None, workdir: Path | None = None) -> Process:
-    """Start Tansu, a Kafka-protocol broker, with in-memory storage on 127.0.0.1."""
+def start_broker(port: int | None = None, workdir: Path | None = None,
+                 advertised_port: int | None = None) -> Process:
+    """Start Tansu, a Kafka-protocol broker, with in-memory storage on 127.0.0.1.
+
+    ``advertised_port``: the port the broker tells clients to connect to, if not its own
+    (e.g. a proxy in front of it that a test can cut to simulate an outage)."""
     port = port or free_port()
     workdir = Path(workdir or tempfile.mkdtemp(prefix="streamrec-broker-"))
     workdir.mkdir(parents=True, exist_ok=True)
     url = f"tcp://127.0.0.1:{port}"
+    advertised = f"tcp://127.0.0.1:{advertised_port or port}"
     cmd = [
-        tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+        tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", advertised,
         "--storage-engine", "memory://tansu/",
     ]
     env = dict(os.environ)

@@ -296,3 +296,75 @@ def test_redis_restart_republishes_the_whole_model_without_double_counting(
         assert all(counts[i] == c for i, c in json.loads(meta["popular"]))
     finally:
         own.stop()
+
+
+def test_a_kafka_outage_is_retried_and_nothing_is_lost_or_counted_twice(
+    spark, redis_url, redis_prefix, ml_small, tmp_path
+):
+    from devstack.services import create_topics, free_port, start_broker
+    from tests.integration.tcp_proxy import TcpProxy
+
+    # The broker advertises the proxy's port, so every client (the modeler's driver and its
+    # executors) talks to it through the proxy: cutting the proxy is a Kafka outage while
+    # the broker (and its in-memory log) stays up.
+    proxy_port = free_port()
+    broker = start_broker(workdir=tmp_path / "broker", advertised_port=proxy_port)
+    proxy = TcpProxy(("127.0.0.1", proxy_port), ("127.0.0.1", broker.extra["port"]))
+    proxy.start()
+    bootstrap = f"127.0.0.1:{proxy_port}"
+    topic = "ratings-outage"
+    try:
+        create_topics(bootstrap, {topic: 4, f"{topic}.dlq": 1})
+        rows = ml_rows(ml_small, 2400)
+        first, second = rows[:1200], rows[1200:]
+        producer = make_producer(bootstrap)
+        send_rows(producer, topic, first)
+        producer.flush()
+        producer.close()
+        settings = settings_for(bootstrap, topic, redis_url, redis_prefix, BATCH_MAX_RECORDS=400,
+                                MODEL_NUM_PARTITIONS=1)
+        service = ModelerService(settings, spark=spark)
+        errors: list[BaseException] = []
+
+        def loop() -> None:
+            try:
+                run_until_seen(service, len(rows), timeout=240)
+            except BaseException as exc:  # reported by the test thread
+                errors.append(exc)
+
+        worker = threading.Thread(target=loop, daemon=True)
+        worker.start()
+        client = redis.Redis.from_url(redis_url)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            raw = client.hget(f"{redis_prefix}:ver:{service.version}", "ratings_seen") if service.version else None
+            if raw is not None and int(raw) >= len(first):
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the first part was never published")
+        failed_before = service.metrics.batches.labels(outcome="failed")._value.get()
+        proxy.cut()
+        deadline = time.monotonic() + 60
+        while service.metrics.batches.labels(outcome="failed")._value.get() == failed_before:
+            assert time.monotonic() < deadline, "the modeler never noticed the outage"
+            time.sleep(0.2)
+        time.sleep(2.0)  # a few retries with backoff, while Kafka stays away
+        assert worker.is_alive() and not errors, errors  # no crash, it waits
+        proxy.restore()
+        producer = make_producer(bootstrap)
+        send_rows(producer, topic, second)
+        producer.flush()
+        producer.close()
+        worker.join(240)
+        assert not worker.is_alive() and not errors, errors
+        snap = plain_snapshot(client, redis_prefix)
+        meta = snap["meta"]
+        assert int(meta["ratings_seen"]) == len(rows)  # each rating counted exactly once
+        assert sum(json.loads(meta["offsets"]).values()) == len(rows)
+        assert set(snap["users"]) == {r[0] for r in rows}
+        assert set(snap["items"]) == {r[1] for r in rows}
+        service.publisher.release_lease(service.token)
+    finally:
+        proxy.cut()
+        broker.stop()
