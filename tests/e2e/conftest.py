@@ -55,7 +55,17 @@ class Service:
             return "".join(self.log_path.read_text(errors="replace").splitlines(True)[-n:])
         return ""
 
+    def pause(self) -> None:
+        """Freeze the whole process group (the modeler's JVM and Python workers too): a
+        service that has fallen behind, for as long as a test needs."""
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
     def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.resume()  # a paused process cannot act on SIGTERM
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -136,6 +146,8 @@ def stack(redis_url: str, bootstrap: str, ml_small: Path, tmp_path_factory) -> I
         "DLQ_TOPIC": f"{topic}.dlq", "REDIS_PREFIX": prefix, "SPARK_MASTER": "local[2]",
         "LOG_LEVEL": "INFO", "LOG_FORMAT": "text", "MODELER_METRICS_PORT": str(free_port()),
         "BATCH_MAX_INTERVAL_S": "1", "BATCH_MAX_RECORDS": str(BATCH_MAX_RECORDS), "MODEL_POLL_INTERVAL_S": "0.5",
+        # The test pauses the modeler for a while; its lease must outlive the pause.
+        "MODELER_LEASE_TTL_S": "300",
         "SPARK_CHECKPOINT_DIR": str(tmp_path_factory.mktemp("e2e-checkpoints")),
     })
     loader = subprocess.run(

@@ -59,6 +59,10 @@ def test_visitor_rates_and_sees_fold_in_then_model_recommendations(stack: Stack,
     page.locator("#popular li.movie").first.wait_for(timeout=10_000)
     page.locator("#m-version", has_text=str(v0)).wait_for(timeout=10_000)
 
+    # The modeler learns a rating within about a second, faster than a person (or this test)
+    # rates four movies: freeze it, as if it had fallen behind, so the fold-in stage is seen.
+    modeler = stack.services["modeler"]
+    modeler.pause()
     # Mouse: whole and half stars.
     rate(page, "Matrix, The (1999)", "matrix", 5)
     rate(page, "Star Wars: Episode IV", "star wars", 4.5)
@@ -90,6 +94,7 @@ def test_visitor_rates_and_sees_fold_in_then_model_recommendations(stack: Stack,
                                                          ("296", 3.5)}
 
     # Later: the modeler learns them, the version advances, the page switches to the model.
+    modeler.resume()
     page.locator('#recs[data-strategy="model"] li.movie').first.wait_for(
         timeout=LEARN_TIMEOUT_S * 1000)
     version = int(page.locator("#recs").get_attribute("data-version") or -1)
