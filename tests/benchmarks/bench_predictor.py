@@ -350,6 +350,20 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def mean_batch_size(port: int) -> float | None:
+    """Top-N requests per matrix product since start-up, from the answering worker's
+    ``predictor_topn_batch_size`` histogram (one worker's view when there are several)."""
+    import httpx
+
+    total = count = 0.0
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text.splitlines():
+        if line.startswith("predictor_topn_batch_size_sum"):
+            total = float(line.split()[-1])
+        elif line.startswith("predictor_topn_batch_size_count"):
+            count = float(line.split()[-1])
+    return round(total / count, 1) if count else None
+
+
 def top10_agreement(port: int, f: Factors, n_users: int = 20) -> tuple[int, list[dict[str, Any]]]:
     """How many of ``n_users`` sampled users get numpy's top-10 scores; the misses, described."""
     import httpx
@@ -488,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                 r["server_cpu_ms_per_request"] = round(
                     1000 * (cpu_seconds(proc.pid) - cpu0) / max(1, r["requests"]), 3)
                 r["load_average_1m"] = round(os.getloadavg()[0], 2)
+                r["mean_batch_size"] = mean_batch_size(port)
                 # Derived, not measured: the CPU-bound ceiling of server + load generator if
                 # they had every core of this machine to themselves (it is shared here).
                 r["derived_cpu_ceiling_per_s"] = round(
