@@ -106,6 +106,8 @@ def test_delta_equals_full_rebuild_and_leaves_the_old_model_alone() -> None:
     d = m.with_item_delta(ids, biases, vecs, version=2)
     assert np.array_equal(m.item_aug, before) and m.version == 1
     assert d.version == 2 and d.n_items == 101 and d.index["new"] == 100
+    assert d.index == {item: row for row, item in enumerate(d.item_ids)}
+    assert "new" not in m.index and len(m.item_ids) == 100
     assert np.array_equal(d.item_factors[5], vecs[0]) and d.item_bias[100] == -1.0
     assert d.item_aug[100, 3] == pytest.approx(3.5 - 1.0)
     assert np.array_equal(d.item_factors[:5], m.item_factors[:5])
