@@ -97,6 +97,32 @@ def run_until_seen(service: ModelerService, n: int, timeout: float = 180.0) -> N
     service.run(until=done)
 
 
+def run_in_background(service: ModelerService, n: int) -> tuple[threading.Thread, list[BaseException]]:
+    """``run_until_seen`` in a thread; the errors it met are in the returned list."""
+    errors: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            run_until_seen(service, n, timeout=240)
+        except BaseException as exc:  # reported by the test thread
+            errors.append(exc)
+
+    worker = threading.Thread(target=loop, daemon=True)
+    worker.start()
+    return worker, errors
+
+
+def wait_published(client: redis.Redis, prefix: str, service: ModelerService, n: int) -> None:
+    """Until a version with ``ratings_seen`` >= n is in Redis."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        raw = client.hget(f"{prefix}:ver:{service.version}", "ratings_seen") if service.version else None
+        if raw is not None and int(raw) >= n:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"no version with {n} ratings was published")
+
+
 # ------------------------------------------------------------------ tests
 
 
@@ -251,25 +277,9 @@ def test_redis_restart_republishes_the_whole_model_without_double_counting(
         producer.flush()
         settings = settings_for(bootstrap, topic, own.url, redis_prefix, BATCH_MAX_RECORDS=400)
         service = ModelerService(settings, spark=spark)
-        errors: list[BaseException] = []
-
-        def loop() -> None:
-            try:
-                run_until_seen(service, len(rows), timeout=240)
-            except BaseException as exc:  # reported by the test thread
-                errors.append(exc)
-
-        worker = threading.Thread(target=loop, daemon=True)
-        worker.start()
+        worker, errors = run_in_background(service, len(rows))
         client = redis.Redis.from_url(own.url)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            raw = client.hget(f"{redis_prefix}:ver:{service.version}", "ratings_seen") if service.version else None
-            if raw is not None and int(raw) >= len(first):
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail("the first part was never published")
+        wait_published(client, redis_prefix, service, len(first))
         before = service.version
         own.kill()  # Redis away, then back empty: the modeler must retry, then republish all
         time.sleep(2.0)
@@ -324,25 +334,9 @@ def test_a_kafka_outage_is_retried_and_nothing_is_lost_or_counted_twice(
         settings = settings_for(bootstrap, topic, redis_url, redis_prefix, BATCH_MAX_RECORDS=400,
                                 MODEL_NUM_PARTITIONS=1)
         service = ModelerService(settings, spark=spark)
-        errors: list[BaseException] = []
-
-        def loop() -> None:
-            try:
-                run_until_seen(service, len(rows), timeout=240)
-            except BaseException as exc:  # reported by the test thread
-                errors.append(exc)
-
-        worker = threading.Thread(target=loop, daemon=True)
-        worker.start()
+        worker, errors = run_in_background(service, len(rows))
         client = redis.Redis.from_url(redis_url)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            raw = client.hget(f"{redis_prefix}:ver:{service.version}", "ratings_seen") if service.version else None
-            if raw is not None and int(raw) >= len(first):
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail("the first part was never published")
+        wait_published(client, redis_prefix, service, len(first))
         failed_before = service.metrics.batches.labels(outcome="failed")._value.get()
         proxy.cut()
         deadline = time.monotonic() + 60
