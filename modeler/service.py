@@ -494,12 +494,15 @@ class ModelerService:
         ours = pointer is not None and pointer.version == self.version and self.version > 0
         redis_lost = not ours and self.version > 0
         if inline is not None:
-            failed = [r.get("error") for r in inline[1] if not (isinstance(r, dict) and r.get("ok"))]
-            if redis_lost or failed or not inline[1]:
+            answers = inline[1]
+            failed = [r.get("error") for r in answers if isinstance(r, dict) and not r.get("ok")]
+            if redis_lost or failed:
                 log.warning("the training job's writes of version %d are not usable (%s); "
                             "writing it again", version,
-                            "Redis lost the model" if redis_lost else (failed[:1] or "no answers"))
+                            "Redis lost the model" if redis_lost else failed[0])
                 inline = None
+            elif not answers or not all(isinstance(r, dict) for r in answers):
+                inline = None  # nothing was learned (only dead letters): nothing was written
         if redis_lost:
             log.warning("Redis no longer holds version %d (pointer %s): republishing the whole model",
                         self.version, pointer)
