@@ -14,7 +14,7 @@ import httpx
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from tests.e2e.conftest import BUILD, ROOT, Stack
+from tests.e2e.conftest import BUILD, ROOT, SEED_RATINGS, Stack
 
 FIRST_MODEL_TIMEOUT_S = 150  # Spark start-up (~25-40 s) + the first micro-batches, 2 busy cores
 LEARN_TIMEOUT_S = float(os.environ.get("E2E_LEARN_TIMEOUT_S", "90"))
@@ -30,12 +30,15 @@ def wait_for(check, timeout: float, what: str, stack: Stack, interval: float = 0
     pytest.fail(f"timed out after {timeout}s waiting for {what}\n{stack.diagnostics()}")
 
 
-def model_version(stack: Stack) -> int | None:
+def model_version(stack: Stack, ratings_seen: int = 0) -> int | None:
+    """The predictor's model version once it has learned at least ``ratings_seen`` ratings."""
     try:
         resp = httpx.get(f"{stack.predictor_url}/v1/model", params={"history": 0}, timeout=2)
     except httpx.HTTPError:
         return None
-    return int(resp.json()["version"]) if resp.status_code == 200 else None
+    if resp.status_code != 200 or int(resp.json()["ratings_seen"]) < ratings_seen:
+        return None
+    return int(resp.json()["version"])
 
 
 def rate(page, title: str, query: str, value: float) -> None:
@@ -50,7 +53,9 @@ def rate(page, title: str, query: str, value: float) -> None:
 
 def test_visitor_rates_and_sees_fold_in_then_model_recommendations(stack: Stack, browser_page):
     page = browser_page
-    v0 = wait_for(lambda: model_version(stack), FIRST_MODEL_TIMEOUT_S, "the first model", stack)
+    # The whole seeded history learned: no version is published until the visitor rates.
+    v0 = wait_for(lambda: model_version(stack, SEED_RATINGS), FIRST_MODEL_TIMEOUT_S,
+                  "the model of the seeded ratings", stack)
 
     page.goto(stack.frontend_url + "/")
     visitor = next(c["value"] for c in page.context.cookies() if c["name"] == "visitor_id")

@@ -123,6 +123,18 @@ def wait_published(client: redis.Redis, prefix: str, service: ModelerService, n:
     pytest.fail(f"no version with {n} ratings was published")
 
 
+def assert_complete_once(client: redis.Redis, prefix: str, rows: list) -> dict:
+    """The current version holds every user and item of ``rows``, each rating counted once
+    (``ratings_seen`` and the stored offsets); returns the snapshot."""
+    snap = plain_snapshot(client, prefix)
+    meta = snap["meta"]
+    assert int(meta["ratings_seen"]) == len(rows)
+    assert sum(json.loads(meta["offsets"]).values()) == len(rows)
+    assert set(snap["users"]) == {r[0] for r in rows}
+    assert set(snap["items"]) == {r[1] for r in rows}
+    return snap
+
+
 # ------------------------------------------------------------------ tests
 
 
@@ -290,14 +302,9 @@ def test_redis_restart_republishes_the_whole_model_without_double_counting(
         producer.close()
         worker.join(240)
         assert not worker.is_alive() and not errors, errors
-        snap = plain_snapshot(client, redis_prefix)
-        meta = snap["meta"]
+        # Complete (also the users and items only in the part before the restart), once.
+        meta = assert_complete_once(client, redis_prefix, rows)["meta"]
         assert int(meta["version"]) > before
-        assert int(meta["ratings_seen"]) == len(rows)
-        assert sum(json.loads(meta["offsets"]).values()) == len(rows)
-        # Complete: every user and item, also those only in the part before the restart.
-        assert set(snap["users"]) == {r[0] for r in rows}
-        assert set(snap["items"]) == {r[1] for r in rows}
         # Rated items rebuilt for ratings from before the restart too.
         user = first[0][0]
         rated = {k.decode() for k in client.hkeys(f"{redis_prefix}:rated:{user}")}
@@ -352,12 +359,7 @@ def test_a_kafka_outage_is_retried_and_nothing_is_lost_or_counted_twice(
         producer.close()
         worker.join(240)
         assert not worker.is_alive() and not errors, errors
-        snap = plain_snapshot(client, redis_prefix)
-        meta = snap["meta"]
-        assert int(meta["ratings_seen"]) == len(rows)  # each rating counted exactly once
-        assert sum(json.loads(meta["offsets"]).values()) == len(rows)
-        assert set(snap["users"]) == {r[0] for r in rows}
-        assert set(snap["items"]) == {r[1] for r in rows}
+        assert_complete_once(client, redis_prefix, rows)  # each rating counted exactly once
         service.publisher.release_lease(service.token)
     finally:
         proxy.cut()
