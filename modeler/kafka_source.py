@@ -502,7 +502,8 @@ def batch_blocks(
 
     Training on ``blocks.flatMap(Block.rows)`` reads Kafka inside the training job itself
     (one Spark job less per batch than :func:`read_batch`); the summaries (offsets reached)
-    are then in ``acc.value``. The cache makes the publish job see the same records.
+    are then in ``acc.value``. The cache makes a fallback write job (or a retry) see the
+    same records.
     """
     from pyspark import AccumulatorParam, StorageLevel
 
@@ -534,13 +535,7 @@ def read_batch(
     The blocks stay cached so that training and publishing see exactly the records whose
     offsets were reported, even though a re-read could now reach further.
     """
-    from pyspark import StorageLevel
-
-    blocks = (
-        sc.parallelize(ranges, max(1, len(ranges)))
-        .mapPartitions(lambda it: read_ranges(it, bootstrap, dlq_topic, rating_min, rating_max))
-        .persist(StorageLevel.MEMORY_AND_DISK)
-    )
+    blocks, _ = batch_blocks(sc, ranges, bootstrap, dlq_topic, rating_min, rating_max)
     try:
         summaries = blocks.map(Block.summary).collect()
     except Exception:

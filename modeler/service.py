@@ -101,7 +101,8 @@ class ModelerService:
         self._train_failures = 0
         self._failures = 0
         self._inflight: Any = None
-        self._write_job_s: float | None = 0.0  # None: the training job wrote the segment
+        self._write_job_s = 0.0  # the last publish's separate write job (0: none ran)
+        self._written_inline = False  # the last version was written by its training job
         self.reports: list[BatchReport] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -420,19 +421,28 @@ class ModelerService:
         m.version.set(version)
         m.ratings_seen.set(int(self.model.ratings_seen))
         report = BatchReport(version, n_trained, n_dlq, seconds, t_read, t_train, t_pub,
-                             published == "full", lag, self._write_job_s is None)
+                             published == "full", lag, self._written_inline)
         self.reports.append(report)
         del self.reports[:-100]
         log.info(
             "version %d: %d ratings (%d dead-lettered) in %.2f s (read %.2f, read+train %.2f, publish %.2f"
             " %s) = %.0f ratings/s, prequential RMSE %s, ratings_seen %d%s",
             version, n_trained, n_dlq, seconds, t_read, t_train, t_pub,
-            "written by the training job" if self._write_job_s is None
+            "written by the training job" if self._written_inline
             else f"of which write job {self._write_job_s:.2f}", self.ratings_per_s,
             f"{rmse:.4f}" if rmse is not None else "-", int(self.model.ratings_seen),
             " (full segment)" if published == "full" else "",
         )
         return report
+
+    def _holds_pointer(self, pointer: Any) -> bool:
+        """Redis still points at the version this modeler published last."""
+        return pointer is not None and pointer.version == self.version and self.version > 0
+
+    def _next_is_full(self, ours: bool) -> bool:
+        """The next segment must hold the whole model: first version, Redis lost ours, or the
+        chain of deltas is at its cap."""
+        return self._need_full or not ours or len(self.segments) >= self.settings.max_segment_chain
 
     def _inline_sink(self, version: int) -> pub.SegmentSink | None:
         """The sink that writes segment ``version`` from inside the training job, or ``None``
@@ -441,10 +451,10 @@ class ModelerService:
         s = self.settings
         try:
             pointer = self.publisher.pointer()
-            ours = pointer is not None and pointer.version == self.version and self.version > 0
+            ours = self._holds_pointer(pointer)
             if self.version > 0 and not ours:
                 return None
-            full = self._need_full or not ours or len(self.segments) >= s.max_segment_chain
+            full = self._next_is_full(ours)
             self.publisher.clear_segment(version)
         except Exception as exc:  # Redis trouble: the publish step retries with backoff
             log.debug("no inline publish of version %d: %s", version, _short(exc))
@@ -491,7 +501,7 @@ class ModelerService:
         if not publisher.hold_lease(self.token):
             raise LeaseLost(f"{publisher.keys.lease} is held by another modeler")
         pointer = publisher.pointer()
-        ours = pointer is not None and pointer.version == self.version and self.version > 0
+        ours = self._holds_pointer(pointer)
         redis_lost = not ours and self.version > 0
         if inline is not None:
             answers = inline[1]
@@ -510,9 +520,10 @@ class ModelerService:
         if inline is not None:
             full = inline[0].full
             results = [(r["written"], r["top"]) for r in inline[1]]
-            self._write_job_s = None
+            self._write_job_s, self._written_inline = 0.0, True
         else:
-            full = self._need_full or not ours or len(self.segments) >= s.max_segment_chain
+            full = self._next_is_full(ours)
+            self._written_inline = False
             publisher.clear_segment(version)
             sc = self.spark.sparkContext
             url, prefix = s.redis_url, s.redis_prefix

@@ -569,12 +569,15 @@ class StreamingALS:
             return rdd
         return rdd.partitionBy(self.num_partitions, _identity)
 
+    def _empty_state(self, sc):
+        """A model RDD of empty partitions under the model's partitioner."""
+        rank = self.params.rank
+        P = self.num_partitions
+        return sc.parallelize(range(P), P).map(lambda k: (k, _empty_part(rank))).partitionBy(P, _identity)
+
     def _ensure_state(self, sc) -> None:
         if self._state is None:
-            rank = self.params.rank
-            P = self.num_partitions
-            self._state = (sc.parallelize(range(P), P).map(lambda k: (k, _empty_part(rank)))
-                           .partitionBy(P, _identity))
+            self._state = self._empty_state(sc)
 
     def train(self, rdd, sink: Any = None) -> TrainStats:
         """Learn one mini-batch RDD of ``(user, item, rating, timestamp)``; return its stats.
@@ -731,11 +734,10 @@ class StreamingALS:
         p = model.params
         P = p.num_partitions
         rank = p.rank
-        tagged = (user_rdd.map(lambda rec: (0, rec)).union(item_rdd.map(lambda rec: (1, rec)))
-                  .map(lambda t: (partition_of(str(t[1][0]), P), t))
-                  .partitionBy(P, _identity))
-        empty = sc.parallelize(range(P), P).map(lambda k: (k, _empty_part(rank))).partitionBy(P, _identity)
-        state = model._zip(empty, tagged).mapPartitions(_build_part(rank), preservesPartitioning=True)
+        tagged = model._keyed(user_rdd.map(lambda rec: (0, rec)).union(item_rdd.map(lambda rec: (1, rec)))
+                              .map(lambda t: (partition_of(str(t[1][0]), P), t)))
+        state = model._zip(model._empty_state(sc), tagged).mapPartitions(_build_part(rank),
+                                                                          preservesPartitioning=True)
         state.persist()
         state.localCheckpoint()
         state.count()

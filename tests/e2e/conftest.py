@@ -92,6 +92,17 @@ class Stack:
                          for s in self.services.values())
 
 
+def rate(page, title: str, query: str, value: float) -> None:
+    """Search ``query`` on the page and click the half-star ``value`` of the row titled
+    ``title``; returns once the page says the rating was saved."""
+    page.fill("#q", query)
+    page.press("#q", "Enter")
+    row = page.locator("#results li.movie", has_text=title).first
+    row.wait_for(timeout=10_000)
+    row.locator(f'label[data-value="{value:g}"]').click()
+    row.locator(".rate-status.saved").wait_for(timeout=15_000)
+
+
 def _spawn(name: str, args: list[str], env: dict[str, str], logdir: Path) -> Service:
     log_path = logdir / f"{name}.log"
     log = open(log_path, "wb")  # noqa: SIM115 - the child owns it

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.e2e.conftest import CHROMIUM_ARGS, ROOT, chromium_path
+from tests.e2e.conftest import CHROMIUM_ARGS, ROOT, chromium_path, rate
 
 VISITOR_RATINGS = [
     ("matrix", "Matrix, The (1999)", 5),
@@ -79,12 +79,7 @@ def shoot(url: str, out: Path, versions: int) -> None:
             page.goto(url + "/")
             page.locator("#m-version").filter(has_text=re.compile(r"\d")).wait_for(timeout=300_000)
             for query, title, stars in VISITOR_RATINGS:
-                page.fill("#q", query)
-                page.press("#q", "Enter")
-                row = page.locator("#results li.movie", has_text=title).first
-                row.wait_for(timeout=10_000)
-                row.locator(f'label[data-value="{stars:g}"]').click()
-                row.locator(".rate-status.saved").wait_for(timeout=15_000)
+                rate(page, title, query, stars)
             page.locator('#recs[data-strategy="model"] li.movie').first.wait_for(timeout=300_000)
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:

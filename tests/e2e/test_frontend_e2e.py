@@ -14,7 +14,7 @@ import httpx
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from tests.e2e.conftest import BUILD, ROOT, SEED_RATINGS, Stack
+from tests.e2e.conftest import BUILD, ROOT, SEED_RATINGS, Stack, rate
 
 FIRST_MODEL_TIMEOUT_S = 150  # Spark start-up (~25-40 s) + the first micro-batches, 2 busy cores
 LEARN_TIMEOUT_S = float(os.environ.get("E2E_LEARN_TIMEOUT_S", "90"))
@@ -39,16 +39,6 @@ def model_version(stack: Stack, ratings_seen: int = 0) -> int | None:
     if resp.status_code != 200 or int(resp.json()["ratings_seen"]) < ratings_seen:
         return None
     return int(resp.json()["version"])
-
-
-def rate(page, title: str, query: str, value: float) -> None:
-    """Search ``query`` and click the half-star ``value`` of the row titled ``title``."""
-    page.fill("#q", query)
-    page.press("#q", "Enter")
-    row = page.locator("#results li.movie", has_text=title).first
-    row.wait_for(timeout=10_000)
-    row.locator(f'label[data-value="{value:g}"]').click()
-    row.locator(".rate-status.saved").wait_for(timeout=15_000)
 
 
 def test_visitor_rates_and_sees_fold_in_then_model_recommendations(stack: Stack, browser_page):

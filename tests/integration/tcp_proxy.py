@@ -41,8 +41,6 @@ class TcpProxy:
             with contextlib.suppress(OSError):
                 s.close()
 
-    stop = cut
-
     def _accept(self, server: socket.socket) -> None:
         while True:
             try:
