@@ -47,6 +47,7 @@ from modeler.als_math import (
     ALSParams,
     FactorTable,
     Reservoir,
+    RowStats,
     gather,
     init_factors,
     keep_fraction,
@@ -56,6 +57,8 @@ from modeler.als_math import (
     predict_raw,
     rating_priority,
     replay_fraction,
+    second_moment,
+    seed_statistics,
     split_records,
     validate_arrays,
 )
@@ -94,7 +97,10 @@ class ModelState:
     :meth:`StreamingALS.restore`: two RDDs of ``(id, (bias, vector float32 (rank,), count))``
     and plain scalars (``extra``). The replay reservoir is NOT part of it: after a restore the
     model replays nothing until the reservoir refills from the stream (accuracy recovers within
-    ~reservoir_size ratings); factors, biases, μ and counts are kept exactly."""
+    ~reservoir_size ratings); factors, biases, μ and counts are kept exactly. Neither are the
+    ``"rls"`` least-squares statistics: a restore seeds them from the counts
+    (:func:`modeler.als_math.seed_statistics`), so each vector keeps a prior as strong as the
+    ratings it learned, but the partners' vectors behind it are approximated."""
 
     users: Any
     items: Any
@@ -227,12 +233,14 @@ def _gather_stage(params: ALSParams, batch_no: int, fraction: float):
                 b0, v0 = init_factors([ids[j] for j in fresh], params.rank, params.seed,
                                       params.init_scale)
                 bias[fresh], vec[fresh] = b0, v0
-            return ids, bias.astype(np.float32), vec.astype(np.float32), len(fresh), count
+            return (ids, bias.astype(np.float32), vec.astype(np.float32), len(fresh), count,
+                    table.stats(rows))
 
-        u_ids, ub, uv, u_fresh, u_count = rows_of(part.users, np.concatenate([new_u, rep_u]))
-        i_ids, ib, iv, i_fresh, i_count = rows_of(part.items, np.concatenate([here_i, mirror_i]))
+        u_ids, ub, uv, u_fresh, u_count, u_st = rows_of(part.users, np.concatenate([new_u, rep_u]))
+        i_ids, ib, iv, i_fresh, i_count, i_st = rows_of(part.items, np.concatenate([here_i, mirror_i]))
         yield 0, (pid, u_ids, ub, uv, u_fresh, i_ids, ib, iv, i_fresh,
-                  new_u, new_i, new_r, new_t, rep_u, rep_i, rep_r, rejected, u_count, i_count)
+                  new_u, new_i, new_r, new_t, rep_u, rep_i, rep_r, rejected, u_count, i_count,
+                  u_st, i_st)
 
     return stage
 
@@ -258,6 +266,8 @@ def _learn_stage(params: ALSParams, rating_sum: float, ratings_seen: int):
         rep_u = _cat([m[13] for m in msgs], str)
         rep_i = _cat([m[14] for m in msgs], str)
         rep_r = _cat([m[15] for m in msgs], np.float32)
+        u_st = RowStats.concat([m[19] for m in msgs], params.rank)
+        i_st = RowStats.concat([m[20] for m in msgs], params.rank)
         n_new = len(new_r)
         stats: dict[str, float] = {
             "n": n_new, "rejected": sum(m[16] for m in msgs), "sum": float(new_r.sum()),
@@ -277,7 +287,7 @@ def _learn_stage(params: ALSParams, rating_sum: float, ratings_seen: int):
             rates = np.concatenate([new_r, rep_r.astype(np.float64)])
             preq, refused = learn_batch(params, mu, mu_before, n_new, rates, u_rows, i_rows,
                                         ub, uv, ib, iv, _cat([m[17] for m in msgs], np.int64),
-                                        _cat([m[18] for m in msgs], np.int64))
+                                        _cat([m[18] for m in msgs], np.int64), u_st, i_st)
             stats["preq_sse"], stats["refused"] = preq, refused
             u_inc = np.bincount(u_rows[:n_new], minlength=len(u_ids))
             i_inc = np.bincount(i_rows[:n_new], minlength=len(i_ids))
@@ -286,6 +296,7 @@ def _learn_stage(params: ALSParams, rating_sum: float, ratings_seen: int):
         else:  # nothing valid: nothing learned, no row is written back (or marked changed)
             u_ids, i_ids = [], []
             ub, uv, ib, iv = ub[:0], uv[:0], ib[:0], iv[:0]
+            u_st, i_st = RowStats.zeros(0, params.rank), RowStats.zeros(0, params.rank)
             u_inc = np.zeros(0, dtype=np.int64)
             i_inc = np.zeros(0, dtype=np.int64)
             prio = np.zeros(0, dtype=np.uint64)
@@ -306,7 +317,8 @@ def _learn_stage(params: ALSParams, rating_sum: float, ratings_seen: int):
                       i_arr[si].tolist(), ib[si], iv[si], i_inc[si],
                       (ku[ru], ki[ru], kr[ru], kp[ru]), (ki[ri], kp[ri]),
                       keep_frac, stats if p == 0 else {},
-                      (new_u[:n_new][rb], new_i[:n_new][rb], new_r[:n_new][rb]), n_new)
+                      (new_u[:n_new][rb], new_i[:n_new][rb], new_r[:n_new][rb]), n_new,
+                      u_st.select(su), i_st.select(si))
 
     return stage
 
@@ -314,13 +326,15 @@ def _learn_stage(params: ALSParams, rating_sum: float, ratings_seen: int):
 def _apply_stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, _Part]]:
     """D: write the learned rows back into partition p (a new record; inputs never mutated)."""
     pid, part, msgs = _split(it)
-    users, items = _copy_table(part.users), _copy_table(part.items)
+    # A persisted partition may be read again (retries, speculation): never mutate it in place.
+    users, items = part.users.copy(), part.items.copy()
     users.touched[:] = False
     items.touched[:] = False
     replay, mirror, stats, batch, learned = part.replay, part.mirror, {}, None, 0
-    for _, u_ids, ub, uv, u_inc, i_ids, ib, iv, i_inc, rep, mir, keep_frac, st, rated, n in msgs:
-        users.upsert(u_ids, ub, uv, u_inc)
-        items.upsert(i_ids, ib, iv, i_inc)
+    for (_, u_ids, ub, uv, u_inc, i_ids, ib, iv, i_inc, rep, mir, keep_frac, st, rated, n,
+         u_st, i_st) in msgs:
+        users.upsert(u_ids, ub, uv, u_inc, u_st)
+        items.upsert(i_ids, ib, iv, i_inc, i_st)
         replay = replay.updated(keep_frac, *rep)
         mirror = mirror.updated(keep_frac, None, mir[0], None, mir[1])
         stats, batch, learned = st, rated, n
@@ -342,12 +356,6 @@ def _fused_stage(params: ALSParams, batch_no: int, fraction: float, rating_sum: 
         yield from _apply_stage(itertools.chain([(pid, part)], learned))
 
     return stage
-
-
-def _copy_table(t: FactorTable) -> FactorTable:
-    # A persisted partition may be read again (retries, speculation): never mutate it in place.
-    return FactorTable(t.rank, list(t.ids), dict(t.index), t.bias.copy(), t.vec.copy(),
-                       t.count.copy(), t.touched.copy())
 
 
 def _finish(sink: Any):
@@ -445,7 +453,10 @@ class StreamingALS:
     ``reg_bias`` (λ_b, default = reg_param), ``init_scale`` (std of newcomers' vectors),
     ``aggregation`` (``"damped"``/``"mean"``/``"sum"``), ``history_weight`` (κ: bias steps
     shrink like 1/(n + κ·ratings already learned)), ``reservoir_size`` and ``replay_ratio``
-    (bounded replay of past ratings). ``checkpoint_interval``: batches between reliable checkpoints
+    (bounded replay of past ratings), ``vector_step`` (``"rls"``: each vector is the ridge
+    solution of the least-squares statistics of everything its key learned, an online Newton
+    step; ``"sgd"``: the seeds' step), ``forgetting`` and ``maturity`` (of those statistics).
+    ``checkpoint_interval``: batches between reliable checkpoints
     (when the SparkContext has a checkpoint directory; other batches cut lineage with
     ``localCheckpoint``).
 
@@ -465,8 +476,11 @@ class StreamingALS:
         init_scale: float = 0.1,
         aggregation: str = "damped",
         history_weight: float = 4.0,
-        reservoir_size: int = 50_000,
-        replay_ratio: float = 3.0,
+        reservoir_size: int = 200_000,
+        replay_ratio: float = 1.0,
+        vector_step: str = "rls",
+        forgetting: float = 1.0,
+        maturity: float = 30.0,
         checkpoint_interval: int = 20,
         params: ALSParams | None = None,
     ) -> None:
@@ -479,6 +493,7 @@ class StreamingALS:
                 aggregation=aggregation, history_weight=history_weight,
                 reservoir_size=reservoir_size, replay_ratio=replay_ratio,
                 num_partitions=num_partitions, rating_min=scale.min, rating_max=scale.max,
+                vector_step=vector_step, forgetting=forgetting, maturity=maturity,
             )
         self.params = params
         self.scale = RatingScale(min=params.rating_min, max=params.rating_max)
@@ -738,9 +753,18 @@ class StreamingALS:
                               .map(lambda t: (partition_of(str(t[1][0]), P), t)))
         state = model._zip(model._empty_state(sc), tagged).mapPartitions(_build_part(rank),
                                                                           preservesPartitioning=True)
+        if p.vector_step == "rls":
+            # Factors and counts carry no least-squares statistics: seed them from the counts
+            # (als_math.seed_statistics) with each side's count-weighted second moment.
+            state.persist()
+            moments = state.map(_moments).reduce(_add_moments)
+            built = state
+            state = built.mapPartitions(_seed_part(moments, p.reg_param), preservesPartitioning=True)
         state.persist()
         state.localCheckpoint()
         state.count()
+        if p.vector_step == "rls":
+            built.unpersist()
         model._state = state
         return model
 
@@ -749,6 +773,31 @@ class StreamingALS:
                      **kwargs: Any) -> StreamingALS:
         """A model that starts from given factors (e.g. batch ALS): :meth:`restore` without extras."""
         return cls.restore(sc, user_rdd, item_rdd, mu, ratings_seen, None, **kwargs)
+
+
+def _moments(kv: tuple[int, _Part]) -> tuple[tuple[np.ndarray, float], tuple[np.ndarray, float]]:
+    part = kv[1]
+    return (second_moment(part.users.vec, part.users.count),
+            second_moment(part.items.vec, part.items.count))
+
+
+def _add_moments(a, b):
+    return tuple((x[0] + y[0], x[1] + y[1]) for x, y in zip(a, b, strict=True))
+
+
+def _seed_part(moments, reg_param: float):
+    (user_sum, user_n), (item_sum, item_n) = moments
+    users_c = user_sum / user_n if user_n else user_sum
+    items_c = item_sum / item_n if item_n else item_sum
+
+    def seed(it: Iterator[tuple[int, _Part]]) -> Iterator[tuple[int, _Part]]:
+        for pid, part in it:
+            users, items = part.users.copy(), part.items.copy()
+            seed_statistics(users, items_c, reg_param)
+            seed_statistics(items, users_c, reg_param)
+            yield pid, _Part(users, items, part.replay, part.mirror)
+
+    return seed
 
 
 def _build_part(rank: int):

@@ -99,10 +99,12 @@ def test_a_long_run_of_small_batches_keeps_lineage_bounded(spark):
     assert model.reservoir_held <= 50 + 4 * 50 ** 0.5
 
 
-def test_state_round_trip_restores_the_model_and_training_continues(spark):
+@pytest.mark.parametrize("vector_step", ["sgd", "rls"])
+def test_state_round_trip_restores_the_model_and_training_continues(spark, vector_step):
     sc = spark.sparkContext
     rows = _stream(900, seed=8)
-    kwargs = dict(rank=3, iterations=2, seed=2, num_partitions=3, reservoir_size=0)
+    kwargs = dict(rank=3, iterations=2, seed=2, num_partitions=3, reservoir_size=0,
+                  vector_step=vector_step)
     model = StreamingALS(**kwargs)
     for start in range(0, 600, 300):
         model.train(sc.parallelize(rows[start:start + 300], 2))
@@ -119,7 +121,14 @@ def test_state_round_trip_restores_the_model_and_training_continues(spark):
     nxt = sc.parallelize(rows[600:900], 2)
     a, b = model.train(nxt), restored.train(nxt)
     assert a.prequential_sse == pytest.approx(b.prequential_sse)
-    assert _equal(_table(restored.item_factors), _table(model.item_factors))
+    if vector_step == "sgd":  # no state beyond factors and counts: training continues exactly
+        assert _equal(_table(restored.item_factors), _table(model.item_factors))
+    else:
+        # rls statistics are not persisted; the restore seeds them from the counts, so the
+        # restored model learns the next batch about as well, not identically.
+        later = sc.parallelize(rows[:900], 2)
+        assert restored.rmse(later) < 1.05 * model.rmse(later)
+        assert not _equal(_table(restored.item_factors), _table(model.item_factors))
 
 
 def _equal(a: dict, b: dict) -> bool:

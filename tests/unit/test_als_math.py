@@ -15,6 +15,7 @@ from modeler.als_math import (
     LocalStreamingALS,
     Reservoir,
     apply_update,
+    fold_statistics,
     init_factors,
     keep_fraction,
     learn_batch,
@@ -22,7 +23,10 @@ from modeler.als_math import (
     rating_priority,
     reference_batch_pass,
     reference_sgd_step,
+    rls_half_step,
     rmse,
+    second_moment,
+    seed_statistics,
     step_sizes,
     validate_arrays,
 )
@@ -40,7 +44,7 @@ def test_one_step_equals_the_seeds_formulas_on_hand_made_numbers():
 
     # The vectorised path (one rating, seeds' summed aggregation, one pass) agrees.
     params = ALSParams(rank=2, iterations=1, learning_rate=0.1, reg_param=0.05, reg_bias=0.02,
-                       aggregation="sum")
+                       aggregation="sum", vector_step="sgd")
     ub, uv = np.array([0.1], np.float32), np.array([[0.5, -0.1]], np.float32)
     ib, iv = np.array([-0.2], np.float32), np.array([[0.2, 0.4]], np.float32)
     sse, refused = learn_batch(params, 3.0, 3.0, 1, np.array([4.0]), np.array([0]), np.array([0]),
@@ -60,6 +64,7 @@ def test_vectorised_pass_matches_the_per_rating_reference(aggregation):
     ratings = [(f"u{rng.integers(n_users)}", f"i{rng.integers(n_items)}", float(rng.integers(1, 11) / 2))
                for _ in range(n)]
     params = ALSParams(rank=rank, iterations=1, learning_rate=0.05, reg_param=0.1, reg_bias=0.03,
+                       vector_step="sgd",
                        aggregation=aggregation)
     u_ids, i_ids = sorted(users), sorted(items)
     ub = np.array([users[k][0] for k in u_ids], np.float32)
@@ -172,7 +177,7 @@ def test_a_diverging_update_is_refused_and_nothing_non_finite_enters():
     # The seeds' summed step with a huge learning rate on a key with many ratings diverges;
     # the guard keeps such rows at their last finite values.
     params = ALSParams(rank=2, iterations=30, learning_rate=0.99, aggregation="sum",
-                       reg_param=0.0, reg_bias=0.0, reservoir_size=0)
+                       reg_param=0.0, reg_bias=0.0, reservoir_size=0, vector_step="sgd")
     model = LocalStreamingALS(params)
     rng = np.random.default_rng(0)
     batch = [(f"u{k % 3}", "i", float(rng.choice([0.5, 5.0])), k) for k in range(300)]
@@ -213,14 +218,15 @@ def test_factor_table_upsert_overwrites_known_and_appends_new_rows():
     assert table.touched.tolist() == [False, True, True]
 
 
-def test_a_planted_low_rank_matrix_is_recovered_near_the_noise_level():
+@pytest.mark.parametrize("vector_step", ["rls", "sgd"])
+def test_a_planted_low_rank_matrix_is_recovered_near_the_noise_level(vector_step):
     rows, _, planted = generate(n_users=150, n_items=200, n_ratings=12_000, rank=3, seed=5,
                                 noise=0.25, return_model=True)
     rng = np.random.default_rng(0)
     test_mask = rng.random(len(rows)) < 0.1
     train = [tuple(r) for r, t in zip(rows, test_mask) if not t]
     test = [r for r, t in zip(rows, test_mask) if t]
-    model = LocalStreamingALS(rank=3, seed=1)
+    model = LocalStreamingALS(rank=3, seed=1, vector_step=vector_step)
     for epoch in range(3):  # three passes over the stream, still one mini-batch at a time
         for s in range(0, len(train), 500):
             model.train(train[s:s + 500] if epoch == 0 else
@@ -235,23 +241,98 @@ def test_a_planted_low_rank_matrix_is_recovered_near_the_noise_level():
     assert got < biases_only - 0.05, (got, biases_only)
 
 
-def test_ridge_half_step_is_the_exact_ridge_solution_for_a_newcomer():
-    from modeler.als_math import ridge_half_step
+def _fixed_items(rng, n: int, rank: int) -> FactorTable:
+    items = FactorTable(rank)
+    items.ensure([f"i{k}" for k in range(n)], 0, 0.1)
+    items.bias[:] = rng.normal(0, 0.3, n)
+    items.vec[:] = rng.normal(0, 0.5, (n, rank))
+    return items
 
+
+def test_rls_vector_step_is_the_ridge_solution_for_a_newcomer():
     rng = np.random.default_rng(4)
-    params = ALSParams(rank=3, aggregation="ridge", reg_param=0.1, reg_bias=0.2)
-    users, items = FactorTable(3), FactorTable(3)
+    params = ALSParams(rank=3, reg_param=0.1, reg_bias=0.2, learning_rate=0.1)
+    users, items = FactorTable(3), _fixed_items(rng, 6, 3)
     users.ensure(["u"], 0, 0.1)
-    items.ensure([f"i{k}" for k in range(6)], 0, 0.1)
-    items.bias[:] = rng.normal(0, 0.3, 6)
-    items.vec[:] = rng.normal(0, 0.5, (6, 3))
     rates = rng.integers(1, 11, 6) / 2.0
     v0 = users.vec[0].astype(float).copy()
-    refused = ridge_half_step(3.5, rates, np.zeros(6, np.int64), users, np.arange(6), items,
-                              (users.bias.copy(), users.vec.copy()), params)
+    refused = rls_half_step(3.5, rates, np.zeros(6, np.int64), users, np.arange(6), items, params)
     assert refused == 0
     q, c = items.vec.astype(float), items.bias.astype(float)
-    b = np.sum(rates - 3.5 - c - q @ v0) / (6 * 1.2)
+    # Bias: the damped SGD step of 6 ratings (no history yet); vector: ALS-WR ridge solution.
+    b = float(step_sizes(np.array([6.0]), 0.1, "damped")[0]) * np.sum(rates - 3.5 - c - q @ v0)
     v = np.linalg.solve(q.T @ q + 0.1 * 6 * np.eye(3), q.T @ (rates - 3.5 - b - c))
     assert users.bias[0] == pytest.approx(b, abs=1e-5)
     np.testing.assert_allclose(users.vec[0], v, atol=1e-5)
+
+
+def test_rls_statistics_make_two_batches_learn_what_one_batch_of_both_would():
+    # Items fixed, the user's bias held at 0: the vector after two batches of 5 ratings
+    # (folded into A, m, N in between) is the ridge solution of all 10 ratings.
+    rng = np.random.default_rng(5)
+    params = ALSParams(rank=3, reg_param=0.2, learning_rate=1e-12)
+    items = _fixed_items(rng, 10, 3)
+    rates = rng.integers(1, 11, 10) / 2.0
+    split, whole = FactorTable(3), FactorTable(3)
+    for t in (split, whole):
+        t.ensure(["u"], 0, 0.1)
+    for part in (slice(0, 5), slice(5, 10)):
+        r, rows, other = rates[part], np.zeros(5, np.int64), np.arange(10)[part]
+        rls_half_step(3.0, r, rows, split, other, items, params)
+        fold_statistics(3.0, r, rows, split, other, items, 1.0)
+    rls_half_step(3.0, rates, np.zeros(10, np.int64), whole, np.arange(10), items, params)
+    np.testing.assert_allclose(split.vec[0], whole.vec[0], atol=1e-5)
+    assert split.mass[0] == 10
+    q, c = items.vec.astype(float), items.bias.astype(float)
+    np.testing.assert_allclose(split.gram[0], q.T @ q, atol=1e-5)
+    np.testing.assert_allclose(split.moment[0], q.T @ (rates - 3.0 - c), atol=1e-5)
+    # With forgetting β the statistics decay each time the key is touched: N = β·5 + 5.
+    decayed = FactorTable(3)
+    decayed.ensure(["u"], 0, 0.1)
+    for part in (slice(0, 5), slice(5, 10)):
+        fold_statistics(3.0, rates[part], np.zeros(5, np.int64), decayed, np.arange(10)[part], items, 0.5)
+    assert decayed.mass[0] == pytest.approx(7.5)
+
+
+def test_a_non_finite_rls_solution_is_refused_and_the_row_kept():
+    rng = np.random.default_rng(7)
+    users, items = FactorTable(3), _fixed_items(rng, 4, 3)
+    users.ensure(["ok", "bad"], 0, 0.1)
+    users.gram[1] = np.inf  # e.g. statistics overflowed
+    before = users.vec[1].copy()
+    refused = rls_half_step(3.5, np.full(4, 4.0), np.array([0, 0, 1, 1]), users, np.arange(4),
+                            items, ALSParams(rank=3))
+    assert refused == 1
+    np.testing.assert_array_equal(users.vec[1], before)
+    assert np.isfinite(users.vec).all() and not np.allclose(users.vec[0], 0)
+
+
+def test_seeded_statistics_keep_a_restored_vector_where_it_is():
+    rng = np.random.default_rng(6)
+    users = FactorTable(3)
+    users.add_rows(["a", "b", "new"], np.zeros(3), rng.normal(0, 0.4, (3, 3)), np.array([40, 3, 0]))
+    partner, n = second_moment(rng.normal(0, 0.5, (8, 3)), np.arange(1, 9))
+    seed_statistics(users, partner / n, reg_param=0.1)
+    assert users.mass.tolist() == [40, 3, 0]  # a row that learned nothing gets no statistics
+    np.testing.assert_allclose(users.gram[0], 40 * partner / n, rtol=1e-5)
+    for j in (0, 1):
+        lhs = users.gram[j].astype(float) + 0.1 * users.mass[j] * np.eye(3)
+        np.testing.assert_allclose(np.linalg.solve(lhs, users.moment[j]), users.vec[j], atol=1e-5)
+    assert not users.gram[2].any() and not users.moment[2].any()
+
+
+def test_rls_learns_a_session_user_better_than_the_seeds_step():
+    # A newcomer who rates 40 films in one batch: the rls step reaches the user's ridge
+    # solution, the damped SGD step only moves towards it.
+    rng = np.random.default_rng(8)
+    items = _fixed_items(rng, 40, 3)
+    true_v = rng.normal(0, 0.8, 3)
+    rates = np.clip(3.5 + items.bias + items.vec.astype(float) @ true_v, 0.5, 5.0)
+    errs = {}
+    for step in ("sgd", "rls"):
+        params = ALSParams(rank=3, iterations=2, reg_param=0.05, vector_step=step)
+        ub, uv = np.zeros(1, np.float32), np.zeros((1, 3), np.float32)
+        ib, iv = items.bias.copy(), items.vec.copy()
+        learn_batch(params, 3.5, 3.5, 40, rates, np.zeros(40, np.int64), np.arange(40), ub, uv, ib, iv)
+        errs[step] = float(np.linalg.norm(uv[0] - true_v))
+    assert errs["rls"] < 0.5 * errs["sgd"], errs
