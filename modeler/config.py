@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from common.settings import CommonSettings
@@ -22,6 +24,8 @@ class ModelerSettings(CommonSettings):
     # Bounded replay of past ratings (0 turns it off).
     model_reservoir_size: int | None = Field(None, alias="MODEL_RESERVOIR_SIZE", ge=0)
     model_replay_ratio: float | None = Field(None, alias="MODEL_REPLAY_RATIO", ge=0.0)
+    # "rls" (vectors solve their accumulated least squares) or "sgd" (the seeds' step).
+    model_vector_step: Literal["rls", "sgd"] | None = Field(None, alias="MODEL_VECTOR_STEP")
 
     # Micro-batch trigger: a batch reads at most this many records (over all partitions)...
     batch_max_records: int = Field(20_000, alias="BATCH_MAX_RECORDS", ge=1)

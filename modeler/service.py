@@ -627,6 +627,7 @@ def model_params(settings: ModelerSettings) -> dict[str, Any]:
         "init_scale": s.model_init_scale,
         "reservoir_size": s.model_reservoir_size,
         "replay_ratio": s.model_replay_ratio,
+        "vector_step": s.model_vector_step,
     }
     params = {k: v for k, v in given.items() if v is not None}
     params["scale"] = s.scale

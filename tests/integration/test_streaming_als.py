@@ -34,11 +34,13 @@ def _assert_tables_equal(got: dict, table, atol: float = 2e-5) -> None:
         np.testing.assert_allclose(vec, table.vec[j], atol=atol, err_msg=key)
 
 
-@pytest.mark.parametrize("partitions", [3, 1])  # 1: the fused one-task plan
-def test_rdd_training_matches_the_numpy_reference_batch_by_batch(spark, partitions):
+# 1 partition: the fused one-task plan
+@pytest.mark.parametrize(("partitions", "vector_step"), [(3, "rls"), (1, "rls"), (1, "sgd")])
+def test_rdd_training_matches_the_numpy_reference_batch_by_batch(spark, partitions, vector_step):
     sc = spark.sparkContext
     kwargs = dict(rank=4, iterations=2, reg_param=0.08, learning_rate=0.06, seed=5,
-                  num_partitions=partitions, reservoir_size=400, history_weight=2.0)
+                  num_partitions=partitions, reservoir_size=400, history_weight=2.0,
+                  vector_step=vector_step)
     model = StreamingALS(**kwargs)
     ref = LocalStreamingALS(model.params)
     rows = _stream(1200)
