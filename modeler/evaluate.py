@@ -112,7 +112,8 @@ CANDIDATES: tuple[dict[str, Any], ...] = (
     {"rank": 20},
     {"rank": 20, "reg_param": 0.15},
     {"vector_step": "sgd", "learning_rate": 0.05, "iterations": 3},
-    {"vector_step": "sgd", "reservoir_size": 50_000, "replay_ratio": 3.0},
+    {"vector_step": "sgd", "reservoir_size": 50_000, "replay_ratio": 3.0, "reg_param": 0.05,
+     "reg_bias": 0.1, "iterations": 4},
 )
 
 

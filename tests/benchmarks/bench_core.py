@@ -1,7 +1,7 @@
 """Benchmark of the streaming ALS core -> build/bench/core.json.
 
 ``python -m tests.benchmarks.bench_core [--batches 20] [--batch-size 10000]
-[--partitions 1,2,4] [--skip-accuracy] [--ratings FILE]``
+[--partitions 1,2,4] [--skip-accuracy] [--ratings FILE] [--extra FILE ...]``
 
 * Throughput: ``StreamingALS.train`` in Spark ``local[2]`` on a synthetic stream
   (``common.synthetic``), mini-batches of 10,000, default model parameters, for several
@@ -9,7 +9,10 @@
   reported but not counted. The machine's load average is recorded next to the figures: on
   a shared 2-core machine it changes them a lot.
 * Accuracy: the seeds' experiment (``modeler.evaluate``) on ml-latest-small and on a
-  synthetic planted-model set: streaming RMSE / batch ALS RMSE (goal ≤ 1.03).
+  synthetic planted-model set: streaming RMSE / batch ALS RMSE (goal ≤ 1.03). Other rating
+  files (e.g. ml-100k's ``u.data``, ml-1m's ``ratings.dat``; any format ``common.datasets``
+  reads) are measured too when given with ``--extra`` or in ``BENCH_EXTRA_RATINGS``
+  (colon-separated paths): the repository ships no copy of them.
 """
 
 from __future__ import annotations
@@ -88,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--partitions", default="1,2,4")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--ratings", type=Path, default=ML_SMALL)
+    extra_env = [Path(p) for p in os.environ.get("BENCH_EXTRA_RATINGS", "").split(":") if p]
+    parser.add_argument("--extra", type=Path, nargs="*", default=extra_env,
+                        help="more rating files for the accuracy experiment")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
 
@@ -114,6 +120,14 @@ def main(argv: list[str] | None = None) -> int:
                 small = accuracy(spark, args.ratings, "ml-latest-small")
                 result["accuracy"]["ml-latest-small"] = small
                 print(f"ml-latest-small: ratio {small['ratio']:.4f}", flush=True)
+            for path in args.extra:
+                name = path.parent.name or path.stem
+                if not path.exists():
+                    print(f"{path}: not found, skipped", flush=True)
+                    continue
+                report = accuracy(spark, path, name)
+                result["accuracy"][name] = report
+                print(f"{name}: ratio {report['ratio']:.4f}", flush=True)
             synth = accuracy(spark, None, "synthetic-150k")
             result["accuracy"]["synthetic-150k"] = synth
             print(f"synthetic: ratio {synth['ratio']:.4f}", flush=True)
