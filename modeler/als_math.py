@@ -520,28 +520,45 @@ class Reservoir:
         return Reservoir(False, us, it, rs, pr[keep])
 
 
-def segment_sums(rows: np.ndarray, q: np.ndarray, target: np.ndarray
+@dataclass(frozen=True)
+class Groups:
+    """Ratings grouped by row: ``order`` sorts them by row, ``starts`` opens each group,
+    ``keys`` are the rows (ascending) and ``n`` their numbers of ratings."""
+
+    order: np.ndarray
+    starts: np.ndarray
+    keys: np.ndarray
+    n: np.ndarray
+
+    @classmethod
+    def of(cls, rows: np.ndarray) -> Groups:
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]]) if len(rows) \
+            else np.zeros(0, dtype=np.int64)
+        return cls(order, starts, sorted_rows[starts], np.diff(np.r_[starts, len(rows)]).astype(np.float64))
+
+
+def segment_sums(rows: np.ndarray, q: np.ndarray, target: np.ndarray, groups: Groups | None = None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per row with ratings: (row numbers ascending, n, G = Σ q qᵀ, h = Σ target·q); float64.
 
-    Sorted once, then summed with ``reduceat``: no (ratings × rank × rank) temporary.
+    Sorted once (or ``groups`` of the same rows, reused), then summed with ``reduceat``.
     """
     rank = q.shape[1]
     if not len(rows):
         return (np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros((0, rank, rank)), np.zeros((0, rank)))
-    order = np.argsort(rows, kind="stable")
-    sorted_rows = rows[order]
-    starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]])
-    keys = sorted_rows[starts]
-    n = np.diff(np.r_[starts, len(rows)]).astype(np.float64)
-    qs = np.asarray(q, dtype=np.float64)[order]
-    gram = np.empty((len(keys), rank, rank))
+    g = groups or Groups.of(rows)
+    qs = np.asarray(q, dtype=np.float64)[g.order]
+    h = np.add.reduceat(np.asarray(target, dtype=np.float64)[g.order][:, None] * qs, g.starts, axis=0)
+    gram = np.empty((len(g.keys), rank, rank))
+    # One column of the upper triangle at a time: temporaries of (ratings × rank) at most.
+    # (Measured: as fast as any layout of the full outer products, which need rank² per rating.)
     for c in range(rank):
-        upper = np.add.reduceat(qs[:, c:c + 1] * qs[:, c:], starts, axis=0)
+        upper = np.add.reduceat(qs[:, c:c + 1] * qs[:, c:], g.starts, axis=0)
         gram[:, c, c:] = upper
         gram[:, c:, c] = upper
-    h = np.add.reduceat(np.asarray(target, dtype=np.float64)[order][:, None] * qs, starts, axis=0)
-    return keys, n, gram, h
+    return g.keys, g.n, gram, h
 
 
 def solve_rows(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
@@ -557,7 +574,8 @@ def solve_rows(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
 
 
 def rls_half_step(mu: float, rates: np.ndarray, rows: np.ndarray, table: FactorTable,
-                  other_rows: np.ndarray, other: FactorTable, params: ALSParams) -> int:
+                  other_rows: np.ndarray, other: FactorTable, params: ALSParams,
+                  groups: Groups | None = None) -> int:
     """One side's update in a pass with ``vector_step="rls"`` (module docstring): every row
     of ``table`` with ratings in the pass takes the damped, counts-aware bias step on the
     errors of the current parameters; then its vector becomes the ridge solution of its
@@ -575,7 +593,7 @@ def rls_half_step(mu: float, rates: np.ndarray, rows: np.ndarray, table: FactorT
     new_b[hit] = bias_step(table.bias[hit], n[hit], s_b[hit], params.learning_rate,
                            params.reg_bias, params.aggregation, table.count[hit],
                            params.history_weight)
-    keys, n_k, gram, h = segment_sums(rows, q_vec, rates - mu - q_bias - new_b[rows])
+    keys, n_k, gram, h = segment_sums(rows, q_vec, rates - mu - q_bias - new_b[rows], groups)
     beta = params.forgetting
     lhs = beta * table.gram[keys].astype(np.float64) + gram
     diag = params.reg_param * (beta * table.mass[keys].astype(np.float64) + n_k) + 1e-9
@@ -691,6 +709,8 @@ def learn_batch(
     preq = 0.0
     refused = 0
     rls = params.vector_step == "rls"
+    if rls:
+        u_groups, i_groups = Groups.of(u_rows), Groups.of(i_rows)
     for it in range(params.iterations):
         if it == 0 or not rls:
             bu, uv = users.bias[u_rows], users.vec[u_rows].astype(np.float64)
@@ -700,8 +720,8 @@ def learn_batch(
             before = np.clip(pred[:n_new] - mu + mu_before, lo, hi)
             preq = float(((rates[:n_new] - before) ** 2).sum())
         if rls:
-            refused += rls_half_step(mu, rates, u_rows, users, i_rows, items, params)
-            refused += rls_half_step(mu, rates, i_rows, items, u_rows, users, params)
+            refused += rls_half_step(mu, rates, u_rows, users, i_rows, items, params, u_groups)
+            refused += rls_half_step(mu, rates, i_rows, items, u_rows, users, params, i_groups)
             continue
         err = rates - pred
         refused += users.update(u_rows, err, iv, params)
@@ -743,7 +763,7 @@ class ALSParams:
     init_scale: float = 0.1
     aggregation: str = "damped"
     history_weight: float = 4.0
-    reservoir_size: int = 200_000
+    reservoir_size: int = 50_000
     replay_ratio: float = 1.0
     num_partitions: int = 8
     rating_min: float = 0.5

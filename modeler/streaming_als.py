@@ -476,7 +476,7 @@ class StreamingALS:
         init_scale: float = 0.1,
         aggregation: str = "damped",
         history_weight: float = 4.0,
-        reservoir_size: int = 200_000,
+        reservoir_size: int = 50_000,
         replay_ratio: float = 1.0,
         vector_step: str = "rls",
         forgetting: float = 1.0,

@@ -336,3 +336,22 @@ def test_rls_learns_a_session_user_better_than_the_seeds_step():
         learn_batch(params, 3.5, 3.5, 40, rates, np.zeros(40, np.int64), np.arange(40), ub, uv, ib, iv)
         errs[step] = float(np.linalg.norm(uv[0] - true_v))
     assert errs["rls"] < 0.5 * errs["sgd"], errs
+
+
+def test_segment_sums_match_a_plain_sum():
+    # Rows with one rating, with a few, and one row with half of all ratings.
+    from modeler.als_math import segment_sums
+
+    rng = np.random.default_rng(9)
+    rows = np.r_[rng.integers(0, 500, 20_000), np.full(25_000, 3), rng.integers(0, 500, 5_000)]
+    q = rng.normal(0, 1, (len(rows), 10))
+    target = rng.normal(0, 1, len(rows))
+    keys, n, gram, h = segment_sums(rows, q, target)
+    want_g = np.zeros((500, 10, 10))
+    np.add.at(want_g, rows, np.einsum("ij,ik->ijk", q, q))
+    want_h = np.zeros((500, 10))
+    np.add.at(want_h, rows, target[:, None] * q)
+    assert keys.tolist() == sorted(set(rows.tolist()))
+    assert n.tolist() == np.bincount(rows)[keys].tolist()
+    np.testing.assert_allclose(gram, want_g[keys], rtol=1e-9, atol=1e-8)
+    np.testing.assert_allclose(h, want_h[keys], rtol=1e-9, atol=1e-8)
