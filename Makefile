@@ -27,7 +27,7 @@ bootstrap: $(STAMP)
 	@$(PY) -m devstack.bootstrap
 
 up: bootstrap
-	$(PY) -m devstack up $(if $(RATINGS_FILE),--ratings $(RATINGS_FILE),)
+	$(PY) -m devstack up $(if $(RATINGS_FILE),--ratings $(RATINGS_FILE),) $(if $(FRESH),--fresh,)
 
 test: bootstrap
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -13,6 +13,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -148,6 +149,8 @@ def up(args: argparse.Namespace) -> int:
         else:
             summary.append(f"broker     {env['KAFKA_BOOTSTRAP_SERVERS']}  (external)")
         if not env.get("REDIS_URL"):
+            if args.fresh:
+                shutil.rmtree(workdir / "redis", ignore_errors=True)
             redis = start_redis(_preferred_port(6379), workdir / "redis", persist=True)
             stack.started.append(redis)
             env["REDIS_URL"] = redis.url
@@ -196,9 +199,16 @@ def up(args: argparse.Namespace) -> int:
             else:
                 urls.append(f"predictor  {url}/docs")
         if "replay" in services and importlib.util.find_spec("modeler.replay"):
-            cmd = ["modeler.replay", "--ratings", str(ratings), "--rate", str(args.rate), "--no-progress"]
-            stack.run("replay", cmd, env)
-            summary.append(f"replay     {ratings.name} -> topic {topic} at {args.rate} ratings/s")
+            stored = _stored_model(env)
+            if stored:
+                # Redis keeps the model between runs, the in-memory broker does not: replaying
+                # the dataset again would teach the model every rating a second time.
+                summary.append(f"replay     skipped: Redis holds model version {stored[0]} "
+                               f"({stored[1]} ratings seen); `make up FRESH=1` starts over")
+            else:
+                cmd = ["modeler.replay", "--ratings", str(ratings), "--rate", str(args.rate), "--no-progress"]
+                stack.run("replay", cmd, env)
+                summary.append(f"replay     {ratings.name} -> topic {topic} at {args.rate} ratings/s")
 
         print("\nstreamrec is up:\n  " + "\n  ".join(summary + urls), flush=True)
         print(f"  logs       {stack.logs}\nCtrl-C stops everything.", flush=True)
@@ -221,6 +231,23 @@ def up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stored_model(env: dict[str, str]) -> tuple[int, int] | None:
+    """(version, ratings seen) of the model Redis already holds under the stack's prefix."""
+    import redis as redis_lib
+
+    from common.keys import Keys
+    from common.snapshot import read_meta, read_pointer
+
+    try:
+        client = redis_lib.Redis.from_url(env["REDIS_URL"], socket_timeout=5)
+        keys = Keys(env.get("REDIS_PREFIX", "rec"))
+        pointer = read_pointer(client, keys)
+        meta = read_meta(client, keys, pointer.version) if pointer else None
+    except redis_lib.RedisError:
+        return None
+    return (pointer.version, meta.ratings_seen) if pointer and meta else None
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
@@ -233,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("--predictor-port", type=int, default=8000)
     p_up.add_argument("--frontend-port", type=int, default=8080)
     p_up.add_argument("--workdir", default=str(ROOT / "build" / "up"))
+    p_up.add_argument("--fresh", action="store_true",
+                      help="start with an empty Redis: forget the stored model and replay the dataset")
     p_up.add_argument("--exit-after", type=float, default=0, help="stop after N seconds (smoke runs)")
     args = parser.parse_args(argv)
     if args.command == "up":
