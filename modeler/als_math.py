@@ -40,6 +40,8 @@ user who rates 200 films in one session gets the vector batch ALS would give the
 today's items, and a popular item's vector moves less and less as its ratings accumulate.
 Biases keep the damped, counts-aware SGD step. The batch's own ratings are folded into
 (A, m, N) once the batch is learned; replays are not (they were folded when first seen).
+A user's statistics weigh each rating by the item's maturity, N_i / (N_i + c)
+(``maturity`` c; see :func:`fold_statistics`).
 
 Everything the Spark code (``modeler.streaming_als``) does per partition is a call into this
 module, so :class:`LocalStreamingALS` (one process, the same algorithm end to end) is the
