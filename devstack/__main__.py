@@ -238,11 +238,11 @@ def _stored_model(env: dict[str, str]) -> tuple[int, int] | None:
     from common.keys import Keys
     from common.snapshot import read_meta, read_pointer
 
+    keys = Keys(env["REDIS_PREFIX"])  # set (or defaulted) when the stack's env was built
     try:
-        client = redis_lib.Redis.from_url(env["REDIS_URL"], socket_timeout=5)
-        keys = Keys(env.get("REDIS_PREFIX", "rec"))
-        pointer = read_pointer(client, keys)
-        meta = read_meta(client, keys, pointer.version) if pointer else None
+        with redis_lib.Redis.from_url(env["REDIS_URL"], socket_timeout=5) as client:
+            pointer = read_pointer(client, keys)
+            meta = read_meta(client, keys, pointer.version) if pointer else None
     except redis_lib.RedisError:
         return None
     return (pointer.version, meta.ratings_seen) if pointer and meta else None

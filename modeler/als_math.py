@@ -541,9 +541,11 @@ class Groups:
         return cls(order, starts, sorted_rows[starts], np.diff(np.r_[starts, len(rows)]).astype(np.float64))
 
 
-def segment_sums(rows: np.ndarray, q: np.ndarray, target: np.ndarray, groups: Groups | None = None
+def segment_sums(rows: np.ndarray, q: np.ndarray, target: np.ndarray, groups: Groups | None = None,
+                 weights: np.ndarray | None = None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per row with ratings: (row numbers ascending, n, G = Σ q qᵀ, h = Σ target·q); float64.
+    """Per row with ratings: (row numbers ascending, n = Σ w, G = Σ w q qᵀ, h = Σ w·target·q),
+    float64; w = 1 without ``weights``.
 
     Sorted once (or ``groups`` of the same rows, reused), then summed with ``reduceat``.
     """
@@ -552,15 +554,20 @@ def segment_sums(rows: np.ndarray, q: np.ndarray, target: np.ndarray, groups: Gr
         return (np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros((0, rank, rank)), np.zeros((0, rank)))
     g = groups or Groups.of(rows)
     qs = np.asarray(q, dtype=np.float64)[g.order]
-    h = np.add.reduceat(np.asarray(target, dtype=np.float64)[g.order][:, None] * qs, g.starts, axis=0)
+    if weights is None:
+        n, wq = g.n, qs
+    else:
+        w = np.asarray(weights, dtype=np.float64)[g.order]
+        n, wq = np.add.reduceat(w, g.starts), qs * w[:, None]
+    h = np.add.reduceat(np.asarray(target, dtype=np.float64)[g.order][:, None] * wq, g.starts, axis=0)
     gram = np.empty((len(g.keys), rank, rank))
     # One column of the upper triangle at a time: temporaries of (ratings × rank) at most.
     # (Measured: as fast as any layout of the full outer products, which need rank² per rating.)
     for c in range(rank):
-        upper = np.add.reduceat(qs[:, c:c + 1] * qs[:, c:], g.starts, axis=0)
+        upper = np.add.reduceat(wq[:, c:c + 1] * qs[:, c:], g.starts, axis=0)
         gram[:, c, c:] = upper
         gram[:, c:, c] = upper
-    return g.keys, g.n, gram, h
+    return g.keys, n, gram, h
 
 
 def solve_rows(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
@@ -585,17 +592,16 @@ def rls_half_step(mu: float, rates: np.ndarray, rows: np.ndarray, table: FactorT
     update is not finite keep their values; returns how many."""
     q_bias = other.bias[other_rows].astype(np.float64)
     q_vec = other.vec[other_rows].astype(np.float64)
-    err = rates - predict_raw(mu, table.bias[rows], q_bias, table.vec[rows], q_vec)
-    n = np.bincount(rows, minlength=len(table)).astype(np.float64)
-    hit = np.flatnonzero(n)
-    if not len(hit):
+    g = groups or Groups.of(rows)
+    if not len(g.keys):
         return 0
-    s_b = np.bincount(rows, weights=err, minlength=len(table))
+    err = rates - predict_raw(mu, table.bias[rows], q_bias, table.vec[rows], q_vec)
+    s_b = np.bincount(rows, weights=err, minlength=len(table))[g.keys]
     new_b = table.bias.astype(np.float64)
-    new_b[hit] = bias_step(table.bias[hit], n[hit], s_b[hit], params.learning_rate,
-                           params.reg_bias, params.aggregation, table.count[hit],
-                           params.history_weight)
-    keys, n_k, gram, h = segment_sums(rows, q_vec, rates - mu - q_bias - new_b[rows], groups)
+    new_b[g.keys] = bias_step(table.bias[g.keys], g.n, s_b, params.learning_rate,
+                              params.reg_bias, params.aggregation, table.count[g.keys],
+                              params.history_weight)
+    keys, n_k, gram, h = segment_sums(rows, q_vec, rates - mu - q_bias - new_b[rows], g)
     beta = params.forgetting
     lhs = beta * table.gram[keys].astype(np.float64) + gram
     diag = params.reg_param * (beta * table.mass[keys].astype(np.float64) + n_k) + 1e-9
@@ -623,14 +629,11 @@ def fold_statistics(mu: float, rates: np.ndarray, rows: np.ndarray, table: Facto
     """
     q_vec = other.vec[other_rows].astype(np.float64)
     target = rates - mu - other.bias[other_rows].astype(np.float64) - table.bias[rows].astype(np.float64)
+    w = None
     if maturity > 0:
         partner_n = other.count[other_rows].astype(np.float64)
         w = partner_n / (partner_n + maturity)
-        root = np.sqrt(w)
-        keys, _, gram, h = segment_sums(rows, q_vec * root[:, None], target * root)
-        n = np.bincount(rows, weights=w, minlength=len(table))[keys]
-    else:
-        keys, n, gram, h = segment_sums(rows, q_vec, target)
+    keys, n, gram, h = segment_sums(rows, q_vec, target, weights=w)
     if not len(keys):
         return
     beta = forgetting
@@ -700,10 +703,9 @@ def learn_batch(
     def table(bias: np.ndarray, vec: np.ndarray, count: np.ndarray | None, stats: RowStats | None):
         n = len(bias)
         st = stats or RowStats.zeros(n, params.rank)
-        t = FactorTable(params.rank, [""] * n, {}, bias, vec,
-                        np.zeros(n, dtype=np.int64) if count is None else np.asarray(count, dtype=np.int64),
-                        np.zeros(n, dtype=bool), st.gram, st.moment, st.mass)
-        return t
+        return FactorTable(params.rank, [""] * n, {}, bias, vec,
+                           np.zeros(n, dtype=np.int64) if count is None else np.asarray(count, dtype=np.int64),
+                           np.zeros(n, dtype=bool), st.gram, st.moment, st.mass)
 
     users = table(user_bias, user_vec, user_count, user_stats)
     items = table(item_bias, item_vec, item_count, item_stats)

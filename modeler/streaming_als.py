@@ -26,7 +26,8 @@ rows between partitions. Layout, chosen after the seeds' performance warnings:
   stay bounded however long the stream runs. Nothing collects factor matrices to the
   driver; it gets one small dict per partition.
 
-Memory bound: factors ``(n_users + n_items) × (rank + 2) × 4`` bytes plus ids, and at most
+Memory bound: factors ``(n_users + n_items) × (rank + 2) × 4`` bytes plus ids (and, with the
+``"rls"`` vector step, ``(rank² + rank + 1) × 4`` bytes of statistics per key), and at most
 ``reservoir_size`` (expected, ±√R) replay ratings (ids as fixed-width strings + rating +
 priority, and an item-side copy of id + priority) - independent of the length of the stream. See docs/streaming_als.md.
 """
@@ -753,17 +754,17 @@ class StreamingALS:
                               .map(lambda t: (partition_of(str(t[1][0]), P), t)))
         state = model._zip(model._empty_state(sc), tagged).mapPartitions(_build_part(rank),
                                                                           preservesPartitioning=True)
+        built = None
         if p.vector_step == "rls":
             # Factors and counts carry no least-squares statistics: seed them from the counts
             # (als_math.seed_statistics) with each side's count-weighted second moment.
-            state.persist()
-            moments = state.map(_moments).reduce(_add_moments)
-            built = state
+            built = state.persist()
+            moments = built.map(_moments).reduce(_add_moments)
             state = built.mapPartitions(_seed_part(moments, p.reg_param), preservesPartitioning=True)
         state.persist()
         state.localCheckpoint()
         state.count()
-        if p.vector_step == "rls":
+        if built is not None:
             built.unpersist()
         model._state = state
         return model

@@ -355,3 +355,13 @@ def test_segment_sums_match_a_plain_sum():
     assert n.tolist() == np.bincount(rows)[keys].tolist()
     np.testing.assert_allclose(gram, want_g[keys], rtol=1e-9, atol=1e-8)
     np.testing.assert_allclose(h, want_h[keys], rtol=1e-9, atol=1e-8)
+    # Weighted: Σ w, Σ w q qᵀ, Σ w·target·q.
+    w = rng.random(len(rows))
+    keys, n, gram, h = segment_sums(rows, q, target, weights=w)
+    want_g[:] = 0
+    np.add.at(want_g, rows, w[:, None, None] * np.einsum("ij,ik->ijk", q, q))
+    want_h[:] = 0
+    np.add.at(want_h, rows, (w * target)[:, None] * q)
+    np.testing.assert_allclose(n, np.bincount(rows, weights=w)[keys], rtol=1e-9)
+    np.testing.assert_allclose(gram, want_g[keys], rtol=1e-9, atol=1e-8)
+    np.testing.assert_allclose(h, want_h[keys], rtol=1e-9, atol=1e-8)
