@@ -4,7 +4,11 @@ All keys start with a prefix (``REDIS_PREFIX``, default ``rec``); tests isolate 
 A model *version* is an immutable snapshot of the streaming ALS model. It is made of
 *segments*: the segment written by version ``s`` holds the factor records of every user and
 item that changed in that micro-batch (a *delta*), or of all of them (a *full* segment).
-A version's segments, read oldest to newest with later records overriding earlier ones,
+A version carries up to two *factor sets*: the explicit rating model (``users``/``items``:
+μ + b_u + b_i + U·P predicts a rating) and the ranking model (``ranking_users``/
+``ranking_items``: implicit-feedback ALS, x_u·y_i is a ranking score, not a rating). The
+metadata field ``models`` lists which sets the version has; a stream of implicit events
+only has no explicit set. A version's segments, read oldest to newest with later records overriding earlier ones,
 give the complete model. The modeler starts a new full segment when the chain grows long,
 so readers touch a bounded number of hashes.
 
@@ -25,6 +29,10 @@ key                                       type      contents
 ``{p}:seg:{s}:users``                     hash      user id -> factor record (float32 LE bytes:
                                                     ``[bias, f1..f_rank]``, see ``codec``)
 ``{p}:seg:{s}:items``                     hash      item id -> factor record
+``{p}:seg:{s}:ranking:users``             hash      the RANKING model's (implicit-feedback ALS)
+                                                    user id -> record, same codec, bias slot 0.0
+                                                    (reserved); rank ``ranking_rank`` of the meta
+``{p}:seg:{s}:ranking:items``             hash      the ranking model's item id -> record
 ``{p}:seg:{s}:state:{name}``              hash      modeler-only per-key state versioned like the
                                                     factor segments (``user_counts``,
                                                     ``item_counts``: id -> decimal count); GC'd
@@ -58,7 +66,16 @@ from dataclasses import dataclass
 
 USERS = "users"
 ITEMS = "items"
-KINDS = (USERS, ITEMS)
+RANKING_USERS = "ranking_users"
+RANKING_ITEMS = "ranking_items"
+EXPLICIT_KINDS = (USERS, ITEMS)
+RANKING_KINDS = (RANKING_USERS, RANKING_ITEMS)
+KINDS = EXPLICIT_KINDS + RANKING_KINDS
+
+# Names of the factor sets a version may carry (meta field ``models``).
+EXPLICIT = "explicit"
+RANKING = "ranking"
+MODEL_KINDS = {EXPLICIT: EXPLICIT_KINDS, RANKING: RANKING_KINDS}
 
 # Fields of {p}:ver:{v}. Scalars are decimal strings; structured values are JSON.
 META_FIELDS = (
@@ -76,6 +93,11 @@ META_FIELDS = (
     "popular",  # JSON [[item, count], ...], top items by number of ratings
     "rating_min",  # float
     "rating_max",  # float
+    "models",  # JSON list of factor sets present: ["explicit", "ranking"] (default ["explicit"])
+    "ranking_rank",  # int: rank of the ranking set (0 when absent)
+    "ranking_reg_param",  # float: λ of the ranking model, used by the iALS fold-in
+    "ranking_alpha",  # float: confidence scale α (c = 1 + α·w), used by the iALS fold-in
+    "ranking_weighting",  # JSON common.feedback.Weighting: event -> w, for the same fold-in
 )
 
 
@@ -119,6 +141,8 @@ class Keys:
     def segment(self, segment: int, kind: str) -> str:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+        if kind in RANKING_KINDS:
+            return f"{self.prefix}:seg:{segment}:ranking:{kind.removeprefix('ranking_')}"
         return f"{self.prefix}:seg:{segment}:{kind}"
 
     def state(self, segment: int, name: str) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 import redis
 
 from common.codec import decode_matrix, decode_record, encode_matrix
-from common.keys import KINDS, Keys
+from common.keys import EXPLICIT, KINDS, RANKING, RANKING_KINDS, Keys
 
 
 class SnapshotChanged(RuntimeError):
@@ -48,6 +48,24 @@ class Meta:
     popular: list[tuple[str, int]] = field(default_factory=list)
     rating_min: float = 0.5
     rating_max: float = 5.0
+    # Factor sets present (see common.keys): the explicit rating model and/or the ranking model.
+    models: tuple[str, ...] = (EXPLICIT,)
+    ranking_rank: int = 0
+    ranking_reg_param: float = 0.0
+    ranking_alpha: float = 0.0
+    ranking_weighting: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_explicit(self) -> bool:
+        return EXPLICIT in self.models
+
+    @property
+    def has_ranking(self) -> bool:
+        return RANKING in self.models and self.ranking_rank > 0
+
+    def rank_of(self, kind: str) -> int:
+        """Rank of the factor set ``kind`` belongs to (``users``/``items`` or ``ranking_*``)."""
+        return self.ranking_rank if kind in RANKING_KINDS else self.rank
 
     def to_redis(self) -> dict[str, str]:
         return {
@@ -65,6 +83,11 @@ class Meta:
             "popular": json.dumps([[i, int(c)] for i, c in self.popular]),
             "rating_min": repr(float(self.rating_min)),
             "rating_max": repr(float(self.rating_max)),
+            "models": json.dumps(list(self.models)),
+            "ranking_rank": str(self.ranking_rank),
+            "ranking_reg_param": repr(float(self.ranking_reg_param)),
+            "ranking_alpha": repr(float(self.ranking_alpha)),
+            "ranking_weighting": json.dumps(self.ranking_weighting, sort_keys=True),
         }
 
     @classmethod
@@ -85,6 +108,11 @@ class Meta:
             popular=[(str(i), int(c)) for i, c in json.loads(d.get("popular", "[]"))],
             rating_min=float(d.get("rating_min", 0.5)),
             rating_max=float(d.get("rating_max", 5.0)),
+            models=tuple(json.loads(d.get("models", '["explicit"]'))),
+            ranking_rank=int(d.get("ranking_rank", 0)),
+            ranking_reg_param=float(d.get("ranking_reg_param", 0.0)),
+            ranking_alpha=float(d.get("ranking_alpha", 0.0)),
+            ranking_weighting=json.loads(d.get("ranking_weighting", "{}")),
         )
 
 

@@ -4,7 +4,7 @@
    ``b_i = Σ_u (r − μ − b_u) / (λ_i + n_i)``, ``b_u = Σ_i (r − μ − b_i) / (λ_u + n_u)``.
 2. Spark ML ALS (``pyspark.ml.recommendation.ALS``) on the residuals ``r − μ − b_u − b_i``,
    grid search over rank × reg_param on a random validation split, the best refitted on all.
-3. A :class:`~modeler.streaming_als.StreamingALS` starting from those biases and factors
+3. A :class:`~modeler.spark.streaming_als.StreamingALS` starting from those biases and factors
    (:meth:`StreamingALS.from_factors`), which then keeps learning from the stream.
 
 ``python -m modeler bootstrap --ratings FILE`` (wired to :func:`main`) runs it and writes the
@@ -27,7 +27,7 @@ import numpy as np
 
 from common.datasets import RatingRow, read_ratings
 from common.schema import RatingScale
-from modeler.als_math import rmse
+from modeler.core.als_math import rmse
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def bootstrap_model(
     streaming ``reg_param`` defaults to the chosen one). The returned model has seen the
     historic ratings (``ratings_seen``, μ, per-id counts) but holds no replay sample.
     """
-    from modeler.streaming_als import StreamingALS
+    from modeler.spark.streaming_als import StreamingALS
 
     started = time.perf_counter()
     scale = scale or RatingScale()

@@ -10,7 +10,7 @@ from common.settings import CommonSettings
 
 
 class ModelerSettings(CommonSettings):
-    # Streaming ALS parameters; unset means the default of modeler.streaming_als (tuned there).
+    # Streaming ALS parameters; unset means the default of modeler.spark.streaming_als (tuned there).
     model_rank: int | None = Field(None, alias="MODEL_RANK", ge=1, le=512)
     model_iterations: int | None = Field(None, alias="MODEL_ITERATIONS", ge=1)
     model_reg_param: float | None = Field(None, alias="MODEL_REG_PARAM", ge=0.0)

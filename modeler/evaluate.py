@@ -8,12 +8,12 @@
   50} × reg_param ∈ {0.05, 0.1, 0.15}, 10 iterations; the best TEST RMSE of the grid is
   reported (the most favourable choice for the batch side, so the ratio is conservative).
 * Streaming side: the training part replayed in timestamp order in mini-batches of
-  ``--batch-size`` through :class:`~modeler.streaming_als.StreamingALS`; RMSE on the same
+  ``--batch-size`` through :class:`~modeler.spark.streaming_als.StreamingALS`; RMSE on the same
   test split after every ``k``-th mini-batch and at the end, and the prequential
   (test-then-train) RMSE of the stream itself. Its parameters are the defaults or, unless
   ``--no-tune``, the best of a few fixed candidates (:data:`CANDIDATES`) on a random 10%
   validation part of the TRAINING data (scored with the identical single-process
-  :class:`~modeler.als_math.LocalStreamingALS`); the test split is never used to choose.
+  :class:`~modeler.core.als_math.LocalStreamingALS`); the test split is never used to choose.
 * Both sides predict test pairs whose user or item never appeared in training the same way:
   the model's fallback (ALS: the training mean; streaming: μ + whatever bias is known), and
   every prediction is clipped to the rating scale.
@@ -38,7 +38,7 @@ import numpy as np
 
 from common.datasets import RatingRow, read_ratings
 from common.schema import RatingScale
-from modeler.als_math import rmse
+from modeler.core.als_math import rmse
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +143,12 @@ def choose_params(train: Sequence[RatingRow], batch_size: int, base: dict[str, A
     """Pick streaming parameters on a random validation part of ``train``.
 
     Each candidate streams the rest of ``train`` (timestamp order, same batch size) through
-    :class:`~modeler.als_math.LocalStreamingALS` - the same algorithm as the Spark model,
+    :class:`~modeler.core.als_math.LocalStreamingALS` - the same algorithm as the Spark model,
     in one process - and is scored by RMSE on the held-out part. Returns the winner's
     overrides and the table of all candidates.
     """
-    from modeler.als_math import ALSParams, LocalStreamingALS
-    from modeler.streaming_als import StreamingALS
+    from modeler.core.als_math import ALSParams, LocalStreamingALS
+    from modeler.spark.streaming_als import StreamingALS
 
     if len(train) > max_ratings:
         # Long histories: choose on the whole histories of a random subset of users (about
@@ -177,7 +177,7 @@ def streaming_side(spark, train: Sequence[RatingRow], test: Sequence[RatingRow],
                    scale: RatingScale | None = None, progress: Any = None) -> dict[str, Any]:
     """Replay ``train`` in timestamp order through StreamingALS; test RMSE curve + prequential."""
     from modeler.spark import default_model_partitions
-    from modeler.streaming_als import StreamingALS
+    from modeler.spark.streaming_als import StreamingALS
 
     sc = spark.sparkContext
     # The modeler's default layout unless told otherwise (local: one partition, one task per

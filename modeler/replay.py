@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = rows[: args.limit]
     bootstrap = args.bootstrap or settings.kafka_bootstrap_servers
     topic = args.topic or settings.ratings_topic
-    from modeler.kafka_source import KafkaUnavailable, TopicAdmin
+    from modeler.io.kafka_source import KafkaUnavailable, TopicAdmin
 
     try:
         TopicAdmin(bootstrap, topic, settings.dlq_topic).ensure_topics()

@@ -33,9 +33,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from modeler import kafka_source as ks
-from modeler import publish as pub
 from modeler.config import ModelerSettings
+from modeler.io import kafka_source as ks
+from modeler.io import publish as pub
 from modeler.metrics import ModelerMetrics
 
 log = logging.getLogger(__name__)
@@ -610,7 +610,7 @@ def _short(exc: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------------------
-# Adapter to modeler.streaming_als (the numeric core, owned by another module)
+# Adapter to modeler.spark.streaming_als (the numeric core, owned by another module)
 # ------------------------------------------------------------------------------------------
 
 
@@ -635,7 +635,7 @@ def model_params(settings: ModelerSettings) -> dict[str, Any]:
 
 
 def new_model(settings: ModelerSettings) -> Any:
-    from modeler.streaming_als import StreamingALS
+    from modeler.spark.streaming_als import StreamingALS
 
     return StreamingALS(**model_params(settings))
 
@@ -648,7 +648,7 @@ def model_state(model: Any) -> dict[str, Any]:
 
 def restore_model(spark: Any, settings: ModelerSettings, restored: pub.Restored) -> Any:
     """Rebuild the model of a published version: factors, counts, μ and its running sum."""
-    from modeler.streaming_als import StreamingALS
+    from modeler.spark.streaming_als import StreamingALS
 
     sc = spark.sparkContext
     meta = restored.meta
@@ -672,7 +672,7 @@ def restore_model(spark: Any, settings: ModelerSettings, restored: pub.Restored)
         # Parameters stored by an older release may name fields this one no longer has.
         import dataclasses
 
-        from modeler.als_math import ALSParams
+        from modeler.core.als_math import ALSParams
 
         known = {f.name for f in dataclasses.fields(ALSParams)}
         dropped = sorted(set(extra["params"]) - known)
@@ -710,7 +710,7 @@ def _factor_records(only_touched: bool) -> Callable[[tuple[int, Any]], Any]:
 
 
 def publish_rdd(model: Any, full: bool, blocks: Any) -> Any:
-    """One RDD of columnar chunks for :func:`modeler.publish.write_partition`: the model's
+    """One RDD of columnar chunks for :func:`modeler.io.publish.write_partition`: the model's
     (changed or all) factor records and the batch's ratings, in as many partitions as the
     model has (one Spark job, few tasks)."""
     factors = model._state.flatMap(_factor_records(not full))

@@ -326,7 +326,7 @@ def carry_user_cache(client: redis.Redis, keys: Keys, old: FactorModel, new: Fac
     holding them, so a user absent from every delta segment has the same factors in both
     versions. Their rated set is unchanged too: the modeler records a batch's ratings in the
     same publish step that writes the users who made them into the batch's segment (see
-    ``modeler.publish.SegmentSink``). Without this, each new
+    ``modeler.io.publish.SegmentSink``). Without this, each new
     version (every few seconds when streaming) would send every request back to Redis.
     Nothing is carried if the delta added items: a cached user's rated rows could miss one.
     """

@@ -38,7 +38,7 @@ ML_SMALL = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")) 
 
 def throughput(spark, batches: int, batch_size: int, partitions: int, seed: int = 7) -> dict[str, Any]:
     from common.synthetic import generate
-    from modeler.streaming_als import StreamingALS
+    from modeler.spark.streaming_als import StreamingALS
 
     n = batches * batch_size
     rows, _ = generate(n_users=max(2000, n // 40), n_items=max(2000, n // 60), n_ratings=n, seed=seed)

@@ -7,7 +7,7 @@ on a local broker, keyed by user like ``modeler.replay``, then times
 ``kafka_source.read_range`` in this one Python process (what one executor task does), both
 paths alternately:
 
-* ``fast``: raw Fetch requests and the record decoder of ``modeler.kafka_fetch``;
+* ``fast``: raw Fetch requests and the record decoder of ``modeler.io.kafka_fetch``;
 * ``consumer``: the kafka-python ``KafkaConsumer`` path (``fast=False``).
 
 Two shapes: each partition read whole (one range per partition), and ranges of ``--range``
@@ -53,7 +53,7 @@ def _rows(n: int) -> tuple[str, list[tuple[str, str, float, int]]]:
 
 def _read_all(bootstrap: str, topic: str, ends: dict[int, int], chunk: int | None, fast: bool) -> tuple[float, int]:
     """Seconds to read every partition to its end in ranges of ``chunk`` (None: whole)."""
-    from modeler import kafka_source as ks
+    from modeler.io import kafka_source as ks
 
     n = 0
     t0 = time.perf_counter()
@@ -72,8 +72,8 @@ def _read_all(bootstrap: str, topic: str, ends: dict[int, int], chunk: int | Non
 
 def _parts(bootstrap: str, topic: str, ends: dict[int, int]) -> dict[str, float]:
     """The fast path's pieces, summed over all partitions: seconds fetching, decoding, validating."""
-    from modeler import kafka_fetch as kf
-    from modeler import kafka_source as ks
+    from modeler.io import kafka_fetch as kf
+    from modeler.io import kafka_source as ks
 
     f = kf.fetcher(bootstrap)
     fetch = decode = validate = 0.0
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("kafka").setLevel(logging.ERROR)
 
     from devstack.services import create_topics, start_broker
-    from modeler import kafka_source as ks
+    from modeler.io import kafka_source as ks
     from modeler.replay import encode, make_producer
 
     out = Path(args.out)

@@ -65,7 +65,7 @@ def _collect(rdd) -> tuple[list[str], np.ndarray, np.ndarray]:
 
 def train_batches(spark, batches: list[list], params: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train a fresh StreamingALS on ``batches`` in order; return its factors as numpy arrays."""
-    from modeler.streaming_als import StreamingALS
+    from modeler.spark.streaming_als import StreamingALS
 
     model = StreamingALS(**(params or PARAMS))
     sc = spark.sparkContext

@@ -10,7 +10,7 @@ import pytest
 from common.synthetic import generate, write_movielens
 from modeler import bootstrap as boot
 from modeler import evaluate as ev
-from modeler.als_math import rmse
+from modeler.core.als_math import rmse
 
 pytestmark = pytest.mark.spark
 
@@ -40,7 +40,7 @@ def test_bootstrap_starts_the_stream_from_batch_als_and_keeps_learning(spark, pl
     held_out = sc.parallelize([tuple(r) for r in later], 2)
     warm = model.rmse(held_out)
     # A cold streaming model that saw the same history once is worse than the bootstrap.
-    from modeler.streaming_als import StreamingALS
+    from modeler.spark.streaming_als import StreamingALS
 
     cold = StreamingALS(rank=3, num_partitions=4)
     cold.train(sc.parallelize([tuple(r) for r in history], 2))

@@ -1,4 +1,4 @@
-"""The fast Kafka reader (modeler.kafka_fetch) against the real broker: it must give the
+"""The fast Kafka reader (modeler.io.kafka_fetch) against the real broker: it must give the
 same Block, and send the same dead letters, as the kafka-python consumer path."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import uuid
 import pytest
 
 from devstack.services import create_topics, free_port
-from modeler import kafka_fetch as kf
-from modeler import kafka_source as ks
+from modeler.io import kafka_fetch as kf
+from modeler.io import kafka_source as ks
 from modeler.replay import encode
 
 FIELDS = ("partition", "start", "next_offset", "highwater", "users", "items", "ratings",

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from modeler import kafka_source as ks
+from modeler.io import kafka_source as ks
 from modeler.replay import encode, make_producer
 
 pytestmark = pytest.mark.spark

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from common.synthetic import generate
-from modeler.als_math import LocalStreamingALS
-from modeler.streaming_als import StreamingALS
+from modeler.core.als_math import LocalStreamingALS
+from modeler.spark.streaming_als import StreamingALS
 
 pytestmark = pytest.mark.spark
 

@@ -1,4 +1,4 @@
-"""The streaming ALS maths (modeler.als_math): no Spark, no services."""
+"""The streaming ALS maths (modeler.core.als_math): no Spark, no services."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from common.synthetic import generate
-from modeler.als_math import (
+from modeler.core.als_math import (
     ALSParams,
     FactorTable,
     LocalStreamingALS,
@@ -340,7 +340,7 @@ def test_rls_learns_a_session_user_better_than_the_seeds_step():
 
 def test_segment_sums_match_a_plain_sum():
     # Rows with one rating, with a few, and one row with half of all ratings.
-    from modeler.als_math import segment_sums
+    from modeler.core.als_math import segment_sums
 
     rng = np.random.default_rng(9)
     rows = np.r_[rng.integers(0, 500, 20_000), np.full(25_000, 3), rng.integers(0, 500, 5_000)]

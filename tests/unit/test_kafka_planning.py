@@ -8,7 +8,7 @@ import math
 import pytest
 
 from common.schema import InvalidRating, RatingScale, parse_rating
-from modeler.kafka_source import (
+from modeler.io.kafka_source import (
     allocate_caps,
     fast_parse,
     offsets_for_topic,

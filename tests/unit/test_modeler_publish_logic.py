@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import random
 
-from modeler.publish import backoff_delays, merge_popular
+from modeler.io.publish import backoff_delays, merge_popular
 
 
 def _top(counts: dict[str, int], n: int) -> list[tuple[str, int]]:

@@ -2,7 +2,7 @@
 
 The driver plans each micro-batch as one *range* per topic partition (start offset and a
 record cap). Executors read their range with raw Fetch requests decoded by
-:mod:`modeler.kafka_fetch` (the kafka-python consumer, ``assign`` + ``seek``, is the
+:mod:`modeler.io.kafka_fetch` (the kafka-python consumer, ``assign`` + ``seek``, is the
 fallback for record formats and codecs that module leaves alone); there is no consumer
 group and no committed offset: the offsets live with the model version in Redis. They
 parse and validate each message where it was read, send bad ones to the dead-letter topic,
@@ -269,7 +269,7 @@ def _producer(bootstrap: str) -> Any:
 
 
 def _drop_clients(bootstrap: str) -> None:
-    from modeler.kafka_fetch import drop_fetcher
+    from modeler.io.kafka_fetch import drop_fetcher
 
     drop_fetcher(bootstrap)
     for cache in (_CONSUMERS, _PRODUCERS):
@@ -403,12 +403,12 @@ def read_range(
     origin, key = ``topic:partition:offset`` so a consumer can de-duplicate a replayed
     batch); they are flushed before returning so the offset never passes an unsent one.
 
-    ``fast`` reads with :mod:`modeler.kafka_fetch` (raw fetches, our own record decoder);
+    ``fast`` reads with :mod:`modeler.io.kafka_fetch` (raw fetches, our own record decoder);
     whatever it cannot decode (legacy record format, a codec not installed here) is read
     with the kafka-python consumer from that offset on. ``fast=False`` uses the consumer
     for the whole range; both give the same :class:`Block`.
     """
-    from modeler.kafka_fetch import UnsupportedRecords, fetcher
+    from modeler.io.kafka_fetch import UnsupportedRecords, fetcher
 
     t0 = time.perf_counter()
     block = Block(rng.partition, rng.start, rng.start, None)

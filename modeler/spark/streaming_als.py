@@ -1,12 +1,12 @@
 """Streaming ALS (bias-SGD matrix factorisation) on Spark RDDs, one ``train()`` per mini-batch.
 
-The maths lives in :mod:`modeler.als_math` (numpy only); this module only moves blocks of
+The maths lives in :mod:`modeler.core.als_math` (numpy only); this module only moves blocks of
 rows between partitions. Layout, chosen after the seeds' performance warnings:
 
 * Every id has a fixed partition, ``crc32(id) % num_partitions``
-  (:func:`modeler.als_math.partition_of`), the same on every machine and run.
+  (:func:`modeler.core.als_math.partition_of`), the same on every machine and run.
 * The model is ONE RDD of ``num_partitions`` records ``(pid, _Part)`` under one partitioner
-  (identity on ``pid``). Partition p holds a :class:`~modeler.als_math.FactorTable` (ids,
+  (identity on ``pid``). Partition p holds a :class:`~modeler.core.als_math.FactorTable` (ids,
   biases, vectors, counts, touched flags) of the users and one of the items living in p, and
   the replay sample's entries of those users (full) and items (ids + priorities).
 * ``train()`` is one Spark job of four stages whatever ``iterations`` is: (1) validate the
@@ -14,7 +14,7 @@ rows between partitions. Layout, chosen after the seeds' performance warnings:
   ratings; (2) a partitioner-aware ``union`` with the model (no join, the model is never
   reshuffled) and each partition emits the rows the batch and its replay touch; (3) one task
   learns that working set (bounded by the batch size, never the model) with
-  :func:`modeler.als_math.learn_batch`; (4) a second co-partitioned union writes the learned
+  :func:`modeler.core.als_math.learn_batch`; (4) a second co-partitioned union writes the learned
   rows back. Messages are numpy blocks, one per pair of partitions - no Python object per
   rating crosses a shuffle. A model of ONE partition (the default on a local master) runs
   (1)-(4) in one task - the same functions chained, the input and the model brought together
@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from common.schema import RatingScale
-from modeler.als_math import (
+from modeler.core.als_math import (
     ALSParams,
     FactorTable,
     Reservoir,
@@ -100,7 +100,7 @@ class ModelState:
     model replays nothing until the reservoir refills from the stream (accuracy recovers within
     ~reservoir_size ratings); factors, biases, μ and counts are kept exactly. Neither are the
     ``"rls"`` least-squares statistics: a restore seeds them from the counts
-    (:func:`modeler.als_math.seed_statistics`), so each vector keeps a prior as strong as the
+    (:func:`modeler.core.als_math.seed_statistics`), so each vector keeps a prior as strong as the
     ratings it learned, but the partners' vectors behind it are approximated."""
 
     users: Any
@@ -450,7 +450,7 @@ class StreamingALS:
     turned into ``str``). Ratings that are NaN/inf, off the scale, or lack an id are rejected
     and counted (``stats.n_rejected``), never learned.
 
-    Accuracy knobs (see :class:`modeler.als_math.ALSParams` and docs/streaming_als.md):
+    Accuracy knobs (see :class:`modeler.core.als_math.ALSParams` and docs/streaming_als.md):
     ``reg_bias`` (λ_b, default = reg_param), ``init_scale`` (std of newcomers' vectors),
     ``aggregation`` (``"damped"``/``"mean"``/``"sum"``), ``history_weight`` (κ: bias steps
     shrink like 1/(n + κ·ratings already learned)), ``reservoir_size`` and ``replay_ratio``
@@ -600,7 +600,7 @@ class StreamingALS:
 
         Four stages, whatever ``iterations``: route the ratings to their users' partitions;
         gather the rows they (and the replayed ratings) touch; learn that working set in one
-        task (:func:`modeler.als_math.learn_batch`); write the rows back. One Spark job. A
+        task (:func:`modeler.core.als_math.learn_batch`); write the rows back. One Spark job. A
         model of one partition does all of it in one task: a narrow coalesce puts the input
         and the model together, with no shuffle at all.
 

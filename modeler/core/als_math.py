@@ -43,7 +43,7 @@ Biases keep the damped, counts-aware SGD step. The batch's own ratings are folde
 A user's statistics weigh each rating by the item's maturity, N_i / (N_i + c)
 (``maturity`` c; see :func:`fold_statistics`).
 
-Everything the Spark code (``modeler.streaming_als``) does per partition is a call into this
+Everything the Spark code (``modeler.spark.streaming_als``) does per partition is a call into this
 module, so :class:`LocalStreamingALS` (one process, the same algorithm end to end) is the
 reference the Spark tests compare against, and ``reference_*`` functions are plain loops
 over ratings that the vectorised functions are tested against.
@@ -876,7 +876,7 @@ class BatchResult:
 class LocalStreamingALS:
     """The whole streaming algorithm in one process: the reference for the Spark version and a
     fast way to study accuracy. Same validation, newcomer initialisation, replay sample and
-    :func:`learn_batch` as :class:`modeler.streaming_als.StreamingALS`.
+    :func:`learn_batch` as :class:`modeler.spark.streaming_als.StreamingALS`.
 
     The replay fraction of batch t uses the size of batch t−1 (the Spark driver does not know
     a batch's size before it is learned); the first batch replays nothing.

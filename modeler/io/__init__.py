@@ -1,0 +1,1 @@
+"""The modeler's edges: Kafka planning, reading and decoding, and Redis publishing."""
