@@ -108,6 +108,7 @@ def test_reader_never_sees_a_half_written_version(redis_url, keys):
     publish_version(writer, keys, _meta(1, [1]))
     stop = threading.Event()
     mixed: list[set] = []
+    completed: list[int] = []  # version of every read that came back whole
 
     def read_loop():
         reader = redis.Redis.from_url(redis_url)
@@ -120,15 +121,27 @@ def test_reader_never_sees_a_half_written_version(redis_url, keys):
             values = set(np.unique(vec).tolist())
             if values != {float(p.version)}:
                 mixed.append(values)
+            completed.append(p.version)
+
+    def wait_for(cond, what: str) -> None:
+        deadline = time.monotonic() + 20
+        while not cond():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.005)
 
     thread = threading.Thread(target=read_loop)
     thread.start()
+    wait_for(lambda: completed, "the reader never completed a read")
     for v in range(2, 12):
         # Write in small chunks so a non-atomic reader would catch it half-way.
         for start in range(0, 300, 50):
             write_segment(writer, keys, v, ITEMS, items[start:start + 50], np.zeros(50), np.full((50, RANK), float(v)))
         publish_version(writer, keys, _meta(v, [v]))
         collect_garbage(writer, keys, keep=2, min_age_s=0)
+        # Let the reader finish a read of this version, so reads overlap the writes of the next.
+        wait_for(lambda v=v: completed and completed[-1] >= v, f"no complete read of version {v}")
     stop.set()
     thread.join()
     assert mixed == []
+    # The check above means something only if reads really ran across the versions.
+    assert set(range(2, 12)) <= set(completed)
