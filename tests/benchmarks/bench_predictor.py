@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
 
     skip_spark = args.skip_spark
     if not skip_spark:
-        from devstack.services import MissingDependency, check_java
+        from modeler.runtime import MissingDependency, check_java
 
         try:
             check_java()
