@@ -123,9 +123,14 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        code = {404: NOT_FOUND, 405: METHOD_NOT_ALLOWED}.get(exc.status_code, INVALID_REQUEST)
-        detail = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
-        return answer(request, ApiError(exc.status_code, code, detail))
+        if exc.status_code in (404, 405):
+            code = NOT_FOUND if exc.status_code == 404 else METHOD_NOT_ALLOWED
+            return answer(request, ApiError(exc.status_code, code, f"no route {request.method} {request.url.path}"))
+        if exc.status_code == 400:
+            # Starlette's "error parsing the body" (not JSON, not UTF-8): a bad body like any
+            # other, answered as the documented 422 naming it.
+            return answer(request, ApiError(422, INVALID_REQUEST, f"body: {exc.detail}", "body"))
+        return answer(request, ApiError(exc.status_code, INVALID_REQUEST, str(exc.detail)))
 
     async def _redis_down(request: Request, exc: Exception) -> Response:
         svc = getattr(request.app.state, "svc", None)

@@ -71,7 +71,8 @@ class FoldInBody(Body):
 
 
 # jiminy clients send MovieLens integer ids; echo them back as sent (64-bit: JSON-safe).
-JiminyId = Annotated[int, Field(ge=0, le=2**63 - 1)] | Annotated[
+# Strict: a JSON boolean is not an id (lax mode would read true as 1).
+JiminyId = Annotated[int, Field(ge=0, le=2**63 - 1, strict=True)] | Annotated[
     str, Field(min_length=1, max_length=MAX_ID_LENGTH)
 ]
 

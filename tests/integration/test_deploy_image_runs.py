@@ -122,7 +122,8 @@ class Layers:
             if word == "ENV":
                 for name, value in re.findall(r"(\w+)=(\S+)", args):
                     value = value.replace(IMAGE_VENV, str(self.venv))
-                    env[name] = re.sub(r"\$\{(\w+)\}", lambda m: env.get(m.group(1), os.environ.get(m.group(1), "")), value)
+                    env[name] = re.sub(r"\$\{(\w+)\}",
+                                       lambda m: env.get(m.group(1), os.environ.get(m.group(1), "")), value)
             elif word == "ENTRYPOINT":
                 entrypoint = json.loads(args)
             elif word == "CMD":

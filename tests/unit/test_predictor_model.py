@@ -247,6 +247,7 @@ def test_ranking_batch_matches_one_by_one_and_brute_force() -> None:
              for k in (1, 10, 10, 37)]
     batched = recommend_batch(m, users, by=BY_RANKING)
     for (_, x, k, ex), (rows, vals) in zip(users, batched, strict=True):
+        assert np.allclose(vals, m.ranking.factors[rows] @ x, atol=1e-5)
         scores = m.ranking.factors.astype(np.float64) @ x.astype(np.float64)
         scores[ex] = -np.inf
         assert rows.tolist() == brute_top(scores, k)
