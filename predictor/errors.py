@@ -9,6 +9,7 @@ Never a traceback: an unexpected exception is logged and answered 500 ``internal
 from __future__ import annotations
 
 import logging
+import re
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,7 @@ NOT_READY = "not_ready"  # 503 (readiness probe)
 INTERNAL_ERROR = "internal_error"  # 500: a bug, logged
 
 JIMINY_PREFIXES = ("/predictions",)
+_UNION_TAG = re.compile(r"^(constrained|function|lax|strict|json-or-python|tagged-union|int|str)(-|$)")
 
 
 class ApiError(StreamrecError):
@@ -97,7 +99,12 @@ def validation_error(exc: RequestValidationError) -> ApiError:
     """422 naming the first bad field; the detail lists every problem."""
     fields: list[tuple[str, str]] = []
     for err in exc.errors():
-        loc = [str(p) for p in err.get("loc", ())]
+        if err.get("type") == "json_invalid":  # loc is (body, <character position>)
+            fields.append(("body", f"not valid JSON ({err.get('msg', 'decode error')})"))
+            continue
+        # pydantic names the branches of a union in the location ("user.constrained-int"):
+        # the client only knows the field.
+        loc = [str(p) for p in err.get("loc", ()) if not _UNION_TAG.match(str(p))]
         if loc and loc[0] in ("body", "query", "path"):
             loc = loc[1:] if loc[0] == "body" and len(loc) > 1 else loc[1:] or loc
         fields.append((".".join(loc) or "body", str(err.get("msg", "invalid"))))

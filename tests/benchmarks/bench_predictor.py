@@ -9,8 +9,9 @@
 
 Both carry the two factor sets of a version (``--models both``, the default): the explicit
 rating model and the ranking model (random x_u, y_i of the explicit set's rank, for both
-models: the cost of serving does not depend on what the vectors learned), so the measured top-10 is what the predictor serves by default,
-ordered by x_u·y_i with the clipped predicted rating of each item beside it. ``--models
+models: the cost of serving does not depend on what the vectors learned), so the measured
+top-10 is what the predictor serves by default, ordered by x_u·y_i with the clipped
+predicted rating of each item beside it. ``--models
 explicit`` publishes the explicit set only (an older modeler: lists by r̂, as before).
 
 For each: (1) Spark's ``MatrixFactorizationModel.recommendProducts(user, 10)`` on a model
