@@ -14,6 +14,9 @@ lists, similar items and fold-in; its score is not a rating::
 Items are one row space for both sets: an item known to one set only has zeros in the
 other (explicit: r̂ = mu + b_u, the model's own guess for an unrated item; ranking: s = 0).
 
+One module (over 450 lines) on purpose: the model, its top-k selection and the batched
+products share the row layout and the exclusion convention (-inf), and are tested together.
+
 A :class:`FactorModel` is immutable once built: a new version is a new object, swapped in by
 replacing one reference, so a request that took a reference at its start never sees a mix.
 Per-version caches (user vectors, rated sets) hang off the model object and die with it

@@ -3,6 +3,9 @@ few per-request reads (user vector, rated set) done on the event loop.
 
 Layout: :mod:`common.keys`. One key is the predictor's own: ``{p}:prediction:{kind}:{id}``, a
 jiminy-style prediction result (JSON, with a TTL).
+
+A little over 450 lines: the catalogue, the version loader (both factor sets, full and
+delta) and the per-request user read all follow the same key layout, kept side by side.
 """
 
 from __future__ import annotations
