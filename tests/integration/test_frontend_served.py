@@ -22,7 +22,7 @@ from frontend.config import FrontendSettings
 from predictor.app import create_app as create_predictor
 from predictor.config import PredictorSettings
 from tests.e2e.conftest import CHROMIUM_ARGS, chromium_path
-from tests.integration import test_predictor_ranking as ranking
+from tests.support import versions as ranking
 
 
 class Served:

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from predictor.app import create_app
 from predictor.config import PredictorSettings
-from tests.integration import test_predictor_ranking as ranking
+from tests.support import versions as ranking
 
 # ---------------------------------------------------------------------- jiminy, transcribed
 
