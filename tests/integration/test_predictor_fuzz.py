@@ -90,5 +90,31 @@ def test_schema_driven_requests_get_declared_answers_and_no_server_errors(served
             except Unsatisfiable:
                 # No invalid input exists for an operation without parameters (e.g. /healthz).
                 assert mode is GenerationMode.NEGATIVE
+    # Generated ids rarely name a known user or item: the model's own answers (not only the
+    # popular fallback and the errors) are checked on these, the same way.
+    known = [
+        ("/v1/users/{user}/recommendations", "GET", {"path_parameters": {"user": "u1"}, "query": {"n": 7}}),
+        ("/v1/users/{user}/recommendations", "GET",
+         {"path_parameters": {"user": "u2"}, "query": {"rank_by": "rating"}}),
+        ("/v1/users/{user}/recommendations", "POST",
+         {"path_parameters": {"user": "u3"}, "body": {"n": 3, "candidates": ["m1", "m2", "m9"]}}),
+        ("/v1/users/{user}/ratings", "GET", {"path_parameters": {"user": "u1"}}),
+        ("/v1/items/{item}/similar", "GET", {"path_parameters": {"item": "m1"}}),
+        ("/v1/items/{item}", "GET", {"path_parameters": {"item": "m1"}}),
+        ("/v1/fold-in", "POST", {"body": {"ratings": [{"item": "m1", "rating": 5}, {"item": "m7", "rating": 4}]}}),
+        ("/v1/predict", "GET", {"query": {"user": "u1", "item": "m3"}}),
+        ("/v1/predict", "POST", {"body": {"pairs": [{"user": "u1", "item": "m3"}, {"user": "x", "item": "m4"}]}}),
+        ("/predictions/ranks", "POST", {"body": {"user": "u4", "topk": 4}}),
+        ("/predictions/ratings", "POST", {"body": {"user": "u4", "products": ["m1"]}}),
+        ("/v1/model", "GET", {}), ("/v1/popular", "GET", {}), ("/readyz", "GET", {}),
+    ]
+    for path, method, parts in known:
+        case = schema[path][method].Case(**parts)
+        response = case.call(base_url=served, timeout=10)
+        calls += 1
+        try:
+            case.validate_response(response, checks=CHECKS)
+        except (Exception, BaseExceptionGroup) as exc:
+            failures.append(f"{response.status_code} {method} {path}\n{str(exc)[:600]}\n{response.text[:300]}")
     assert calls > 100
     assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures[:8])
