@@ -1,4 +1,11 @@
-"""One root exception for the project; third-party errors are re-raised ``from exc``."""
+"""One root exception for the project; third-party errors are re-raised ``from exc``.
+
+Every exception this project defines derives from :class:`StreamrecError`, or from
+:class:`InfraUnavailable` (under it) when the fault is an outage that a retry with backoff
+may cure (services answer those with 503). A class that callers used to catch as a builtin
+keeps that builtin as a second base (``class InvalidRating(StreamrecError, ValueError)``),
+so ``except ValueError`` written against it still works.
+"""
 
 
 class StreamrecError(Exception):

@@ -16,6 +16,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from common.errors import StreamrecError
+
 MAX_ID_LENGTH = 128
 DEFAULT_RATING_MIN = 0.5
 DEFAULT_RATING_MAX = 5.0
@@ -138,8 +140,9 @@ class Event(BaseModel):
         return self.model_dump_json(exclude_none=True).encode()
 
 
-class InvalidRating(ValueError):
-    """A message or request body that is not a valid rating; ``reason`` names the field."""
+class InvalidRating(StreamrecError, ValueError):
+    """A message or request body that is not a valid rating; ``reason`` names the field.
+    Also a ``ValueError``, as callers written before the root exception catch it."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)

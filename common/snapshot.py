@@ -19,11 +19,13 @@ import numpy as np
 import redis
 
 from common.codec import decode_matrix, decode_record, encode_matrix
+from common.errors import StreamrecError
 from common.keys import EXPLICIT, KINDS, RANKING, RANKING_KINDS, Keys
 
 
-class SnapshotChanged(RuntimeError):
-    """A segment of the version being read was garbage-collected: re-read the pointer."""
+class SnapshotChanged(StreamrecError, RuntimeError):
+    """A segment of the version being read was garbage-collected: re-read the pointer.
+    (``RuntimeError`` too, for callers that predate the root exception.)"""
 
 
 @dataclass(frozen=True)

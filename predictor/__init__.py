@@ -1,7 +1,12 @@
 """Predictor: serves predicted ratings and top-N from the factor snapshots in Redis.
 
-Never imports pyspark. The maths lives in :mod:`predictor.model` (numpy only), Redis I/O in
-:mod:`predictor.store`, HTTP in :mod:`predictor.app` (OpenAPI at ``/docs``).
+Never imports pyspark. The maths lives in :mod:`predictor.model` (numpy only: the explicit
+rating model and the ranking model), Redis I/O in :mod:`predictor.store`, HTTP laid out like
+the FastAPI full-stack template: :mod:`predictor.schemas`, :mod:`predictor.errors`,
+:mod:`predictor.deps`, :mod:`predictor.serving` (what the routes compute), one router per area
+in :mod:`predictor.routes` (recommend, predict, items, ops, jiminy), :mod:`predictor.batcher`,
+:mod:`predictor.metrics`, :mod:`predictor.hotpath`, assembled by :func:`predictor.app.create_app`
+(OpenAPI at ``/docs``).
 
 Run: ``python -m predictor``. Environment (see :mod:`predictor.config`): ``REDIS_URL``,
 ``REDIS_PREFIX``, ``RATING_MIN``/``RATING_MAX``, ``LOG_LEVEL`` (common), and

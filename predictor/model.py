@@ -1,8 +1,21 @@
 """The in-memory model and its maths: numpy only, no Redis, no Spark.
 
-Prediction (bias matrix factorisation, the modeler's model)::
+A version carries up to two factor sets (see :mod:`common.keys`).
+
+The explicit rating model (bias matrix factorisation) predicts ratings::
 
     r̂(u, i) = mu + b_u + b_i + U_u · P_i         clipped to [rating_min, rating_max]
+
+The ranking model (implicit-feedback ALS, Hu, Koren & Volinsky 2008) scores items for top-N
+lists, similar items and fold-in; its score is not a rating::
+
+    s(u, i) = x_u · y_i
+
+Items are one row space for both sets: an item known to one set only has zeros in the
+other (explicit: r̂ = mu + b_u, the model's own guess for an unrated item; ranking: s = 0).
+
+One module (over 450 lines) on purpose: the model, its top-k selection and the batched
+products share the row layout and the exclusion convention (-inf), and are tested together.
 
 A :class:`FactorModel` is immutable once built: a new version is a new object, swapped in by
 replacing one reference, so a request that took a reference at its start never sees a mix.
@@ -19,7 +32,13 @@ from typing import Any
 
 import numpy as np
 
+from common.feedback import Weighting
+
 F32 = np.float32
+
+# How the model's lists are ordered: the ranking model's x_u·y_i, or the predicted rating.
+BY_RANKING = "ranking"
+BY_RATING = "rating"
 
 
 @dataclass(frozen=True)
@@ -30,6 +49,56 @@ class UserEntry:
     vector: np.ndarray | None  # None: the model has no factors for this user
     rated: np.ndarray  # int64 row indices of rated items known to the model
     rated_ids: frozenset[str]  # every rated item id (also those the model lacks)
+    rank_vector: np.ndarray | None = None  # x_u of the ranking model, None: absent
+
+
+@dataclass(frozen=True, eq=False)
+class RankingSet:
+    """The ranking model's item side, aligned to the :class:`FactorModel`'s item rows."""
+
+    rank: int
+    factors: np.ndarray  # (n, rank) float32 C-contiguous, y_i
+    unit: np.ndarray  # (n, rank) float32, y_i / |y_i|, for cosine
+    # YᵀY (rank, rank) float64 over every item row: the unobserved cells of an iALS solve.
+    gram: np.ndarray
+    reg_param: float
+    alpha: float
+    weighting: Weighting
+    # λ_u = λ·n_u ("count", the modeler's default: ALS-WR scaling) or λ ("constant").
+    reg_scaling: str = "count"
+
+    @classmethod
+    def build(cls, factors: np.ndarray, *, reg_param: float, alpha: float, weighting: Weighting,
+              reg_scaling: str = "count", gram: np.ndarray | None = None) -> RankingSet:
+        y = np.ascontiguousarray(factors, dtype=F32)
+        if gram is None:
+            y64 = y.astype(np.float64)
+            gram = y64.T @ y64  # YᵀY
+        return cls(rank=y.shape[1], factors=y, unit=unit_rows(y), gram=gram,
+                   reg_param=float(reg_param), alpha=float(alpha), weighting=weighting,
+                   reg_scaling=reg_scaling)
+
+    def fold_in(self, rows: np.ndarray, weights: np.ndarray) -> np.ndarray | None:
+        """x for a visitor with event weights ``weights`` (w, :mod:`common.feedback`) on the
+        item ``rows``; None without a positive (every w = 0).
+
+        The iALS user solve against the cached Gramian, positives only (w > 0, p = 1)::
+
+            c_i = 1 + α·w_i
+            x = (YᵀY + Σ_i (c_i − 1) y_i y_iᵀ + λ_u I)⁻¹ Σ_i c_i y_i
+
+        A w = 0 item has c = 1, p = 0: it adds nothing beyond YᵀY, as for any unseen item.
+        """
+        w = np.asarray(weights, np.float64)
+        pos = w > 0
+        if not pos.any():
+            return None
+        y = self.factors[np.asarray(rows)[pos]].astype(np.float64)
+        c = 1.0 + self.alpha * w[pos]
+        lam = self.reg_param * (int(pos.sum()) if self.reg_scaling == "count" else 1)
+        lhs = self.gram + (y.T * (c - 1.0)) @ y + max(lam, 1e-9) * np.eye(self.rank)
+        x = np.linalg.solve(lhs, y.T @ c)
+        return x.astype(F32)
 
 
 @dataclass(eq=False)
@@ -54,10 +123,22 @@ class FactorModel:
     metrics: dict[str, Any] = field(default_factory=dict)
     popular: list[tuple[str, int]] = field(default_factory=list)
     user_cache: dict[str, UserEntry] = field(default_factory=dict)
+    # False for a version of an implicit-only stream: no rating model, item_aug is zeros.
+    has_explicit: bool = True
+    ranking: RankingSet | None = None
 
     @property
     def n_items(self) -> int:
         return len(self.item_ids)
+
+    @property
+    def has_ranking(self) -> bool:
+        return self.ranking is not None
+
+    @property
+    def default_order(self) -> str:
+        """What lists are ranked by unless asked otherwise: the ranking model if present."""
+        return BY_RANKING if self.ranking is not None else BY_RATING
 
     @property
     def item_factors(self) -> np.ndarray:
@@ -85,8 +166,11 @@ class FactorModel:
         metrics: dict[str, Any] | None = None,
         popular: list[tuple[str, int]] | None = None,
         index: dict[str, int] | None = None,
+        has_explicit: bool = True,
+        ranking: RankingSet | None = None,
     ) -> FactorModel:
-        """``index`` (item id -> row of ``item_ids``) is built here unless given."""
+        """``index`` (item id -> row of ``item_ids``) is built here unless given; ``ranking``
+        must have one row per item of ``item_ids``."""
         n = len(item_ids)
         factors = np.asarray(item_factors, dtype=F32).reshape(n, rank)
         bias = np.ascontiguousarray(item_bias, dtype=F32).reshape(n)
@@ -111,25 +195,37 @@ class FactorModel:
             item_unit=unit_rows(factors),
             metrics=metrics or {},
             popular=popular or [],
+            has_explicit=has_explicit,
+            ranking=ranking,
         )
 
     def with_item_delta(
-        self, ids: Sequence[str], biases: np.ndarray, vectors: np.ndarray, **meta: Any
+        self, ids: Sequence[str], biases: np.ndarray, vectors: np.ndarray,
+        ranking_ids: Sequence[str] = (), ranking_vectors: np.ndarray | None = None, **meta: Any,
     ) -> FactorModel:
-        """A new model: this one's items with ``ids`` overwritten or appended (a delta segment).
+        """A new model: this one's items with ``ids`` (explicit set) and ``ranking_ids``
+        (ranking set) overwritten or appended (a delta segment).
 
-        Copies the arrays (the old model may still be serving requests).
+        Copies the arrays (the old model may still be serving requests). The ranking
+        Gramian is updated by the changed rows only: YᵀY += Σ (y_new y_newᵀ − y_old y_oldᵀ)
+        (a new item's old row is 0), O(changed · rank²) rather than O(items · rank²).
         """
         item_ids = list(self.item_ids)
         index = dict(self.index)
-        rows = np.empty(len(ids), dtype=np.int64)
-        for k, item in enumerate(ids):
-            row = index.get(item)
-            if row is None:
-                row = len(item_ids)
-                index[item] = row
-                item_ids.append(item)
-            rows[k] = row
+
+        def rows_of(keys: Sequence[str]) -> np.ndarray:
+            rows = np.empty(len(keys), dtype=np.int64)
+            for k, item in enumerate(keys):
+                row = index.get(item)
+                if row is None:
+                    row = len(item_ids)
+                    index[item] = row
+                    item_ids.append(item)
+                rows[k] = row
+            return rows
+
+        rows = rows_of(ids)
+        rank_rows = rows_of(ranking_ids)
         n = len(item_ids)
         factors = np.zeros((n, self.rank), dtype=F32)
         factors[: self.n_items] = self.item_factors
@@ -138,12 +234,30 @@ class FactorModel:
         if len(ids):
             factors[rows] = vectors
             bias[rows] = biases
+        ranking = self.ranking
+        if ranking is not None:
+            y = np.zeros((n, ranking.rank), dtype=F32)
+            y[: self.n_items] = ranking.factors
+            gram = ranking.gram.copy()
+            if len(ranking_ids) and ranking_vectors is not None:
+                # Duplicate ids in one delta: the last record wins, once in the Gramian too.
+                last = {int(r): k for k, r in enumerate(rank_rows)}
+                sel_rows = np.fromiter(last.keys(), np.int64)
+                sel = np.fromiter(last.values(), np.int64)
+                old = y[sel_rows].astype(np.float64)
+                new = np.asarray(ranking_vectors, F32)[sel]
+                gram += new.astype(np.float64).T @ new.astype(np.float64) - old.T @ old
+                y[sel_rows] = new
+            ranking = RankingSet.build(y, reg_param=ranking.reg_param, alpha=ranking.alpha,
+                                       weighting=ranking.weighting, reg_scaling=ranking.reg_scaling,
+                                       gram=gram)
         fields: dict[str, Any] = {
             "version": self.version, "rank": self.rank, "mu": self.mu,
             "reg_param": self.reg_param, "n_users": self.n_users,
             "ratings_seen": self.ratings_seen, "created": self.created,
             "segments": self.segments, "rating_min": self.rating_min,
             "rating_max": self.rating_max, "metrics": self.metrics, "popular": self.popular,
+            "has_explicit": self.has_explicit, "ranking": ranking,
         }
         fields.update(meta)
         # The index is already up to date: rebuilding it is a 62k-step Python loop (13 ms)
@@ -178,8 +292,11 @@ class FactorModel:
         return self.clip(raw)
 
     def similar(self, row: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Rows and cosines of the ``n`` items whose factors point closest to item ``row``'s."""
-        cos = self.item_unit @ self.item_unit[row]
+        """Rows and cosines of the ``n`` items whose factors point closest to item ``row``'s:
+        the ranking model's y_i when the version has it (they encode who consumed what
+        together), else the rating model's P_i."""
+        unit = self.ranking.unit if self.ranking is not None else self.item_unit
+        cos = unit @ unit[row]
         cos[row] = -np.inf
         return top_k(cos, n)
 
@@ -326,12 +443,32 @@ def recommend(
     n: int,
     exclude: np.ndarray | None = None,
     candidates: np.ndarray | None = None,
+    by: str = BY_RATING,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``n`` item rows and unclipped scores for a user vector.
 
-    ``exclude``: rows never returned (items already rated). ``candidates``: if given, only
-    these rows are ranked.
+    ``by="rating"``: r̂ of the rating model for ``(user_bias, user_vector)``;
+    ``by="ranking"``: x_u·y_i of the ranking model, ``user_vector`` being x_u (the bias is
+    ignored). ``exclude``: rows never returned (items already rated). ``candidates``: if
+    given, only these rows are ranked.
     """
+    if by == BY_RANKING:
+        if model.ranking is None or user_vector is None:
+            raise ValueError("ranking by the ranking model needs its factors and x_u")
+        y = model.ranking.factors
+        x = np.asarray(user_vector, F32)
+        if candidates is not None:
+            cand = np.unique(candidates)
+            if exclude is not None and len(exclude):
+                cand = cand[~np.isin(cand, exclude)]
+            if not len(cand):
+                return np.empty(0, np.int64), np.empty(0, F32)
+            order, vals = top_k(y[cand] @ x, n)
+            return cand[order], vals
+        scores = y @ x
+        if exclude is not None and len(exclude):
+            scores[exclude] = -np.inf
+        return top_k(scores, n)
     if candidates is not None:
         cand = np.unique(candidates)
         if exclude is not None and len(exclude):
@@ -355,13 +492,26 @@ def recommend(
 def recommend_batch(
     model: FactorModel,
     users: list[tuple[float, np.ndarray, int, np.ndarray | None]],
+    by: str = BY_RATING,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """:func:`recommend` for several users at once: ``(bias, vector, n, exclude)`` each.
 
-    One matrix-matrix product ``[P | mu + b] @ [[U_1 .. U_B], [1 .. 1]]`` reads the item
-    matrix once for the whole batch instead of once per user (the product is memory-bound).
-    b_u shifts a user's scores uniformly, so it is added to the winners only.
+    One matrix-matrix product ``[P | mu + b] @ [[U_1 .. U_B], [1 .. 1]]`` (``by="ranking"``:
+    ``Y @ [x_1 .. x_B]``) reads the item matrix once for the whole batch instead of once per
+    user (the product is memory-bound). b_u shifts a user's scores uniformly, so it is added
+    to the winners only (the ranking model has none).
     """
+    if by == BY_RANKING:
+        if model.ranking is None:
+            raise ValueError("the model has no ranking factors")
+        xr = np.empty((model.ranking.rank, len(users)), dtype=F32)
+        for j, (_, vector, _, _) in enumerate(users):
+            xr[:, j] = vector
+        rscores = model.ranking.factors @ xr  # (n, B)
+        for j, (_, _, _, exclude) in enumerate(users):
+            if exclude is not None and len(exclude):
+                rscores[exclude, j] = -np.inf
+        return top_k_columns(rscores, [n for _, _, n, _ in users])
     x = np.empty((model.rank + 1, len(users)), dtype=F32)
     for j, (_, vector, _, _) in enumerate(users):
         x[: model.rank, j] = vector

@@ -3,6 +3,9 @@ few per-request reads (user vector, rated set) done on the event loop.
 
 Layout: :mod:`common.keys`. One key is the predictor's own: ``{p}:prediction:{kind}:{id}``, a
 jiminy-style prediction result (JSON, with a TTL).
+
+A little over 450 lines: the catalogue, the version loader (both factor sets, full and
+delta) and the per-request user read all follow the same key layout, kept side by side.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from common.codec import decode_record
-from common.keys import ITEMS, USERS, Keys
-from common.snapshot import Pointer, SnapshotChanged, read_all_factors, read_meta, read_pointer
-from predictor.model import FactorModel, UserEntry
+from common.feedback import Weighting
+from common.keys import ITEMS, RANKING_ITEMS, RANKING_USERS, USERS, Keys
+from common.snapshot import Meta, Pointer, SnapshotChanged, read_all_factors, read_meta, read_pointer
+from predictor.model import FactorModel, RankingSet, UserEntry
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +124,32 @@ class Catalog:
 # ---------------------------------------------------------------------- model loading
 
 
+def _ranking_params(client: redis.Redis, keys: Keys, meta: Meta) -> dict[str, Any]:
+    """The ranking model's fold-in parameters from the version metadata."""
+    try:
+        weighting = Weighting.from_dict(meta.ranking_weighting)
+    except (TypeError, ValueError) as exc:
+        log.warning("version %d: bad ranking_weighting %r (%s); using the defaults",
+                    meta.version, meta.ranking_weighting, exc)
+        weighting = Weighting()
+    # Optional field (additive to the contract): how the modeler scales λ per user.
+    scaling = client.hget(keys.meta(meta.version), "ranking_reg_scaling")
+    reg_scaling = scaling.decode() if isinstance(scaling, bytes) else (scaling or "count")
+    if reg_scaling not in ("count", "constant"):
+        reg_scaling = "count"
+    return {"reg_param": meta.ranking_reg_param, "alpha": meta.ranking_alpha,
+            "weighting": weighting, "reg_scaling": reg_scaling}
+
+
 def load_model(
     client: redis.Redis, keys: Keys, pointer: Pointer, base: FactorModel | None = None
 ) -> tuple[FactorModel, str]:
     """Build the model of ``pointer``'s version; ``(model, "delta" | "full")``.
 
-    If ``base``'s segments are a prefix of the new version's, only the newer (delta)
-    segments are read and applied to a copy of ``base``. Raises ``SnapshotChanged`` if the
-    version was collected meanwhile.
+    Reads the explicit set when the version has one and the ranking set when it has one
+    (:attr:`common.snapshot.Meta.models`). If ``base``'s segments are a prefix of the new
+    version's (same sets, same ranks), only the newer (delta) segments are read and applied
+    to a copy of ``base``. Raises ``SnapshotChanged`` if the version was collected meanwhile.
     """
     meta = read_meta(client, keys, pointer.version)
     if meta is None:
@@ -146,18 +168,54 @@ def load_model(
         "metrics": meta.metrics,
         "popular": list(meta.popular),
     }
+    has_explicit, has_ranking = meta.has_explicit, meta.has_ranking
     k = len(base.segments) if base is not None else 0
     if (
         base is not None
         and base.rank == meta.rank
+        and base.has_explicit == has_explicit
+        and (base.ranking.rank if base.ranking is not None else 0) == (meta.ranking_rank if has_ranking else 0)
         and 0 < k < len(pointer.segments)
         and pointer.segments[:k] == base.segments
     ):
         delta = Pointer(version=pointer.version, segments=pointer.segments[k:])
-        ids, biases, vectors = read_all_factors(client, keys, delta, ITEMS, meta.rank)
-        return base.with_item_delta(ids, biases, vectors, **fields), "delta"
-    ids, biases, vectors = read_all_factors(client, keys, pointer, ITEMS, meta.rank)
-    return FactorModel.build(item_ids=ids, item_bias=biases, item_factors=vectors, **fields), "full"
+        ids: list[str] = []
+        biases = np.zeros(0, np.float32)
+        vectors = np.zeros((0, meta.rank), np.float32)
+        if has_explicit:
+            ids, biases, vectors = read_all_factors(client, keys, delta, ITEMS, meta.rank)
+        r_ids: list[str] = []
+        r_vectors = None
+        if has_ranking:
+            r_ids, _, r_vectors = read_all_factors(client, keys, delta, RANKING_ITEMS, meta.ranking_rank)
+        return base.with_item_delta(ids, biases, vectors, r_ids, r_vectors, **fields), "delta"
+    item_ids: list[str] = []
+    index: dict[str, int] = {}
+    biases = np.zeros(0, np.float32)
+    vectors = np.zeros((0, meta.rank), np.float32)
+    if has_explicit:
+        item_ids, biases, vectors = read_all_factors(client, keys, pointer, ITEMS, meta.rank)
+        index = {item: row for row, item in enumerate(item_ids)}
+    ranking = None
+    if has_ranking:
+        r_ids, _, r_vectors = read_all_factors(client, keys, pointer, RANKING_ITEMS, meta.ranking_rank)
+        # One row space for both sets: items of the ranking set only are appended (their
+        # explicit rows stay zero), items of the explicit set only keep a zero y_i.
+        for item in r_ids:
+            if item not in index:
+                index[item] = len(item_ids)
+                item_ids.append(item)
+        n = len(item_ids)
+        y = np.zeros((n, meta.ranking_rank), np.float32)
+        if r_ids:
+            y[np.fromiter((index[i] for i in r_ids), np.int64, len(r_ids))] = r_vectors
+        ranking = RankingSet.build(y, **_ranking_params(client, keys, meta))
+        if len(biases) < n:
+            biases = np.concatenate([biases, np.zeros(n - len(biases), np.float32)])
+            vectors = np.concatenate([vectors, np.zeros((n - len(vectors), meta.rank), np.float32)])
+    model = FactorModel.build(item_ids=item_ids, item_bias=biases, item_factors=vectors, index=index,
+                              has_explicit=has_explicit, ranking=ranking, **fields)
+    return model, "full"
 
 
 def parse_popular(raw: bytes | str | None) -> list[tuple[str, int]]:
@@ -333,9 +391,11 @@ def carry_user_cache(client: redis.Redis, keys: Keys, old: FactorModel, new: Fac
     if new.n_items != old.n_items or new.segments[: len(old.segments)] != old.segments:
         return 0
     touched: set[str] = set()
+    kinds = ([USERS] if new.has_explicit else []) + ([RANKING_USERS] if new.ranking is not None else [])
     for s in new.segments[len(old.segments) :]:
-        touched.update(k.decode() if isinstance(k, bytes) else k
-                       for k in client.hkeys(keys.segment(s, USERS)))
+        for kind in kinds:
+            touched.update(k.decode() if isinstance(k, bytes) else k
+                           for k in client.hkeys(keys.segment(s, kind)))
     # One C-level copy of the items: requests may be adding to the old cache meanwhile.
     entries = list(old.user_cache.items())
     new.user_cache.update((user, e) for user, e in entries if user not in touched)
@@ -351,23 +411,33 @@ async def read_user(
     """The user's factors as of ``model``'s version and their rated items: one round trip."""
     pipe = client.pipeline(transaction=False)
     newest_first = list(reversed(model.segments))
-    for s in newest_first:
-        pipe.hget(keys.segment(s, USERS), user)
+    kinds = ([USERS] if model.has_explicit else []) + ([RANKING_USERS] if model.ranking is not None else [])
+    for kind in kinds:
+        for s in newest_first:
+            pipe.hget(keys.segment(s, kind), user)
     pipe.hkeys(keys.rated(user))
     pipe.exists(keys.meta(model.version))
     replies = await pipe.execute()
     if not replies[-1]:
         raise SnapshotChanged(f"version {model.version} was collected")
-    record = next((r for r in replies[: len(newest_first)] if r is not None), None)
-    rated_ids = frozenset(k.decode() for k in replies[len(newest_first)])
+    records: dict[str, bytes | None] = {}
+    for k, kind in enumerate(kinds):
+        chunk = replies[k * len(newest_first) : (k + 1) * len(newest_first)]
+        records[kind] = next((r for r in chunk if r is not None), None)
+    rated_ids = frozenset(k.decode() for k in replies[len(kinds) * len(newest_first)])
     index = model.index
     rated = np.fromiter(
         (index[i] for i in rated_ids if i in index), dtype=np.int64
     )
+    rank_vector = None
+    ranking_record = records.get(RANKING_USERS)
+    if ranking_record is not None and model.ranking is not None:
+        rank_vector = decode_record(ranking_record, model.ranking.rank)[1]
+    record = records.get(USERS)
     if record is None:
-        return UserEntry(0.0, None, rated, rated_ids)
+        return UserEntry(0.0, None, rated, rated_ids, rank_vector)
     bias, vector = decode_record(record, model.rank)
-    return UserEntry(bias, vector, rated, rated_ids)
+    return UserEntry(bias, vector, rated, rated_ids, rank_vector)
 
 
 async def user_entry(

@@ -90,7 +90,7 @@ def topic(bootstrap: str) -> str:
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory: pytest.TempPathFactory):
     """One local SparkSession for the run (start-up takes ~25 s on 2 cores)."""
-    from devstack.services import check_java
+    from modeler.runtime import check_java
     from modeler.spark import get_spark
 
     check_java()

@@ -18,6 +18,8 @@ const state = {
   foldinKey: "",            // ratings + version the last fold-in was computed for
   search: { q: "", genre: "", offset: 0, total: 0 },
   widgetSeq: 0,
+  ratingMin: 0.5,           // the rating scale, from /api/config
+  ratingMax: 5,
 };
 
 const $ = (id) => document.getElementById(id);
@@ -126,7 +128,7 @@ function movieRow(movie, extra) {
   const info = el("div", { class: "movie-info" },
     el("span", { class: "title", text: movie.title || `item ${movie.item}` }),
     el("span", { class: "genres", text: (movie.genres || []).join(" · ") }));
-  if (extra) info.append(el("span", { class: "score", text: extra }));
+  if (extra) info.append(el("span", { class: "score", text: extra.text, title: extra.title || "" }));
   const status = el("span", { class: "rate-status", "data-item": movie.item, "aria-live": "polite" });
   statusText(status, state.mine.get(movie.item));
   return el("li", { class: "movie", "data-item": movie.item }, info, starWidget(movie), status);
@@ -224,6 +226,28 @@ function keyboardIn(node) { return node.querySelector(":focus-visible") != null;
 
 const STRATEGY_LABEL = { model: "model", fold_in: "instant (fold-in)", popular: "popular" };
 
+// What a list item was served with, labelled so a ranking score is never read as a rating:
+// "predicted 4.3★" is the rating model's guess (the predictor clips it to the scale; clipped
+// here again so the page can never show more than the top of the scale), "match 0.82" is
+// the ranking model's score (x·y, not a rating), popular items show how often they were rated.
+function servedLabel(m, strategy) {
+  if (strategy === "popular") return m.count != null ? `${fmt(m.count)} ratings` : null;
+  const parts = [];
+  if (m.rating != null) {
+    const r = Math.min(state.ratingMax, Math.max(state.ratingMin, Number(m.rating)));
+    parts.push(`predicted ${fmtStars(r)}`);
+  }
+  if (m.score != null && m.rating == null) parts.push(`match ${Number(m.score).toFixed(2)}`);
+  return parts.join(" · ") || null;
+}
+
+function servedTitle(m, strategy) {
+  if (strategy === "popular") return "Most rated items";
+  const score = m.score != null ? `ranking score ${Number(m.score).toFixed(3)}` : "";
+  const rating = m.rating != null ? `predicted rating ${Number(m.rating).toFixed(2)} on ${state.ratingMin}–${state.ratingMax}` : "no predicted rating";
+  return [rating, score].filter(Boolean).join("; ");
+}
+
 function setBadge(node, strategy, version) {
   node.hidden = false;
   node.className = `badge ${strategy || ""}`;
@@ -244,7 +268,10 @@ function renderRecs(answer, note) {
   list.dataset.version = answer.version == null ? "" : String(answer.version);
   if (key === state.recsKey) return;
   state.recsKey = key;
-  list.replaceChildren(...answer.items.map((m) => movieRow(m, m.score != null ? `predicted ${Number(m.score).toFixed(2)}` : null)));
+  list.replaceChildren(...answer.items.map((m) => {
+    const text = servedLabel(m, answer.strategy);
+    return movieRow(m, text ? { text, title: servedTitle(m, answer.strategy) } : null);
+  }));
 }
 
 async function refreshRecs(force = false) {
@@ -425,7 +452,7 @@ async function exploreUser(user) {
   $("user-ratings").replaceChildren(...rs.map((r) => readonlyRow(r, fmtStars(r.rating))));
   if (recs.ok) {
     setBadge($("user-badge"), recs.body.strategy, recs.body.version);
-    $("user-recs").replaceChildren(...recs.body.items.map((m) => readonlyRow(m, `predicted ${Number(m.score).toFixed(2)}`)));
+    $("user-recs").replaceChildren(...recs.body.items.map((m) => readonlyRow(m, servedLabel(m, recs.body.strategy) || "")));
   } else {
     $("user-badge").hidden = true;
     $("user-recs").replaceChildren(el("li", { class: "muted", text: describe(recs, "No recommendations.") }));
@@ -453,6 +480,8 @@ async function start() {
   state.visitor = cfg.body.visitor;
   state.tokenRequired = cfg.body.write_token_required;
   state.maxBatch = cfg.body.max_batch || 500;
+  if (cfg.body.rating_min != null) state.ratingMin = Number(cfg.body.rating_min);
+  if (cfg.body.rating_max != null) state.ratingMax = Number(cfg.body.rating_max);
   $("visitor").textContent = state.visitor.slice(0, 8);
   $("visitor").title = state.visitor;
   $("token-box").hidden = !state.tokenRequired || Boolean(state.token);

@@ -3,6 +3,7 @@ for the predictor (the predictor is an HTTP dependency; its own tests cover it).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import threading
@@ -53,7 +54,16 @@ def _stub_predictor() -> tuple[FastAPI, list[tuple[str, str, dict]]]:
         for m in catalog:
             if m["item"] == item:
                 return m
-        return JSONResponse({"error": "unknown item", "detail": {"item": item}}, 404)
+        return JSONResponse({"error": "unknown_item", "detail": f"no item {item}", "field": "item"}, 404)
+
+    @app.get("/v1/genres")
+    async def genres():
+        counts: dict[str, int] = {}
+        for m in catalog:
+            for g in m["genres"]:
+                counts[g] = counts.get(g, 0) + 1
+        counts["(no genres listed)"] = 1
+        return {"genres": [{"genre": g, "items": c} for g, c in sorted(counts.items())]}
 
     @app.get("/v1/users/{user}/recommendations")
     async def recs(user: str, n: int = 10):
@@ -62,7 +72,11 @@ def _stub_predictor() -> tuple[FastAPI, list[tuple[str, str, dict]]]:
 
     @app.get("/v1/model")
     async def model():
-        return JSONResponse({"error": "no model yet", "detail": None}, 503)
+        return JSONResponse({"error": "no_model", "detail": "no model yet"}, 503)
+
+    @app.get("/v1/odd-error")
+    async def odd():
+        return JSONResponse({"detail": [{"msg": "FastAPI's default shape"}]}, 404)
 
     @app.post("/v1/fold-in")
     async def fold_in(request: Request):
@@ -272,19 +286,48 @@ def test_reads_are_forwarded_to_the_predictor(client, predictor):
     assert [m["title"] for m in found.json()["items"]] == ["Toy Story (1995)"]
     assert ("GET", "/v1/items", {"q": "toy", "limit": "5", "offset": "0"}) in seen
     assert client.get("/api/items/404").status_code == 404
-    assert client.get("/api/items/404").json()["error"] == "unknown item"
+    assert client.get("/api/items/404").json() == {"error": "unknown_item", "detail": "no item 404",
+                                                   "field": "item"}
     assert client.get("/api/genres").json()["genres"] == [
         "Action", "Adventure", "Animation", "Crime", "Fantasy"]
+    assert ("GET", "/v1/genres", {}) in seen  # not paging through /v1/items
+    assert not [s for s in seen if s[1] == "/v1/items" and s[2].get("limit") == "1000"]
     client.get("/")
     visitor = client.cookies.get("visitor_id")
     recs = client.get("/api/recommendations", params={"n": 3}).json()
     assert recs["user"] == visitor and recs["strategy"] == "model"
     assert client.get("/api/users/414/recommendations").json()["user"] == "414"
     model = client.get("/api/model")
-    assert model.status_code == 503 and model.json()["error"] == "no model yet"
+    assert model.status_code == 503 and model.json() == {"error": "no_model", "detail": "no model yet"}
     fold = client.post("/api/fold-in", json={"ratings": [{"item": "1", "rating": 5}], "n": 3})
     assert fold.json()["echo"]["ratings"] == [{"item": "1", "rating": 5}]
     assert client.post("/api/fold-in", json={"n": 3}).status_code == 422
+
+
+def test_frontend_errors_have_the_one_error_body(client, predictor):
+    """The frontend's own validation, unknown routes and passed-on predictor errors all
+    answer {"error", "detail", "field"?}, never FastAPI's default {"detail": [...]}."""
+    from frontend.app import Predictor
+
+    for path, status, field in [("/api/popular?n=0", 422, "n"), ("/api/items?limit=abc", 422, "limit"),
+                                ("/api/nothing-here", 404, None)]:
+        resp = client.get(path)
+        body = resp.json()
+        assert resp.status_code == status, path
+        assert isinstance(body["error"], str) and isinstance(body["detail"], str), body
+        assert set(body) <= {"error", "detail", "field"} and body.get("field") == field, body
+    url, _ = predictor
+
+    async def odd_error():  # a predictor error in another shape is passed on in ours
+        p = Predictor(url, 2)
+        try:
+            return await p.call("GET", "/v1/odd-error")
+        finally:
+            await p.close()
+
+    odd = asyncio.run(odd_error())
+    body = json.loads(bytes(odd.body))
+    assert odd.status_code == 404 and body["error"] == "predictor_error" and isinstance(body["detail"], str)
 
 
 def test_predictor_down_is_a_clear_503(bootstrap, topic):

@@ -180,7 +180,7 @@ def test_redis_outage_503_then_recovers_without_restart(tmp_path) -> None:
             server.stop()
             r = api.get("/v1/users/u2/recommendations")
             assert r.status_code == 503
-            assert r.json()["error"] == "redis unavailable"
+            assert r.json()["error"] == "redis_unavailable"
             ready = api.get("/readyz")
             assert ready.status_code == 503 and "redis" in json.dumps(ready.json())
             server = start_redis(port=port, workdir=tmp_path / "r2")

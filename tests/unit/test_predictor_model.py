@@ -164,3 +164,117 @@ def test_recommend_batch_mixing_short_and_long_lists_is_brute_force() -> None:
             column[users[j][3]] = -np.inf
         assert rows.tolist() == brute_top(column, ns[j])
         assert np.array_equal(vals, column[rows] + np.float32(users[j][0]))
+
+
+# ---------------------------------------------------------------------- the ranking model
+
+
+def dense_ials_user(y: np.ndarray, pos: np.ndarray, w: np.ndarray, alpha: float, lam: float) -> np.ndarray:
+    """The textbook solve with every cell materialised (unobserved cells: p = 0, c = 1):
+    x = (Yᵀ C Y + λ I)⁻¹ Yᵀ C p."""
+    n, r = y.shape
+    c = np.ones(n)
+    p = np.zeros(n)
+    c[pos] = 1.0 + alpha * w
+    p[pos] = 1.0
+    y64 = y.astype(np.float64)
+    return np.linalg.solve(y64.T @ (c[:, None] * y64) + lam * np.eye(r), y64.T @ (c * p))
+
+
+def ranked_model(n_items: int = 2000, rank: int = 12, seed: int = 5, reg: float = 0.05,
+                 alpha: float = 2.0) -> FactorModel:
+    from common.feedback import Weighting
+    from predictor.model import RankingSet
+
+    rng = np.random.default_rng(seed)
+    y = rng.normal(0, 0.3, (n_items, rank)).astype(np.float32)
+    ranking = RankingSet.build(y, reg_param=reg, alpha=alpha, weighting=Weighting(slope=2.0))
+    return FactorModel.build(
+        item_ids=[f"i{k}" for k in range(n_items)], item_bias=rng.normal(0, 0.3, n_items),
+        item_factors=rng.normal(0, 0.5, (n_items, 8)), version=1, rank=8, mu=3.5, ranking=ranking)
+
+
+def test_ranking_fold_in_equals_the_dense_solve_unobserved_cells_included() -> None:
+    m = ranked_model()
+    assert m.ranking is not None
+    rng = np.random.default_rng(1)
+    rows = rng.choice(m.n_items, 25, replace=False)
+    w = rng.uniform(0, 3, 25)
+    w[:5] = 0.0  # seen, not liked: no positive
+    x = m.ranking.fold_in(rows, w)
+    pos = w > 0
+    lam = m.ranking.reg_param * pos.sum()  # λ·n_u, the modeler's default scaling
+    expected = dense_ials_user(m.ranking.factors, rows[pos], w[pos], m.ranking.alpha, lam)
+    assert x is not None and np.allclose(x, expected, rtol=1e-4, atol=1e-5)
+    assert m.ranking.fold_in(rows[:5], w[:5]) is None  # no positive at all
+
+
+def test_fold_in_visitor_who_behaves_like_an_existing_user_gets_their_list() -> None:
+    """#13's Done-when: an existing user u was trained on their ratings (their vector is the
+    iALS solution of them); a visitor who sends the same ratings gets u's list."""
+    from common.schema import RatingScale
+    from predictor.model import BY_RANKING
+
+    m = ranked_model()
+    assert m.ranking is not None
+    rng = np.random.default_rng(9)
+    scale = RatingScale(min=0.5, max=5.0)
+    rated_rows = rng.choice(m.n_items, 30, replace=False)
+    ratings = rng.choice(np.arange(1, 11) / 2, 30)
+    ratings[:3] = [5.0, 4.5, 4.0]  # some positives whatever the draw
+    w = np.array([m.ranking.weighting.rating_weight(r, scale) for r in ratings])
+    pos = w > 0
+    # The existing user, as the modeler would have solved them (dense reference solve).
+    x_user = dense_ials_user(m.ranking.factors, rated_rows[pos], w[pos], m.ranking.alpha,
+                             m.ranking.reg_param * pos.sum()).astype(np.float32)
+    users_list, _ = recommend(m, 0.0, x_user, 10, exclude=rated_rows, by=BY_RANKING)
+    x_visitor = m.ranking.fold_in(rated_rows, w)
+    visitor_list, scores = recommend(m, 0.0, x_visitor, 10, exclude=rated_rows, by=BY_RANKING)
+    assert visitor_list.tolist() == users_list.tolist()
+    assert np.all(np.diff(scores) <= 0)
+    # And it is a list of its own: another user with other ratings gets another one.
+    other = m.ranking.fold_in(rng.choice(m.n_items, 30, replace=False), np.ones(30))
+    assert recommend(m, 0.0, other, 10, exclude=rated_rows, by=BY_RANKING)[0].tolist() != users_list.tolist()
+
+
+def test_ranking_batch_matches_one_by_one_and_brute_force() -> None:
+    from predictor.model import BY_RANKING
+
+    m = ranked_model()
+    assert m.ranking is not None
+    rng = np.random.default_rng(4)
+    users = [(0.0, rng.normal(0, 1, m.ranking.rank).astype(np.float32), k, rng.choice(m.n_items, 20))
+             for k in (1, 10, 10, 37)]
+    batched = recommend_batch(m, users, by=BY_RANKING)
+    for (_, x, k, ex), (rows, vals) in zip(users, batched, strict=True):
+        assert np.allclose(vals, m.ranking.factors[rows] @ x, atol=1e-5)
+        scores = m.ranking.factors.astype(np.float64) @ x.astype(np.float64)
+        scores[ex] = -np.inf
+        assert rows.tolist() == brute_top(scores, k)
+        single = recommend(m, 0.0, x, k, exclude=ex, by=BY_RANKING)
+        assert single[0].tolist() == rows.tolist()
+
+
+def test_delta_items_keep_the_gramian_equal_to_a_recomputed_one() -> None:
+    m = ranked_model(n_items=500)
+    rng = np.random.default_rng(3)
+    for step in range(30):
+        ids = [f"i{k}" for k in rng.choice(500, 40, replace=False)] + [f"new{step}-{k}" for k in range(3)]
+        ids.append(ids[0])  # a duplicate in one delta: the last record wins
+        vectors = rng.normal(0, 0.3, (len(ids), m.ranking.rank)).astype(np.float32)  # type: ignore[union-attr]
+        m = m.with_item_delta([], np.zeros(0), np.zeros((0, m.rank)), ids, vectors)
+    assert m.ranking is not None and m.n_items == 500 + 90
+    y = m.ranking.factors.astype(np.float64)
+    assert np.allclose(m.ranking.gram, y.T @ y, rtol=1e-6, atol=1e-6)
+    assert m.item_aug.shape == (m.n_items, m.rank + 1)  # explicit rows follow the union
+
+
+def test_similar_uses_the_ranking_vectors_when_present() -> None:
+    m = ranked_model(n_items=300)
+    assert m.ranking is not None
+    y = m.ranking.factors.astype(np.float64)
+    unit = y / np.linalg.norm(y, axis=1, keepdims=True)
+    cos = unit @ unit[7]
+    cos[7] = -np.inf
+    rows, _ = m.similar(7, 5)
+    assert rows.tolist() == brute_top(cos, 5)
