@@ -611,10 +611,12 @@ def plot_ranking(report: dict[str, Any], path: Path) -> None:
                label=f"most popular ({ranking['popular']['ndcg']:.3f})")
     ax.set_xlabel("training events seen (timestamp order)")
     ax.set_ylabel(f"NDCG@{k} on the test split")
-    ax.set_title(f"{report['dataset']}: top-{k} lists over the stream")
+    missing = "" if ranking["streaming"].get("available", True) else \
+        " (no streaming ranking model in this build)"
+    ax.set_title(f"{report['dataset']}: top-{k} lists over the stream{missing}", fontsize=10)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
