@@ -524,6 +524,15 @@ def streaming_ranking_factors(model, data: RankingData) -> tuple[np.ndarray, np.
             factor_matrix(data.i_index, data.n_items, items, rank))
 
 
+def model_weighting() -> Weighting:
+    """The rating/weight -> confidence mapping our ranking model trains with (its
+    ``ALSParams.weighting`` default once it has one, else :class:`Weighting`'s defaults)."""
+    from modeler.core.als_math import ALSParams
+
+    w = getattr(ALSParams(), "weighting", None)
+    return w if isinstance(w, Weighting) else Weighting()
+
+
 def ranking_available() -> bool:
     from modeler.spark.streaming_als import StreamingALS
 
@@ -681,7 +690,7 @@ def evaluate(spark, rows: Sequence[RatingRow | EventRow], dataset: str, train_fr
     n_implicit_fits = len(grid["ranks"]) * len(grid["regs"]) * len(grid["alphas"]) + 2
     total = ((0 if implicit else len(ranks) * len(regs)) + (n_implicit_fits if ranking else 0)
              + (n_batches if stream_runs else 0))
-    weighting = weighting or Weighting()
+    weighting = weighting or model_weighting()
     report: dict[str, Any] = {
         "dataset": dataset, "n_ratings": len(rows), "n_train": len(train), "n_test": len(test),
         "train_fraction": train_fraction, "seed": seed, "implicit": implicit,
