@@ -27,8 +27,9 @@ Predicted ratings (rating files only):
   every prediction is clipped to the rating scale.
 
 Top-10 lists (every file; :mod:`modeler.core.ranking_metrics` has the formulas): each user
-of the training part with at least one relevant held-out item gets a list over the items of
-the training part it has not seen in training. Relevant: a held-out rating ≥ the threshold
+of the training part with at least one relevant held-out item (a seeded random
+:data:`MAX_EVAL_USERS` of them on larger sets) gets a list over the items of the training part
+it has not seen in training. Relevant: a held-out rating ≥ the threshold
 (4 on 0.5–5, the same relative position on another scale: 8 on 1–10), or, for implicit data,
 every held-out event of positive weight. Rows:
 
@@ -81,6 +82,9 @@ MAX_CURVE_POINTS = 60
 # The implicit baseline's grid: 8 Spark ALS fits (+ 1 for the confidence input, + 1 refit).
 IMPLICIT_GRID: dict[str, tuple[float, ...]] = {"ranks": (20, 50), "regs": (0.01, 0.1), "alphas": (1.0, 10.0)}
 RANKING_K = 10
+# Lists are scored for at most this many users (a seeded random sample beyond): each scoring
+# is a users × items product, repeated along the stream (ml-25m: 162k × 59k).
+MAX_EVAL_USERS = 25_000
 # NDCG@10 of the stream at most this many times (each point collects the factors).
 MAX_RANKING_POINTS = 20
 # Item-to-item: at most this many liked pairs of the test split are scored.
@@ -330,6 +334,7 @@ class RankingData:
     threshold: float | None
     relevant_unscorable: int
     test_users_unseen: int
+    users_with_relevant: int = 0
 
     @property
     def n_items(self) -> int:
@@ -341,6 +346,7 @@ class RankingData:
                           else f"held-out ratings >= {self.threshold:g}"),
             "threshold": self.threshold,
             "users_evaluated": len(self.eval_users),
+            "users_with_relevant_items": self.users_with_relevant,
             "catalogue": self.n_items,
             "relevant_items": int(self.relevant.indices.size),
             "relevant_items_unseen_in_training": self.relevant_unscorable,
@@ -349,7 +355,10 @@ class RankingData:
 
 
 def ranking_data(train: Sequence[RatingRow | EventRow], test: Sequence[RatingRow | EventRow],
-                 scale: RatingScale, implicit: bool) -> RankingData:
+                 scale: RatingScale, implicit: bool, max_users: int = MAX_EVAL_USERS,
+                 seed: int = 42) -> RankingData:
+    """The split for the metrics; lists are scored for every training user with a relevant
+    held-out item, or a random ``max_users`` of them when there are more."""
     u_index: dict[str, int] = {}
     i_index: dict[str, int] = {}
     tu = np.fromiter((u_index.setdefault(r[0], len(u_index)) for r in train), np.int64, len(train))
@@ -370,15 +379,19 @@ def ranking_data(train: Sequence[RatingRow | EventRow], test: Sequence[RatingRow
         ru.append(u_index[r[0]])
         ri.append(i_index[r[1]] if r[1] in i_index else n_items + extra.setdefault(r[1], len(extra)))
     relevant = rm.UserItems.from_pairs(np.array(ru, np.int64), np.array(ri, np.int64), n_users)
+    candidates = np.flatnonzero(relevant.counts() > 0)
+    eval_users = candidates if len(candidates) <= max_users else \
+        np.sort(np.random.default_rng(seed).choice(candidates, size=max_users, replace=False))
     return RankingData(
         users=list(u_index), items=list(i_index), u_index=u_index, i_index=i_index,
         train=rm.UserItems.from_pairs(tu, ti, n_users),
         relevant=relevant,
-        eval_users=np.flatnonzero(relevant.counts() > 0),
+        eval_users=eval_users,
         popularity=np.bincount(ti, minlength=n_items).astype(np.float64),
         threshold=threshold,
         relevant_unscorable=int((relevant.indices >= n_items).sum()),
         test_users_unseen=len(unseen_users),
+        users_with_relevant=len(candidates),
     )
 
 

@@ -174,6 +174,15 @@ def test_ranking_data_scales_the_threshold_and_keeps_string_ids():
     assert data.relevant.of(0).tolist() == [2] and data.relevant.of(1).tolist() == [3]
     assert (data.relevant_unscorable, data.test_users_unseen) == (1, 1)
     assert data.train.of(0).tolist() == [0, 1] and data.popularity.tolist() == [1, 1, 1]
+    assert data.eval_users.tolist() == [0, 1] and data.describe()["users_with_relevant_items"] == 2
+    # Many users: a seeded sample of them is scored, the same on every run.
+    many = [RatingRow(f"u{n}", "a", 9, n) for n in range(50)]
+    liked = [RatingRow(f"u{n}", "b", 9, n) for n in range(50)]
+    sample = ev.ranking_data(many, liked, scale, implicit=False, max_users=10)
+    assert len(sample.eval_users) == 10 and sample.users_with_relevant == 50
+    assert sample.eval_users.tolist() == sorted(set(sample.eval_users.tolist()))
+    assert np.array_equal(sample.eval_users,
+                          ev.ranking_data(many, liked, scale, implicit=False, max_users=10).eval_users)
 
 
 def test_evaluate_cli_rejects_bad_input_before_starting_spark(tmp_path, capsys):
