@@ -195,3 +195,64 @@ def test_a_sink_sees_each_partitions_changed_rows_and_the_batchs_valid_ratings(s
     # A batch with nothing valid does not call the sink.
     model.train(sc.parallelize(BAD, 1), sink=_recorder())
     assert model.last_sink_results == [None, None, None]
+
+
+def _mixed_stream(n: int, seed: int = 21) -> list[tuple]:
+    """Ratings and implicit events (plays) of the same users and items, in one stream."""
+    rows = _stream(n, seed)
+    rng = np.random.default_rng(seed)
+    out: list[tuple] = []
+    for j, r in enumerate(rows):
+        if j % 3 == 0:  # a play instead of a rating
+            out.append((r[0], r[1], None, r[3], float(rng.integers(0, 9))))
+        else:
+            out.append(tuple(r))
+    return out
+
+
+def _ranking_table(rdd) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in rdd.collect()}
+
+
+# 3 partitions: the four-stage plan; 1: the fused one-task plan (with the probe)
+@pytest.mark.parametrize("partitions", [3, 1])
+def test_the_ranking_model_matches_the_numpy_reference_in_both_layouts(spark, partitions):
+    sc = spark.sparkContext
+    model = StreamingALS(rank=3, iterations=2, seed=5, num_partitions=partitions,
+                         reservoir_size=300, params=None)
+    from dataclasses import replace
+
+    model = StreamingALS(params=replace(model.params, ranking_rank=4, ranking_alpha=3.0,
+                                        ranking_probe_size=40))
+    ref = LocalStreamingALS(model.params)
+    rows = _mixed_stream(1200)
+    hits = probes = 0
+    for start in range(0, len(rows), 300):
+        batch = rows[start:start + 300] + BAD + [("u1", "i1", None, 1, -2.0)]
+        got = model.train(sc.parallelize(batch, 2))
+        want = ref.train(batch)
+        assert (got.n_ratings, got.n_implicit, got.n_rejected, got.ranking_positives) == (
+            want.n_ratings, want.n_implicit, want.n_rejected, want.ranking_positives)
+        if partitions == 1:
+            assert (got.ranking_hits, got.ranking_probes) == (want.ranking_hits, want.ranking_probes)
+            hits, probes = hits + got.ranking_hits, probes + got.ranking_probes
+        else:
+            assert got.ranking_probes == 0  # no partition holds every item
+    if partitions == 1:
+        assert probes > 0
+    ranking = ref.ranking
+    assert model.positives_seen == ranking.positives_seen > 0
+    for rdd, table in ((model.ranking_user_factors, ranking.users),
+                       (model.ranking_item_factors, ranking.items)):
+        got_t = _ranking_table(rdd)
+        assert sorted(got_t) == sorted(table.ids)
+        for key, vec in got_t.items():
+            assert vec.dtype == np.float32 and vec.shape == (4,)
+            np.testing.assert_allclose(vec, table.vec[table.index[key]], atol=2e-5, err_msg=key)
+    np.testing.assert_allclose(model.gram_users, ranking.gram_users, atol=1e-6)
+    np.testing.assert_allclose(model.gram_items, ranking.gram_items, atol=1e-6)
+    touched = {k for k, t in zip(ranking.items.ids, ranking.items.touched) if t}
+    assert {k for k, _ in model.changed_ranking_items.collect()} == touched
+    # The explicit model never saw the plays.
+    assert model.ratings_seen == ref.ratings_seen == sum(1 for r in rows if len(r) == 4)
+    _assert_tables_equal(_table(model.item_factors), ref.items)
