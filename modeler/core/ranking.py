@@ -110,18 +110,35 @@ def implicit_sums(rows: np.ndarray, q: np.ndarray, gram_w: np.ndarray, rhs_w: np
         return np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros((0, rank, rank)), np.zeros((0, rank))
     g = groups or Groups.of(rows)
     qs = np.asarray(q, dtype=np.float64)[g.order]
-    wg = np.asarray(gram_w, dtype=np.float64)[g.order]
-    wq = qs * wg[:, None]
     h = np.add.reduceat(qs * np.asarray(rhs_w, dtype=np.float64)[g.order][:, None], g.starts, axis=0)
     n = np.add.reduceat(np.asarray(mass_w, dtype=np.float64)[g.order], g.starts)
-    gram = np.empty((len(g.keys), rank, rank))
-    # One column of the upper triangle at a time (as als_math.segment_sums): temporaries of
-    # (events × rank) at most, never (events × rank²).
-    for c in range(rank):
-        upper = np.add.reduceat(wq[:, c:c + 1] * qs[:, c:], g.starts, axis=0)
-        gram[:, c, c:] = upper
-        gram[:, c:, c] = upper
+    gram = grouped_gram(qs, np.asarray(gram_w, dtype=np.float64)[g.order], g.starts,
+                        g.n.astype(np.int64))
     return g.keys, n, gram, h
+
+
+def grouped_gram(qs: np.ndarray, w: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """G_g = Σ_{e∈g} w_e q_e q_eᵀ for contiguous groups of rows of ``qs`` (float64).
+
+    Groups are bucketed by size (next power of two) and padded with zero-weight rows, so
+    each bucket is ONE batched matrix product (n_groups, rank, S) @ (n_groups, S, rank):
+    no Python loop per group and at most twice the events' memory per bucket.
+    """
+    rank = qs.shape[1]
+    out = np.empty((len(starts), rank, rank))
+    if not len(starts):
+        return out
+    bucket = np.ceil(np.log2(np.maximum(sizes, 1))).astype(np.int64)
+    for b in np.unique(bucket).tolist():
+        gi = np.flatnonzero(bucket == b)
+        width = 1 << b
+        offs = np.arange(width)
+        valid = offs[None, :] < sizes[gi][:, None]
+        idx = np.where(valid, starts[gi][:, None] + offs[None, :], 0)
+        qb = qs[idx]  # (groups, width, rank)
+        wq = qb * np.where(valid, w[idx], 0.0)[:, :, None]
+        out[gi] = np.matmul(qb.transpose(0, 2, 1), wq)
+    return out
 
 
 def gramian(vec: np.ndarray) -> np.ndarray:
@@ -317,12 +334,20 @@ def probe_hits(user_vecs: np.ndarray, item_vec: np.ndarray, item_hash: np.ndarra
     if not len(target_rows) or not len(item_vec):
         return 0
     scores = np.asarray(user_vecs, dtype=np.float64) @ np.asarray(item_vec, dtype=np.float64).T
+    order = np.argsort(item_hash, kind="stable")
+    sorted_hash = item_hash[order]
     hits = 0
     for j, t in enumerate(target_rows.tolist()):
         if t < 0:
             continue
         s = scores[j]
-        excluded = np.isin(item_hash, seen_hashes[j])
+        # Rows of the seen items: binary search in the sorted item hashes (a hash shared by
+        # several items excludes all of them).
+        lo = np.searchsorted(sorted_hash, seen_hashes[j], side="left")
+        hi = np.searchsorted(sorted_hash, seen_hashes[j], side="right")
+        excluded = np.zeros(len(s), dtype=bool)
+        for a, b in zip(lo.tolist(), hi.tolist()):
+            excluded[order[a:b]] = True
         if excluded[t]:
             continue
         better = (s >= s[t]) & ~excluded

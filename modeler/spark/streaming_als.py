@@ -811,6 +811,14 @@ def _rank_vectors(users: bool, only_touched: bool):
     return explode
 
 
+def _ranking_users_of(part: _Part) -> FactorTable:
+    return part.ranking.users if part.ranking is not None else FactorTable(1)
+
+
+def _ranking_items_of(part: _Part) -> FactorTable:
+    return part.ranking.items if part.ranking is not None else FactorTable(1)
+
+
 def _users_of(part: _Part) -> FactorTable:
     return part.users
 
@@ -970,6 +978,11 @@ class StreamingALS:
         """RDD[(item id, positives learned for it)]."""
         return self._need_ranking().flatMap(
             lambda kv: list(zip(kv[1].ranking.items.ids, kv[1].ranking.items.count.tolist())))
+
+    @property
+    def mean_conf_minus_1(self) -> float:
+        """Mean α·w over the positives learned (seeds restored statistics)."""
+        return self.conf_minus_1_sum / self.positives_seen if self.positives_seen else self.params.ranking_alpha
 
     def _need_ranking(self):
         if not self.params.ranking:
@@ -1161,13 +1174,20 @@ class StreamingALS:
             return explode
 
         state = self._need()
+        ranking = self.params.ranking
         return ModelState(
             users=state.flatMap(rows(_users_of)),
             items=state.flatMap(rows(_items_of)),
             mu=self.mu,
             ratings_seen=self.ratings_seen,
             extra={"rating_sum": self.rating_sum, "batches": self.batches,
-                   "last_batch_size": self.last_batch_size, "params": self.params.to_dict()},
+                   "last_batch_size": self.last_batch_size, "params": self.params.to_dict(),
+                   "positives_seen": self.positives_seen,
+                   "conf_minus_1_sum": self.conf_minus_1_sum,
+                   "ranking_batches": self.ranking_batches,
+                   "ranking_last_batch_size": self.ranking_last_batch_size},
+            ranking_users=state.flatMap(rows(_ranking_users_of)) if ranking else None,
+            ranking_items=state.flatMap(rows(_ranking_items_of)) if ranking else None,
         )
 
     state_rdds = state
@@ -1181,9 +1201,18 @@ class StreamingALS:
         mu: float,
         ratings_seen: int,
         extra: dict[str, Any] | None = None,
+        *,
+        ranking_user_rdd: Any = None,
+        ranking_item_rdd: Any = None,
         **kwargs: Any,
     ) -> StreamingALS:
         """Rebuild a model from RDDs of ``(id, (bias, vector[, count]))`` and scalars.
+
+        ``ranking_user_rdd``/``ranking_item_rdd`` (same shape, bias ignored, count = the
+        key's positives) restore the ranking model; its Gramians are recomputed from them
+        and its statistics seeded from the counts
+        (:func:`modeler.core.ranking.seed_ranking_statistics`). Its replay sample and the
+        probe's seen pairs start empty.
 
         ``kwargs`` are constructor arguments (rank, learning_rate, ...); without them
         ``extra["params"]`` (as written by :meth:`state`) is used. ``extra["rating_sum"]``
@@ -1199,20 +1228,32 @@ class StreamingALS:
         model.rating_sum = float(extra.get("rating_sum", mu * ratings_seen))
         model.batches = int(extra.get("batches", 0))
         model.last_batch_size = int(extra.get("last_batch_size", 0))
+        model.positives_seen = int(extra.get("positives_seen", 0))
+        model.conf_minus_1_sum = float(extra.get("conf_minus_1_sum", 0.0))
+        model.ranking_batches = int(extra.get("ranking_batches", 0))
+        model.ranking_last_batch_size = int(extra.get("ranking_last_batch_size", 0))
         p = model.params
         P = p.num_partitions
         rank = p.rank
-        tagged = model._keyed(user_rdd.map(lambda rec: (0, rec)).union(item_rdd.map(lambda rec: (1, rec)))
-                              .map(lambda t: (partition_of(str(t[1][0]), P), t)))
-        state = model._zip(model._empty_state(sc), tagged).mapPartitions(_build_part(rank),
-                                                                          preservesPartitioning=True)
+        sides = user_rdd.map(lambda rec: (0, rec)).union(item_rdd.map(lambda rec: (1, rec)))
+        if p.ranking and ranking_user_rdd is not None:
+            sides = sides.union(ranking_user_rdd.map(lambda rec: (2, rec)))
+        if p.ranking and ranking_item_rdd is not None:
+            sides = sides.union(ranking_item_rdd.map(lambda rec: (3, rec)))
+        tagged = model._keyed(sides.map(lambda t: (partition_of(str(t[1][0]), P), t)))
+        state = model._zip(model._empty_state(sc), tagged).mapPartitions(
+            _build_part(rank, p.ranking_rank), preservesPartitioning=True)
         built = None
-        if p.vector_step == "rls":
+        if p.vector_step == "rls" or p.ranking:
             # Factors and counts carry no least-squares statistics: seed them from the counts
-            # (als_math.seed_statistics) with each side's count-weighted second moment.
+            # (als_math.seed_statistics) with each side's count-weighted second moment; the
+            # ranking model's Gramians are the sums of v vᵀ over all rows.
             built = state.persist()
             moments = built.map(_moments).reduce(_add_moments)
-            state = built.mapPartitions(_seed_part(moments, p.reg_param), preservesPartitioning=True)
+            if p.ranking:
+                model.gram_users, model.gram_items = moments[4][0], moments[5][0]
+            state = built.mapPartitions(_seed_part(moments, p, model.mean_conf_minus_1),
+                                        preservesPartitioning=True)
         state.persist()
         state.localCheckpoint()
         state.count()
@@ -1228,42 +1269,65 @@ class StreamingALS:
         return cls.restore(sc, user_rdd, item_rdd, mu, ratings_seen, None, **kwargs)
 
 
-def _moments(kv: tuple[int, _Part]) -> tuple[tuple[np.ndarray, float], tuple[np.ndarray, float]]:
+def _moments(kv: tuple[int, _Part]) -> tuple[tuple[np.ndarray, float], ...]:
+    """Per partition: count-weighted second moments of the four tables, and the ranking
+    model's plain Gramians (sums over partitions: :func:`_add_moments`)."""
     part = kv[1]
+    rk = part.ranking
+    ru = rk.users if rk is not None else FactorTable(1)
+    ri = rk.items if rk is not None else FactorTable(1)
     return (second_moment(part.users.vec, part.users.count),
-            second_moment(part.items.vec, part.items.count))
+            second_moment(part.items.vec, part.items.count),
+            second_moment(ru.vec, ru.count), second_moment(ri.vec, ri.count),
+            (gramian(ru.vec), float(len(ru))), (gramian(ri.vec), float(len(ri))))
 
 
 def _add_moments(a, b):
     return tuple((x[0] + y[0], x[1] + y[1]) for x, y in zip(a, b, strict=True))
 
 
-def _seed_part(moments, reg_param: float):
-    (user_sum, user_n), (item_sum, item_n) = moments
-    users_c = user_sum / user_n if user_n else user_sum
-    items_c = item_sum / item_n if item_n else item_sum
+def _seed_part(moments, params: ALSParams, mean_conf_minus_1: float):
+    def mean(m):
+        return m[0] / m[1] if m[1] else m[0]
+
+    users_c, items_c = mean(moments[0]), mean(moments[1])
+    r_users_c, r_items_c = mean(moments[2]), mean(moments[3])
+    g_users, g_items = moments[4][0], moments[5][0]
+    rls = params.vector_step == "rls"
 
     def seed(it: Iterator[tuple[int, _Part]]) -> Iterator[tuple[int, _Part]]:
         for pid, part in it:
             users, items = part.users.copy(), part.items.copy()
-            seed_statistics(users, items_c, reg_param)
-            seed_statistics(items, users_c, reg_param)
-            yield pid, _Part(users, items, part.replay, part.mirror)
+            if rls:
+                seed_statistics(users, items_c, params.reg_param)
+                seed_statistics(items, users_c, params.reg_param)
+            rk = part.ranking
+            if rk is not None:
+                ru, ri = rk.users.copy(), rk.items.copy()
+                seed_ranking_statistics(ru, r_items_c, g_items, mean_conf_minus_1,
+                                        params.ranking_reg_param, params.ranking_reg_scaling)
+                seed_ranking_statistics(ri, r_users_c, g_users, mean_conf_minus_1,
+                                        params.ranking_reg_param, params.ranking_reg_scaling)
+                rk = _RankPart(ru, ri, rk.replay, rk.mirror, rk.seen)
+            yield pid, _Part(users, items, part.replay, part.mirror, ranking=rk)
 
     return seed
 
 
-def _build_part(rank: int):
+def _build_part(rank: int, ranking_rank: int):
     def build(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, _Part]]:
         pid, part, recs = _split(it)
-        for side, table in ((0, part.users), (1, part.items)):
+        tables = [(0, part.users, rank), (1, part.items, rank)]
+        if part.ranking is not None:
+            tables += [(2, part.ranking.users, ranking_rank), (3, part.ranking.items, ranking_rank)]
+        for side, table, rank_ in tables:
             chosen = sorted((r for s, r in recs if s == side), key=lambda r: str(r[0]))
             if not chosen:
                 continue
             ids = [str(r[0]) for r in chosen]
             vecs = np.asarray([np.asarray(r[1][1], dtype=np.float32).reshape(-1) for r in chosen])
-            if vecs.shape[1] != rank:
-                raise ValueError(f"factors have rank {vecs.shape[1]}, the model rank {rank}")
+            if vecs.shape[1] != rank_:
+                raise ValueError(f"factors have rank {vecs.shape[1]}, the model rank {rank_}")
             table.add_rows(ids, np.asarray([float(r[1][0]) for r in chosen]), vecs,
                            np.asarray([int(r[1][2]) if len(r[1]) > 2 else 0 for r in chosen]))
         yield pid, part
