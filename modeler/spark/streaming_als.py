@@ -178,6 +178,7 @@ class _Part:
     batch: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     learned: int = 0  # valid events the whole last batch learned (all partitions)
     ranking: _RankPart | None = None
+    implicit_batch: tuple[np.ndarray, np.ndarray] | None = None  # (users, items), for a sink
 
 
 @dataclass
@@ -187,7 +188,7 @@ class PartitionUpdate:
     ``users``/``items`` are the partition's tables (``touched`` marks the rows the batch
     changed), ``ranking_users``/``ranking_items`` the ranking model's (``None`` when it is
     off); ``batch_users``/``batch_items``/``batch_ratings`` are the batch's valid ratings
-    by this partition's users. Read-only: the tables belong to the cached model.
+    by this partition's users, ``batch_implicit_users``/``_items`` its implicit events. Read-only: the tables belong to the cached model.
     """
 
     pid: int
@@ -198,6 +199,8 @@ class PartitionUpdate:
     batch_ratings: np.ndarray
     ranking_users: FactorTable | None = None
     ranking_items: FactorTable | None = None
+    batch_implicit_users: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=str))
+    batch_implicit_items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=str))
 
 
 def _empty_part(params: ALSParams) -> _Part:
@@ -261,6 +264,7 @@ class Routed(NamedTuple):
     ev_stamps: np.ndarray
     here_ritems: np.ndarray
     n_implicit: int
+    ev_implicit: np.ndarray
 
 
 class RankGathered(NamedTuple):
@@ -288,6 +292,7 @@ class RankGathered(NamedTuple):
     n_implicit: int
     probes: int
     hits: int
+    ev_implicit: np.ndarray
 
 
 class Gathered(NamedTuple):
@@ -335,6 +340,8 @@ class RankLearned(NamedTuple):
     keep_frac: float
     seen_users: np.ndarray
     seen_items: np.ndarray
+    imp_users: np.ndarray
+    imp_items: np.ndarray
 
 
 class Learned(NamedTuple):
@@ -392,11 +399,13 @@ def _route_ratings(params: ALSParams):
             ev_t = np.concatenate([stamps, it_])
             ev_up = np.concatenate([upid, pids(iu)])
             ev_ip = np.concatenate([ipid, pids(ii)])
+            ev_imp = np.r_[np.zeros(len(rates), dtype=bool), np.ones(len(iw), dtype=bool)]
             n_imp = len(iw)
         else:  # implicit events are validated and counted, and go nowhere
             ev_u = ev_i = np.zeros(0, dtype=str)
             ev_w, ev_t = np.zeros(0), np.zeros(0, dtype=np.int64)
             ev_up = ev_ip = np.zeros(0, dtype=np.int64)
+            ev_imp = np.zeros(0, dtype=bool)
             n_imp = 0
         positive = ev_w > 0
         for p in range(num_partitions):
@@ -408,7 +417,7 @@ def _route_ratings(params: ALSParams):
             imp = n_imp if p == 0 else 0
             if len(su) or len(si) or len(se) or len(sr) or extra or imp:
                 yield p, Routed(index, u_arr[su], i_arr[su], rates[su], stamps[su], i_arr[si], extra,
-                                ev_u[se], ev_i[se], ev_w[se], ev_t[se], ev_i[sr], imp)
+                                ev_u[se], ev_i[se], ev_w[se], ev_t[se], ev_i[sr], imp, ev_imp[se])
 
     return route
 
@@ -449,7 +458,8 @@ def _gather_ranking(params: ALSParams, part: _RankPart, blocks: list[Routed], ba
     u_ids, uv, uk, uc, ust = rows(part.users, np.concatenate([ev_u[ev_w > 0], rep_u]))
     i_ids, iv, ik, ic, ist = rows(part.items, np.concatenate([here_i, mirror_i]))
     return RankGathered(u_ids, uv, uk, uc, ust, i_ids, iv, ik, ic, ist, ev_u, ev_i, ev_w, ev_t,
-                        rep_u, rep_i, rep_c, sum(b.n_implicit for b in blocks), probes, hits)
+                        rep_u, rep_i, rep_c, sum(b.n_implicit for b in blocks), probes, hits,
+                        _cat([b.ev_implicit for b in blocks], bool))
 
 
 def _gather_stage(params: ALSParams, batch_no: int, fraction: float, r_batch_no: int = 0,
@@ -516,6 +526,7 @@ def _learn_ranking(params: ALSParams, carry: RankingCarry, msgs: list[Gathered],
     ev_i = _cat([r.ev_items for r in rk], str)
     ev_w = _cat([r.ev_weights for r in rk], np.float64)
     ev_t = _cat([r.ev_stamps for r in rk], np.int64)
+    ev_imp = _cat([r.ev_implicit for r in rk], bool)
     rep_u = _cat([r.rep_u for r in rk], str)
     rep_i = _cat([r.rep_i for r in rk], str)
     rep_c = _cat([r.rep_c for r in rk], np.float32)
@@ -573,10 +584,11 @@ def _learn_ranking(params: ALSParams, carry: RankingCarry, msgs: list[Gathered],
     out_msgs = []
     for p in range(P):
         su, si, ru, ri, se = u_pid == p, i_pid == p, ku_pid == p, ki_pid == p, ev_pid == p
+        sim = se & ev_imp
         out_msgs.append(RankLearned(u_arr[su].tolist(), u_vec[su], u_inc[su], u_st.select(su),
                                     i_arr[si].tolist(), i_vec[si], i_inc[si], i_st.select(si),
                                     (ku[ru], ki[ru], kc[ru], kp[ru]), (ki[ri], kp[ri]), keep_frac,
-                                    ev_u[se], ev_i[se]))
+                                    ev_u[se], ev_i[se], ev_u[sim], ev_i[sim]))
     return out_msgs
 
 
@@ -698,6 +710,7 @@ def _apply_stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, _Part]]:
     items.touched[:] = False
     replay, mirror, stats, batch, learned = part.replay, part.mirror, {}, None, 0
     ranking = part.ranking
+    implicit = None
     for m in msgs:
         users.upsert(m.u_ids, m.ub, m.uv, m.u_inc, m.u_stats)
         items.upsert(m.i_ids, m.ib, m.iv, m.i_inc, m.i_stats)
@@ -706,7 +719,9 @@ def _apply_stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, _Part]]:
         stats, batch, learned = m.stats, m.rated, m.learned
         if ranking is not None:
             ranking = _apply_ranking(ranking, m.ranking)
-    yield pid, _Part(users, items, replay, mirror, stats, batch, learned, ranking)
+            if m.ranking is not None:
+                implicit = (m.ranking.imp_users, m.ranking.imp_items)
+    yield pid, _Part(users, items, replay, mirror, stats, batch, learned, ranking, implicit)
 
 
 def _fused_stage(params: ALSParams, batch_no: int, fraction: float, rating_sum: float,
@@ -737,9 +752,10 @@ def _finish(sink: Any):
         empty = np.zeros(0, dtype=str)
         bu, bi, br = part.batch if part.batch is not None else (empty, empty, np.zeros(0))
         rk = part.ranking
+        iu, ii = part.implicit_batch if part.implicit_batch is not None else (empty, empty)
         return part.stats, sink(PartitionUpdate(pid, part.users, part.items, bu, bi, br,
                                                 rk.users if rk is not None else None,
-                                                rk.items if rk is not None else None))
+                                                rk.items if rk is not None else None, iu, ii))
 
     return finish
 
