@@ -523,10 +523,10 @@ def sub_table(table: FactorTable, rows: np.ndarray) -> FactorTable:
 
 
 __all__ = [
-    "LocalRankingALS",
-    "RankingResult",
     "REG_SCALINGS",
+    "LocalRankingALS",
     "RankingOutcome",
+    "RankingResult",
     "SeenPairs",
     "event_weights",
     "fold_implicit",

@@ -34,6 +34,7 @@ priority, and an item-side copy of id + priority) - independent of the length of
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -188,7 +189,8 @@ class PartitionUpdate:
     ``users``/``items`` are the partition's tables (``touched`` marks the rows the batch
     changed), ``ranking_users``/``ranking_items`` the ranking model's (``None`` when it is
     off); ``batch_users``/``batch_items``/``batch_ratings`` are the batch's valid ratings
-    by this partition's users, ``batch_implicit_users``/``_items`` its implicit events. Read-only: the tables belong to the cached model.
+    by this partition's users, ``batch_implicit_users``/``_items`` its implicit events.
+    Read-only: the tables belong to the cached model.
     """
 
     pid: int
@@ -864,6 +866,8 @@ class StreamingALS:
     (bounded replay of past ratings), ``vector_step`` (``"rls"``: each vector is the ridge
     solution of the least-squares statistics of everything its key learned, an online Newton
     step; ``"sgd"``: the seeds' step), ``forgetting`` and ``maturity`` (of those statistics).
+    Any other :class:`~modeler.core.als_math.ALSParams` field (``ranking``, ``ranking_rank``,
+    ``ranking_alpha``, ``weighting``, ...) may be given as a keyword; its default lives there.
     ``checkpoint_interval``: batches between reliable checkpoints
     (when the SparkContext has a checkpoint directory; other batches cut lineage with
     ``localCheckpoint``).
@@ -891,8 +895,14 @@ class StreamingALS:
         maturity: float = 30.0,
         checkpoint_interval: int = 20,
         params: ALSParams | None = None,
+        **more: Any,
     ) -> None:
         scale = scale or RatingScale()
+        unknown = sorted(set(more) - {f.name for f in dataclasses.fields(ALSParams)})
+        if unknown:
+            raise TypeError(f"unknown StreamingALS arguments: {unknown}")
+        if params is not None and more:
+            params = dataclasses.replace(params, **more)
         if params is None:
             params = ALSParams(
                 rank=rank, iterations=iterations, reg_param=reg_param,
@@ -902,6 +912,7 @@ class StreamingALS:
                 reservoir_size=reservoir_size, replay_ratio=replay_ratio,
                 num_partitions=num_partitions, rating_min=scale.min, rating_max=scale.max,
                 vector_step=vector_step, forgetting=forgetting, maturity=maturity,
+                **more,  # the ranking model's parameters (ALSParams holds their defaults)
             )
         self.params = params
         self.scale = RatingScale(min=params.rating_min, max=params.rating_max)
@@ -1048,7 +1059,6 @@ class StreamingALS:
 
     def _empty_state(self, sc):
         """A model RDD of empty partitions under the model's partitioner."""
-        rank = self.params.rank
         P = self.num_partitions
         params = self.params
         return sc.parallelize(range(P), P).map(lambda k: (k, _empty_part(params))).partitionBy(P, _identity)
