@@ -766,7 +766,8 @@ class ALSParams:
     ``ranking_probe_size`` positives per batch probed for prequential recall@10 (0: off).
     It shares ``seed``, ``init_scale``, ``maturity`` and ``reservoir_size`` (its own replay
     sample of positives, of the same size), replaying ``ranking_replay_ratio`` × (batch
-    positives) of them per batch.
+    positives) of them per batch; ``ranking_replay_scope`` says which keys a replayed positive
+    re-solves (:func:`modeler.core.ranking.replay_solves_all`).
     """
 
     rank: int = 10
@@ -797,6 +798,7 @@ class ALSParams:
     ranking_reg_scaling: str = "count"
     ranking_probe_size: int = 256
     ranking_replay_ratio: float = 6.0
+    ranking_replay_scope: str = "auto"
     weighting: Weighting = field(default_factory=Weighting)
 
     def __post_init__(self) -> None:
@@ -808,6 +810,8 @@ class ALSParams:
                 or self.ranking_replay_ratio < 0):
             raise ValueError("ranking_reg_param, ranking_alpha, ranking_probe_size and "
                              "ranking_replay_ratio must be >= 0")
+        if self.ranking_replay_scope not in ("auto", "all", "batch"):
+            raise ValueError("ranking_replay_scope must be 'auto', 'all' or 'batch'")
         if self.ranking_reg_scaling not in ("count", "constant"):
             raise ValueError("ranking_reg_scaling must be 'count' or 'constant'")
         if self.rank < 1:

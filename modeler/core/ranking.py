@@ -209,10 +209,26 @@ class RankingOutcome:
     positives: int
 
 
+def replay_solves_all(params: Any, positives_seen_before: int, fraction: float) -> bool:
+    """Whether replayed positives re-solve every key they touch (see
+    :func:`learn_ranking_batch`): always with ``ranking_replay_scope="all"``, never with
+    ``"batch"``, and with ``"auto"`` while the batch replays EVERY positive learned so far
+    (the sample still holds them all and ``fraction`` is 1): a re-solve then sees each
+    key's whole history with today's vectors. Measured: re-solving with only part of the
+    history replayed collapses on long streams (docs/ranking_model.md)."""
+    scope = params.ranking_replay_scope
+    if scope == "all":
+        return True
+    if scope == "batch":
+        return False
+    return positives_seen_before <= params.reservoir_size and fraction >= 1.0
+
+
 def learn_ranking_batch(params: Any, n_new: int, conf: np.ndarray, u_rows: np.ndarray,
                         i_rows: np.ndarray, users: FactorTable, items: FactorTable,
                         user_known: np.ndarray, item_known: np.ndarray,
-                        gram_users: np.ndarray, gram_items: np.ndarray) -> RankingOutcome:
+                        gram_users: np.ndarray, gram_items: np.ndarray,
+                        replay_all: bool = True) -> RankingOutcome:
     """``params.ranking_iterations`` passes over one batch's working set of positives, in place.
 
     ``users``/``items`` hold the working set's rows (vectors, counts = positives learned
@@ -225,14 +241,30 @@ def learn_ranking_batch(params: Any, n_new: int, conf: np.ndarray, u_rows: np.nd
     old_u, old_i = users.vec.copy(), items.vec.copy()
     refused = 0
     if len(conf):
-        u_groups, i_groups = Groups.of(u_rows), Groups.of(i_rows)
+        # ``replay_all``: every key with positives in the batch or its replay is solved.
+        # Otherwise only keys with positives in the batch are, and a replayed positive takes
+        # part in the solve of its user if that user is in the batch, of its item if that
+        # item is. (Re-solving every replayed key was measured to collapse once the replay
+        # sample holds a small share of a long history: keys without new data are then
+        # re-solved against their stale statistics every batch. See replay_solves_all.)
+        if replay_all:
+            su = si = np.ones(len(conf), dtype=bool)
+        else:
+            in_u = np.zeros(len(users), dtype=bool)
+            in_i = np.zeros(len(items), dtype=bool)
+            in_u[u_rows[:n_new]] = True
+            in_i[i_rows[:n_new]] = True
+            su, si = in_u[u_rows], in_i[i_rows]
+        uu, ui, uc = u_rows[su], i_rows[su], conf[su]
+        iu, ii, ic = u_rows[si], i_rows[si], conf[si]
+        u_groups, i_groups = Groups.of(uu), Groups.of(ii)
         g_items = gram_items + gramian_delta(old_i, item_known, items.vec)
         for _ in range(params.ranking_iterations):
-            refused += implicit_half_step(u_rows, users, i_rows, items, conf, g_items,
+            refused += implicit_half_step(uu, users, ui, items, uc, g_items,
                                           params.ranking_reg_param, params.ranking_reg_scaling,
                                           u_groups)
             g_users = gram_users + gramian_delta(old_u, user_known, users.vec)
-            refused += implicit_half_step(i_rows, items, u_rows, users, conf, g_users,
+            refused += implicit_half_step(ii, items, iu, users, ic, g_users,
                                           params.ranking_reg_param, params.ranking_reg_scaling,
                                           i_groups)
             g_items = gram_items + gramian_delta(old_i, item_known, items.vec)
@@ -341,13 +373,12 @@ def probe_hits(user_vecs: np.ndarray, item_vec: np.ndarray, item_hash: np.ndarra
         if t < 0:
             continue
         s = scores[j]
-        # Rows of the seen items: binary search in the sorted item hashes (a hash shared by
-        # several items excludes all of them).
-        lo = np.searchsorted(sorted_hash, seen_hashes[j], side="left")
-        hi = np.searchsorted(sorted_hash, seen_hashes[j], side="right")
+        # Rows of the seen items: binary search in the sorted item hashes (should two items
+        # share a crc32, only one of them is excluded: harmless for a metric).
+        pos = np.minimum(np.searchsorted(sorted_hash, seen_hashes[j]), len(sorted_hash) - 1)
+        found = sorted_hash[pos] == seen_hashes[j]
         excluded = np.zeros(len(s), dtype=bool)
-        for a, b in zip(lo.tolist(), hi.tolist()):
-            excluded[order[a:b]] = True
+        excluded[order[pos[found]]] = True
         if excluded[t]:
             continue
         better = (s >= s[t]) & ~excluded
@@ -436,7 +467,8 @@ class LocalRankingALS:
         wi = sub_table(self.items, uniq_i)
         all_c = np.concatenate([conf, rep_c.astype(np.float64)])
         res = learn_ranking_batch(p, len(pos), all_c, u_local, i_local, wu, wi, uniq_u < u_before,
-                                  uniq_i < i_before, self.gram_users, self.gram_items)
+                                  uniq_i < i_before, self.gram_users, self.gram_items,
+                                  replay_solves_all(p, self.positives_seen - len(pos), frac))
         for table, rows, sub in ((self.users, uniq_u, wu), (self.items, uniq_i, wi)):
             table.vec[rows] = sub.vec
             table.gram[rows], table.moment[rows], table.mass[rows] = sub.gram, sub.moment, sub.mass

@@ -73,6 +73,7 @@ from modeler.core.ranking import (
     learn_ranking_batch,
     ranking_init,
     ranking_replay_fraction,
+    replay_solves_all,
     run_probe,
     seed_ranking_statistics,
 )
@@ -513,6 +514,7 @@ class RankingCarry:
     gram_users: np.ndarray
     gram_items: np.ndarray
     positives_seen: int
+    replay_fraction: float = 0.0
 
 
 def _learn_ranking(params: ALSParams, carry: RankingCarry, msgs: list[Gathered],
@@ -561,7 +563,8 @@ def _learn_ranking(params: ALSParams, carry: RankingCarry, msgs: list[Gathered],
         i_rows = np.fromiter((i_index[k] for k in all_i), dtype=np.int64, count=len(all_i))
         out = learn_ranking_batch(params, n_pos, np.concatenate([conf, rep_c.astype(np.float64)]),
                                   u_rows, i_rows, users, items, u_known, i_known,
-                                  carry.gram_users, carry.gram_items)
+                                  carry.gram_users, carry.gram_items,
+                                  replay_solves_all(params, carry.positives_seen, carry.replay_fraction))
         stats.update({"r_new_users": int((~u_known).sum()), "r_new_items": int((~i_known).sum()),
                       "r_refused": out.refused, "r_d_gram_users": out.d_gram_users,
                       "r_d_gram_items": out.d_gram_items})
@@ -1092,7 +1095,7 @@ class StreamingALS:
         fraction = replay_fraction(p, self.last_batch_size, self.ratings_seen)
         r_batch_no = self.ranking_batches + 1
         r_fraction = ranking_replay_fraction(p, self.ranking_last_batch_size, self.positives_seen)
-        carry = (RankingCarry(self.gram_users, self.gram_items, self.positives_seen)
+        carry = (RankingCarry(self.gram_users, self.gram_items, self.positives_seen, r_fraction)
                  if p.ranking else None)
         routed = self._keyed(rdd.mapPartitionsWithIndex(_route_ratings(p)))
         if P == 1:
