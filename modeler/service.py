@@ -686,7 +686,7 @@ def version_models(model: Any) -> tuple[str, ...]:
         out.append(EXPLICIT)
     if getattr(model, "has_ranking", False) and int(model.positives_seen) > 0:
         out.append(RANKING)
-    return tuple(out)
+    return tuple(out) or (EXPLICIT,)  # nothing learned yet: the metadata's default
 
 
 def ranking_meta(model: Any, models: tuple[str, ...]) -> dict[str, Any]:

@@ -354,7 +354,8 @@ def probe_sample(users: Sequence[str], items: Sequence[str], stamps: np.ndarray,
     idx = np.flatnonzero(eligible)
     if len(idx) <= size:
         return idx
-    prio = rating_priority([users[j] for j in idx], [items[j] for j in idx], stamps[idx], seed ^ 0x9B0E)
+    picked = idx.tolist()
+    prio = rating_priority([users[j] for j in picked], [items[j] for j in picked], stamps[idx], seed ^ 0x9B0E)
     return np.sort(idx[np.argsort(prio, kind="stable")[:size]])
 
 
