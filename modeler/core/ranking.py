@@ -42,6 +42,10 @@ Memory: per key (rank² + rank + 2) × 4 bytes (vector, statistics, count), two 
 float64 Gramians, the replay sample (≤ ``reservoir_size`` expected positives) and, in the
 one-partition layout only, the seen (user, item) pairs for the prequential probe
 (8 bytes per distinct pair, see :class:`SeenPairs`).
+
+The module holds the maths, the prequential probe and the single-process reference
+(:class:`LocalRankingALS`) together: the Spark stages call exactly these functions, and the
+reference is what their tests compare against.
 """
 
 from __future__ import annotations

@@ -30,6 +30,18 @@ Memory bound: factors ``(n_users + n_items) × (rank + 2) × 4`` bytes plus ids 
 ``"rls"`` vector step, ``(rank² + rank + 1) × 4`` bytes of statistics per key), and at most
 ``reservoir_size`` (expected, ±√R) replay ratings (ids as fixed-width strings + rating +
 priority, and an item-side copy of id + priority) - independent of the length of the stream. See docs/streaming_als.md.
+
+The ranking model (implicit-feedback ALS, :mod:`modeler.core.ranking`, docs/ranking_model.md)
+rides in the same partitions (``_Part.ranking``), messages and tasks: stage A also computes
+each event's weight and routes every valid event (ratings and implicit events) by user, B
+gathers the rows its positives and its own replay sample touch, C learns it beside the
+explicit model against the Gramians XᵀX / YᵀY the driver carries (rank² floats each, summed
+from the deltas C returns), D writes both back. Its memory: (rank² + rank + 2) × 4 bytes per
+key, its replay sample (≤ ``reservoir_size`` positives) and, with one partition only, the
+prequential probe's seen pairs (8 bytes per distinct pair).
+
+This module is long because the four stages of both layouts, their named messages and the
+model's persistence belong together: each stage function is the other side of a message.
 """
 
 from __future__ import annotations
@@ -133,7 +145,9 @@ class ModelState:
     ~reservoir_size ratings); factors, biases, μ and counts are kept exactly. Neither are the
     ``"rls"`` least-squares statistics: a restore seeds them from the counts
     (:func:`modeler.core.als_math.seed_statistics`), so each vector keeps a prior as strong as the
-    ratings it learned, but the partners' vectors behind it are approximated."""
+    ratings it learned, but the partners' vectors behind it are approximated. The ranking
+    model's rows come as two more RDDs (``ranking_users``/``ranking_items``, bias 0.0, count
+    = positives) and its counters in ``extra``."""
 
     users: Any
     items: Any
