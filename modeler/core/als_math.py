@@ -799,6 +799,7 @@ class ALSParams:
     ranking_probe_size: int = 256
     ranking_replay_ratio: float = 6.0
     ranking_replay_scope: str = "auto"
+    ranking_forgetting: float = 1.0
     weighting: Weighting = field(default_factory=Weighting)
 
     def __post_init__(self) -> None:
@@ -810,6 +811,8 @@ class ALSParams:
                 or self.ranking_replay_ratio < 0):
             raise ValueError("ranking_reg_param, ranking_alpha, ranking_probe_size and "
                              "ranking_replay_ratio must be >= 0")
+        if not 0.0 < self.ranking_forgetting <= 1.0:
+            raise ValueError("ranking_forgetting must be in (0, 1]")
         if self.ranking_replay_scope not in ("auto", "all", "batch"):
             raise ValueError("ranking_replay_scope must be 'auto', 'all' or 'batch'")
         if self.ranking_reg_scaling not in ("count", "constant"):

@@ -158,7 +158,8 @@ def gramian_delta(old: np.ndarray, old_known: np.ndarray, new: np.ndarray) -> np
 
 def implicit_half_step(rows: np.ndarray, table: FactorTable, other_rows: np.ndarray,
                        other: FactorTable, conf: np.ndarray, gram_other: np.ndarray,
-                       reg_param: float, reg_scaling: str, groups: Groups | None = None) -> int:
+                       reg_param: float, reg_scaling: str, groups: Groups | None = None,
+                       forgetting: float = 1.0) -> int:
     """Solve every row of ``table`` with events in the pass (module docstring):
     x_k = (G_other + A_k + Σ (c−1) q qᵀ + λ_k I)⁻¹ (b_k + Σ c q), with c = ``conf`` per event.
     Rows whose solution is not finite keep their vectors; returns how many."""
@@ -168,14 +169,16 @@ def implicit_half_step(rows: np.ndarray, table: FactorTable, other_rows: np.ndar
     q = other.vec[other_rows]
     conf = np.asarray(conf, dtype=np.float64)
     keys, n_k, gram, h = implicit_sums(rows, q, conf - 1.0, conf, np.ones(len(rows)), g)
-    lhs = gram + table.gram[keys].astype(np.float64) + np.asarray(gram_other, dtype=np.float64)[None]
+    # β (``forgetting``) < 1 discounts the statistics: β A_k, β b_k, β N_k.
+    beta = forgetting
+    lhs = gram + beta * table.gram[keys].astype(np.float64) + np.asarray(gram_other, dtype=np.float64)[None]
     if reg_scaling == "count":
-        diag = reg_param * (table.mass[keys].astype(np.float64) + n_k)
+        diag = reg_param * (beta * table.mass[keys].astype(np.float64) + n_k)
     else:
         diag = np.full(len(keys), float(reg_param))
     lhs[:, np.arange(table.rank), np.arange(table.rank)] += (diag + 1e-9)[:, None]
     with np.errstate(over="ignore", invalid="ignore"):
-        new_v = solve_rows(lhs, table.moment[keys].astype(np.float64) + h).astype(np.float32)
+        new_v = solve_rows(lhs, beta * table.moment[keys].astype(np.float64) + h).astype(np.float32)
     ok = np.isfinite(new_v).all(axis=1)
     table.vec[keys[ok]] = new_v[ok]
     table.touched[keys] = True
@@ -184,7 +187,7 @@ def implicit_half_step(rows: np.ndarray, table: FactorTable, other_rows: np.ndar
 
 def fold_implicit(rows: np.ndarray, table: FactorTable, other_rows: np.ndarray,
                   other: FactorTable, conf: np.ndarray, maturity: float = 0.0,
-                  partner_count: np.ndarray | None = None) -> None:
+                  partner_count: np.ndarray | None = None, forgetting: float = 1.0) -> None:
     """Add a learned batch's own positives to its rows' statistics, with the vectors as the
     batch left them: A += Σ m (c−1) q qᵀ, b += Σ m c q, N += Σ m; m = N_p / (N_p + c_mat)
     with N_p the partner's positives before the batch (``partner_count``) when
@@ -197,9 +200,10 @@ def fold_implicit(rows: np.ndarray, table: FactorTable, other_rows: np.ndarray,
     keys, n, gram, h = implicit_sums(rows, other.vec[other_rows], m * (conf - 1.0), m * conf, m)
     if not len(keys):
         return
-    table.gram[keys] = (table.gram[keys].astype(np.float64) + gram).astype(np.float32)
-    table.moment[keys] = (table.moment[keys].astype(np.float64) + h).astype(np.float32)
-    table.mass[keys] = (table.mass[keys].astype(np.float64) + n).astype(np.float32)
+    beta = forgetting  # A ← β A + ΔA (likewise b, N): old, staler terms fade with each touch
+    table.gram[keys] = (beta * table.gram[keys].astype(np.float64) + gram).astype(np.float32)
+    table.moment[keys] = (beta * table.moment[keys].astype(np.float64) + h).astype(np.float32)
+    table.mass[keys] = (beta * table.mass[keys].astype(np.float64) + n).astype(np.float32)
 
 
 @dataclass
@@ -266,17 +270,18 @@ def learn_ranking_batch(params: Any, n_new: int, conf: np.ndarray, u_rows: np.nd
         for _ in range(params.ranking_iterations):
             refused += implicit_half_step(uu, users, ui, items, uc, g_items,
                                           params.ranking_reg_param, params.ranking_reg_scaling,
-                                          u_groups)
+                                          u_groups, params.ranking_forgetting)
             g_users = gram_users + gramian_delta(old_u, user_known, users.vec)
             refused += implicit_half_step(ii, items, iu, users, ic, g_users,
                                           params.ranking_reg_param, params.ranking_reg_scaling,
-                                          i_groups)
+                                          i_groups, params.ranking_forgetting)
             g_items = gram_items + gramian_delta(old_i, item_known, items.vec)
         new_c, new_u, new_i = conf[:n_new], u_rows[:n_new], i_rows[:n_new]
         # As the explicit model: users weigh items by maturity, items take users at full
         # weight (a user's vector has just been solved from this very batch).
-        fold_implicit(new_u, users, new_i, items, new_c, params.maturity, items.count[new_i])
-        fold_implicit(new_i, items, new_u, users, new_c)
+        fold_implicit(new_u, users, new_i, items, new_c, params.maturity, items.count[new_i],
+                      params.ranking_forgetting)
+        fold_implicit(new_i, items, new_u, users, new_c, forgetting=params.ranking_forgetting)
     return RankingOutcome(gramian_delta(old_u, user_known, users.vec),
                           gramian_delta(old_i, item_known, items.vec), refused, int(n_new))
 
