@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.feedback import Weighting
 from modeler.config import ModelerSettings
 from modeler.io import kafka_source as ks
 from modeler.io import publish as pub
@@ -611,11 +612,12 @@ class ModelerService:
         ]
         bootstrap, lo, hi, cap = s.kafka_bootstrap_servers, s.rating_min, s.rating_max, s.event_max_weight
         log.info("rebuilding rated items from %d partitions of %s", len(ranges), s.ratings_topic)
+        chunk = _RatedChunk(self.model.params.weighting)
 
         def read(it: Any) -> Any:
             for rng in it:
                 for block in ks.read_range_chunks(rng, bootstrap, lo, hi, max_weight=cap):
-                    yield _rated_chunk(block)
+                    yield chunk(block)
 
         return sc.parallelize(ranges, max(1, len(ranges))).mapPartitions(read)
 
@@ -669,7 +671,6 @@ def model_params(settings: ModelerSettings) -> dict[str, Any]:
                                    "low_weight": s.model_ranking_low_weight,
                                    "implicit": s.model_ranking_implicit}.items() if v is not None}
     if weighting:
-        from common.feedback import Weighting
 
         params["weighting"] = Weighting(**weighting)
     params["scale"] = s.scale
@@ -800,9 +801,17 @@ def publish_rdd(model: Any, full: bool, blocks: Any) -> Any:
     factors = model._state.flatMap(_factor_records(not full))
     if blocks is None:
         return factors
-    merged = factors.union(blocks.map(_rated_chunk))
+    merged = factors.union(blocks.map(_RatedChunk(model.params.weighting)))
     return merged.coalesce(max(1, model.num_partitions))
 
 
-def _rated_chunk(block: ks.Block) -> tuple:
-    return (pub.RATED, block.users, block.items, block.ratings, block.i_users, block.i_items)
+@dataclass(frozen=True)
+class _RatedChunk:
+    """A block's ratings and implicit events as a ``RATED`` publish record; implicit events
+    carry their confidence weight w (the same mapping the model trains with)."""
+
+    weighting: Weighting
+
+    def __call__(self, block: ks.Block) -> tuple:
+        weights = [self.weighting.implicit_weight(w) for w in block.i_weights]
+        return (pub.RATED, block.users, block.items, block.ratings, block.i_users, block.i_items, weights)

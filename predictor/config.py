@@ -20,6 +20,9 @@ class PredictorSettings(CommonSettings):
     redis_timeout_s: float = Field(1.0, gt=0, alias="PREDICTOR_REDIS_TIMEOUT_S")
     # Users whose vector and rated set are cached per model version, per worker.
     user_cache_size: int = Field(100_000, ge=0, alias="PREDICTOR_USER_CACHE_SIZE")
+    # Serve the ranking model with each user folded in from their whole history against the
+    # version's item vectors (exact iALS user step), instead of the streamed user vector.
+    refit_users: bool = Field(True, alias="PREDICTOR_REFIT_USERS")
     # Top-N batching under load (see predictor.app.TopNBatcher): a busy worker waits up to
     # this long for concurrent requests to share one pass over the item matrix ...
     batch_wait_ms: float = Field(2.0, ge=0, le=100, alias="PREDICTOR_BATCH_WAIT_MS")

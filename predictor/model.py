@@ -100,6 +100,25 @@ class RankingSet:
         x = np.linalg.solve(lhs, y.T @ c)
         return x.astype(F32)
 
+    def history_weights(self, values: Sequence[str], scale_min: float, scale_max: float) -> np.ndarray:
+        """w of each ``{p}:rated:{user}`` value: a rating (decimal) through the version's
+        :class:`~common.feedback.Weighting`, or ``implicit:<w>`` as the modeler recorded it
+        (a bare ``implicit``, from older modelers, weighs as one event)."""
+        from common.schema import RatingScale
+
+        scale = RatingScale(min=scale_min, max=scale_max)
+        out = np.zeros(len(values))
+        for k, v in enumerate(values):
+            kind, sep, rest = v.partition(":")
+            try:
+                if kind == "implicit":
+                    out[k] = float(rest) if sep else self.weighting.implicit_weight(1.0)
+                else:
+                    out[k] = self.weighting.rating_weight(float(v), scale)
+            except ValueError:
+                out[k] = 0.0  # not ours to judge here: an unreadable value is no positive
+        return out
+
 
 @dataclass(eq=False)
 class FactorModel:

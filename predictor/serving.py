@@ -85,7 +85,7 @@ async def entry_of(svc: Service, user: str) -> tuple[FactorModel | None, UserEnt
             return None, None
         try:
             return model, await user_entry(
-                svc.redis, svc.keys, model, user, svc.settings.user_cache_size
+                svc.redis, svc.keys, model, user, svc.settings.user_cache_size, svc.settings.refit_users
             )
         except SnapshotChanged:
             svc.watcher.poke()
@@ -170,7 +170,7 @@ async def predict_pairs(svc: Service, pairs: list[tuple[str, str]]) -> tuple[Fac
         try:
             for user in dict.fromkeys(u for u, _ in pairs):
                 entries[user] = await user_entry(
-                    svc.redis, svc.keys, model, user, svc.settings.user_cache_size
+                    svc.redis, svc.keys, model, user, svc.settings.user_cache_size, svc.settings.refit_users
                 )
             break
         except SnapshotChanged:

@@ -39,8 +39,14 @@ USER, ITEM, RATED = "u", "i", "r"
 RANKING_USER, RANKING_ITEM = "ru", "ri"  # the ranking model's factor set
 STATE_NAMES = ("user_counts", "item_counts", "ranking_user_counts", "ranking_item_counts")
 # The value recorded in {p}:rated:{user} for an item the user only met through an implicit
-# event (not a number, so it is never read as a rating; an existing rating is kept).
+# event: "implicit:<w>" with w its confidence weight (common.feedback), not a number, so it
+# is never read as a rating; an existing rating is kept. The predictor folds a user in from
+# these values (common.keys).
 IMPLICIT_MARK = "implicit"
+
+
+def implicit_value(weight: float) -> str:
+    return f"{IMPLICIT_MARK}:{float(weight)!r}"
 
 _CLIENTS: dict[str, Any] = {}
 
@@ -139,9 +145,10 @@ def write_partition(
                 pending += len(users)
                 if len(rec) > 4:
                     # Implicit events: a rating of the same pair in this batch wins too.
-                    for u, i in zip(rec[4], rec[5], strict=True):
+                    weights = rec[6] if len(rec) > 6 else [1.0] * len(rec[4])
+                    for u, i, w in zip(rec[4], rec[5], weights, strict=True):
                         if i not in by_user.get(u, ()):
-                            pipe.hsetnx(keys.rated(u), i, IMPLICIT_MARK)
+                            pipe.hsetnx(keys.rated(u), i, implicit_value(w))
                     n += len(rec[4])
                     pending += len(rec[4])
             else:
@@ -197,7 +204,8 @@ class SegmentSink:
         if len(update.batch_users) or len(iu):
             chunks.append((RATED, update.batch_users.tolist(), update.batch_items.tolist(),
                            update.batch_ratings.tolist(), list(iu),
-                           list(getattr(update, "batch_implicit_items", ()))))
+                           list(getattr(update, "batch_implicit_items", ())),
+                           np.asarray(getattr(update, "batch_implicit_weights", ()), float).tolist()))
         try:
             written, top, rtop = next(write_partition(chunks, self.redis_url, self.prefix,
                                                       self.segment, self.top_n))

@@ -194,7 +194,7 @@ class _Part:
     batch: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     learned: int = 0  # valid events the whole last batch learned (all partitions)
     ranking: _RankPart | None = None
-    implicit_batch: tuple[np.ndarray, np.ndarray] | None = None  # (users, items), for a sink
+    implicit_batch: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (users, items, w), for a sink
 
 
 @dataclass
@@ -204,7 +204,8 @@ class PartitionUpdate:
     ``users``/``items`` are the partition's tables (``touched`` marks the rows the batch
     changed), ``ranking_users``/``ranking_items`` the ranking model's (``None`` when it is
     off); ``batch_users``/``batch_items``/``batch_ratings`` are the batch's valid ratings
-    by this partition's users, ``batch_implicit_users``/``_items`` its implicit events.
+    by this partition's users, ``batch_implicit_users``/``_items``/``_weights`` its implicit
+    events (w, the mapped confidence weight).
     Read-only: the tables belong to the cached model.
     """
 
@@ -218,6 +219,7 @@ class PartitionUpdate:
     ranking_items: FactorTable | None = None
     batch_implicit_users: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=str))
     batch_implicit_items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=str))
+    batch_implicit_weights: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 def _empty_part(params: ALSParams) -> _Part:
@@ -359,6 +361,7 @@ class RankLearned(NamedTuple):
     seen_items: np.ndarray
     imp_users: np.ndarray
     imp_items: np.ndarray
+    imp_weights: np.ndarray  # the events' confidence weights w (common.feedback), for {p}:rated
 
 
 class Learned(NamedTuple):
@@ -607,7 +610,7 @@ def _learn_ranking(params: ALSParams, carry: RankingCarry, msgs: list[Gathered],
         out_msgs.append(RankLearned(u_arr[su].tolist(), u_vec[su], u_inc[su], u_st.select(su),
                                     i_arr[si].tolist(), i_vec[si], i_inc[si], i_st.select(si),
                                     (ku[ru], ki[ru], kc[ru], kp[ru]), (ki[ri], kp[ri]), keep_frac,
-                                    ev_u[se], ev_i[se], ev_u[sim], ev_i[sim]))
+                                    ev_u[se], ev_i[se], ev_u[sim], ev_i[sim], ev_w[sim]))
     return out_msgs
 
 
@@ -739,7 +742,7 @@ def _apply_stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, _Part]]:
         if ranking is not None:
             ranking = _apply_ranking(ranking, m.ranking)
             if m.ranking is not None:
-                implicit = (m.ranking.imp_users, m.ranking.imp_items)
+                implicit = (m.ranking.imp_users, m.ranking.imp_items, m.ranking.imp_weights)
     yield pid, _Part(users, items, replay, mirror, stats, batch, learned, ranking, implicit)
 
 
@@ -771,10 +774,10 @@ def _finish(sink: Any):
         empty = np.zeros(0, dtype=str)
         bu, bi, br = part.batch if part.batch is not None else (empty, empty, np.zeros(0))
         rk = part.ranking
-        iu, ii = part.implicit_batch if part.implicit_batch is not None else (empty, empty)
+        iu, ii, iw = part.implicit_batch if part.implicit_batch is not None else (empty, empty, np.zeros(0))
         return part.stats, sink(PartitionUpdate(pid, part.users, part.items, bu, bi, br,
                                                 rk.users if rk is not None else None,
-                                                rk.items if rk is not None else None, iu, ii))
+                                                rk.items if rk is not None else None, iu, ii, iw))
 
     return finish
 

@@ -4,6 +4,7 @@ second factor set in the version, bad weights in the DLQ (real broker, Redis, Sp
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import numpy as np
@@ -83,10 +84,18 @@ def test_an_implicit_stream_publishes_a_ranking_only_version_and_bad_weights_go_
     assert all(not client.exists(f"{redis_prefix}:seg:{s}:users") for s in pointer["segments"])
     users, items = plain_ranking(client, redis_prefix)
     assert set(users) == {p[0] for p in plays} and set(items) == {p[1] for p in plays}
-    # Top-N excludes what a user played; the value is not a number (it is not a rating).
+    # Top-N excludes what a user played; the value is not a number (it is not a rating) but
+    # "implicit:<w>", w the event's confidence weight (log1p of the play count), for fold-in.
     u0 = plays[0][0]
     rated = {k.decode(): v.decode() for k, v in client.hgetall(f"{redis_prefix}:rated:{u0}").items()}
-    assert set(rated) == {p[1] for p in plays if p[0] == u0} and set(rated.values()) == {"implicit"}
+    assert set(rated) == {p[1] for p in plays if p[0] == u0}
+    first_weight = {}
+    for u, i, w, _ in plays:
+        if u == u0:
+            first_weight.setdefault(i, w)
+    for item, value in rated.items():
+        kind, _, w = value.partition(":")
+        assert kind == "implicit" and float(w) == pytest.approx(math.log1p(first_weight[item]))
     # Popular comes from the ranking model's counts when there are no ratings.
     assert json.loads(meta["popular"])
 

@@ -126,4 +126,21 @@ def test_a_ranking_delta_updates_lists_and_keeps_the_gramian_exact(api: TestClie
     y = both.y.astype(np.float64)
     assert np.allclose(model.ranking.gram, y.T @ y, atol=1e-5)
     body = api.get("/v1/users/u4/recommendations?n=10").json()
-    assert body["version"] == 2 and [x["item"] for x in body["items"]] == both.ranked(4, 10)
+    # u4's vector is folded in again from their history against the new item vectors (the
+    # exact iALS user step), not the stored x_4 solved against the old ones.
+    refit = both.refit(4)
+    assert not np.allclose(refit, both.x[4], atol=1e-3)
+    assert body["version"] == 2 and [x["item"] for x in body["items"]] == both.ranked(4, 10, refit)
+    assert body["items"][0]["score"] == pytest.approx(float(both.y.astype(np.float64)[
+        both.items.index(body["items"][0]["item"])] @ refit), abs=1e-4)
+
+
+def test_without_refit_the_streamed_user_vector_is_served(redis_url, redis_client, keys, both: Both) -> None:
+    rng = np.random.default_rng(8)
+    changed = sorted(rng.choice(N_ITEMS, 40, replace=False).tolist())
+    both.y[changed] = rng.normal(0, 0.6, (40, R_RANK)).astype(np.float32)
+    publish(redis_client, keys, both, 2, segments=(1, 2), ranking_items=changed)
+    with serve(redis_url, keys, refit_users=False) as api:
+        wait_version(api, 2)
+        body = api.get("/v1/users/u4/recommendations?n=10").json()
+    assert [x["item"] for x in body["items"]] == both.ranked(4, 10)

@@ -37,8 +37,15 @@ class Both:
     def r_hat(self, k: int) -> np.ndarray:
         return (MU + self.user_bias[k] + self.item_bias + self.p @ self.u[k]).astype(np.float32)
 
-    def ranked(self, k: int, n: int) -> list[str]:
-        s = (self.y @ self.x[k]).astype(np.float64)
+    def refit(self, k: int) -> np.ndarray:
+        """User k folded in from their rated history against the current y (dense solve)."""
+        hist = self.rated[self.users[k]]
+        rows = [self.items.index(i) for i in hist]
+        w = np.array([WEIGHTING.rating_weight(v, RatingScale()) for v in hist.values()])
+        return ials_user(self.y, rows, w)
+
+    def ranked(self, k: int, n: int, x: np.ndarray | None = None) -> list[str]:
+        s = (self.y @ (self.x[k] if x is None else x)).astype(np.float64)
         for item in self.rated[self.users[k]]:
             s[self.items.index(item)] = -np.inf
         return [self.items[i] for i in np.argsort(-s, kind="stable")[:n]]
@@ -96,9 +103,10 @@ def publish(client, keys: Keys, b: Both, version: int, models=(EXPLICIT, RANKING
     publish_version(client, keys, meta)
 
 
-def serve(redis_url: str, keys: Keys) -> TestClient:
+def serve(redis_url: str, keys: Keys, refit_users: bool = True) -> TestClient:
     return TestClient(create_app(PredictorSettings(REDIS_URL=redis_url, REDIS_PREFIX=keys.prefix,
-                                                   MODEL_POLL_INTERVAL_S=0.2)))
+                                                   MODEL_POLL_INTERVAL_S=0.2,
+                                                   PREDICTOR_REFIT_USERS=refit_users)))
 
 
 def wait_version(api: TestClient, version: int, timeout: float = 10.0) -> None:
