@@ -64,7 +64,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -73,6 +73,7 @@ from common.feedback import Weighting
 from common.schema import RATING, RatingScale
 from modeler.core import ranking_metrics as rm
 from modeler.core.als_math import rmse
+from modeler.core.ranking import fold_in_users
 
 log = logging.getLogger(__name__)
 
@@ -644,22 +645,65 @@ def plot_ranking(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+class TrainHistory(NamedTuple):
+    """Each training user's items with their confidence weights w (CSR on the split's
+    indices): what ``{p}:rated:{user}`` holds for the predictor's fold-in."""
+
+    indptr: np.ndarray
+    items: np.ndarray
+    weights: np.ndarray
+
+    @classmethod
+    def of(cls, train: Sequence[RatingRow | EventRow], data: RankingData, weighting: Weighting,
+           scale: RatingScale) -> TrainHistory:
+        # Later rows of the same pair win, as HSET does in Redis.
+        last: dict[tuple[int, int], float] = {}
+        for r in train:
+            implicit = isinstance(r, EventRow) and r.type != RATING
+            w = weighting.implicit_weight(r[2]) if implicit else weighting.rating_weight(r[2], scale)
+            last[(data.u_index[r[0]], data.i_index[r[1]])] = w
+        pairs = np.array(list(last), dtype=np.int64).reshape(-1, 2)
+        w = np.fromiter(last.values(), np.float64, len(last))
+        order = np.lexsort((pairs[:, 1], pairs[:, 0]))
+        counts = np.bincount(pairs[:, 0], minlength=len(data.users))
+        indptr = np.zeros(len(data.users) + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        return cls(indptr, pairs[order, 1], w[order])
+
+
 class StreamRankingProbe:
     """:func:`streaming_side`'s ranking hook: scores the ranking model and the explicit order
-    on the test split, and keeps the last item vectors (for the item-to-item scores)."""
+    on the test split, and keeps the last item vectors (for the item-to-item scores).
 
-    def __init__(self, data: RankingData, explicit: bool, k: int = RANKING_K) -> None:
+    ``streaming`` scores what the predictor serves: the streamed item vectors with each user
+    folded in from their training history (``PREDICTOR_REFIT_USERS``, the default);
+    ``streaming_model_vectors`` the streamed user vectors themselves, for the record."""
+
+    def __init__(self, data: RankingData, explicit: bool, k: int = RANKING_K,
+                 history: TrainHistory | None = None) -> None:
         self.data = data
         self.explicit = explicit
         self.k = k
+        self.history = history
         self.item_vectors: dict[str, np.ndarray] = {}
 
     def __call__(self, model) -> dict[str, Any]:
         out: dict[str, Any] = {}
         factors = streaming_ranking_factors(model, self.data)
         if factors is not None:
-            out["streaming"] = score_lists(self.data, factors[0], factors[1], None, self.k)
-            self.item_vectors["streaming"] = factors[1]
+            x, y = factors
+            if self.history is not None:
+                p = model.params
+                served = np.zeros_like(x)
+                served[self.data.eval_users] = fold_in_users(
+                    self.history.indptr, self.history.items, self.history.weights,
+                    self.data.eval_users, y, p.ranking_alpha, p.ranking_reg_param, p.ranking_reg_scaling)
+                out["streaming"] = {**score_lists(self.data, served, y, None, self.k),
+                                    "users": "folded in from their history (served)"}
+                out["streaming_model_vectors"] = score_lists(self.data, x, y, None, self.k)
+            else:
+                out["streaming"] = score_lists(self.data, x, y, None, self.k)
+            self.item_vectors["streaming"] = y
         if self.explicit:
             x, y, b = explicit_vectors(model, self.data)
             out["explicit_order"] = score_lists(self.data, x, y, b, self.k)
@@ -728,7 +772,8 @@ def evaluate(spark, rows: Sequence[RatingRow | EventRow], dataset: str, train_fr
                 spark, train, data, scale, weighting, implicit, grid, seed=seed, k=k, progress=bar)
             batch_ranking["seconds_total"] = time.perf_counter() - started
             ranking_block["batch_implicit_als"] = batch_ranking
-            probe = StreamRankingProbe(data, explicit=not implicit, k=k)
+            probe = StreamRankingProbe(data, explicit=not implicit, k=k,
+                                       history=TrainHistory.of(train, data, weighting, scale))
         selection = None
         if tune and not implicit:
             bar.set_description("streaming: choosing parameters on validation")
@@ -764,6 +809,9 @@ def evaluate(spark, rows: Sequence[RatingRow | EventRow], dataset: str, train_fr
         else:
             ranking_block["streaming"] = {**unavailable(NOT_IN_BUILD),
                                           "prequential_recall": None}
+        if "streaming_model_vectors" in final:
+            ranking_block["streaming_model_vectors"] = {
+                **final["streaming_model_vectors"], "curve": _curve_of(run, "streaming_model_vectors")}
         if "explicit_order" in final:
             ranking_block["explicit_order"] = {**final["explicit_order"],
                                                "curve": _curve_of(run, "explicit_order")}
@@ -813,10 +861,13 @@ def summary(report: dict[str, Any]) -> str:
         lines.append(f"{report['dataset']}: {report['explicit']}")
     if "ranking" in report:
         r = report["ranking"]
-        for name in ("popular", "batch_implicit_als", "streaming", "explicit_order"):
+        for name in ("popular", "batch_implicit_als", "streaming", "streaming_model_vectors",
+                     "explicit_order"):
+            if name not in r:
+                continue
             block = r[name]
             note = f" ({block['reason']})" if block.get("available") is False else ""
-            lines.append(f"  NDCG@{r['k']} {name:<19} {_fmt(block['ndcg'])}  precision "
+            lines.append(f"  NDCG@{r['k']} {name:<23} {_fmt(block['ndcg'])}  precision "
                          f"{_fmt(block['precision'])}  recall {_fmt(block['recall'])}  MAP "
                          f"{_fmt(block['map'])}  coverage {_fmt(block['coverage'])}{note}")
         lines.append(f"  prequential recall@{r['k']} {_fmt(r['streaming'].get('prequential_recall'))}")

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.errors import StreamrecError
 from common.feedback import Weighting
 from modeler.config import ModelerSettings
 from modeler.io import kafka_source as ks
@@ -622,11 +623,11 @@ class ModelerService:
         return sc.parallelize(ranges, max(1, len(ranges))).mapPartitions(read)
 
 
-class Stopped(Exception):
+class Stopped(StreamrecError):
     """The service was asked to stop while waiting or retrying."""
 
 
-class LeaseLost(RuntimeError):
+class LeaseLost(StreamrecError, RuntimeError):
     """Another modeler took the single-writer lease."""
 
 

@@ -584,3 +584,32 @@ __all__ = [
     "reference_implicit_solve",
     "seed_ranking_statistics",
 ]
+
+
+def fold_in_users(indptr: np.ndarray, items: np.ndarray, weights: np.ndarray, rows: np.ndarray,
+                  item_vecs: np.ndarray, alpha: float, reg_param: float,
+                  reg_scaling: str = "count") -> np.ndarray:
+    """What the predictor serves for the users ``rows``: each folded in from their whole
+    history (CSR ``indptr``/``items``/``weights`` w, positives w > 0) against ``item_vecs``,
+    the exact iALS user step (predictor.model.RankingSet.fold_in)::
+
+        x_u = (YᵀY + Σ_i (c_ui − 1) y_i y_iᵀ + λ_u I)⁻¹ Σ_i c_ui y_i,   c = 1 + α·w
+
+    A user without a positive gets a zero row. O(Σ n_u · rank² + |rows| · rank³)."""
+    y = np.asarray(item_vecs, dtype=np.float64)
+    rank = y.shape[1]
+    gram = y.T @ y
+    eye = np.eye(rank)
+    out = np.zeros((len(rows), rank), dtype=np.float32)
+    for k, u in enumerate(np.asarray(rows, dtype=np.int64)):
+        lo, hi = indptr[u], indptr[u + 1]
+        w = weights[lo:hi]
+        pos = w > 0
+        if not pos.any():
+            continue
+        q = y[items[lo:hi][pos]]
+        c = 1.0 + alpha * w[pos]
+        lam = reg_param * (int(pos.sum()) if reg_scaling == "count" else 1)
+        lhs = gram + (q.T * (c - 1.0)) @ q + max(lam, 1e-9) * eye
+        out[k] = np.linalg.solve(lhs, q.T @ c)
+    return out

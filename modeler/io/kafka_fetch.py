@@ -39,6 +39,8 @@ from typing import Any, NamedTuple
 
 from crc32c import crc32c
 
+from common.errors import InfraUnavailable, StreamrecError
+
 log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct(">qiibIhiqqqhii")
@@ -68,11 +70,11 @@ _RETRIABLE = {
 }
 
 
-class CorruptRecords(ValueError):
+class CorruptRecords(StreamrecError, ValueError):
     """A record batch failed its CRC-32C or is malformed: retry the batch, never skip it."""
 
 
-class UnsupportedRecords(Exception):
+class UnsupportedRecords(StreamrecError):
     """Records this reader does not decode (legacy format, codec not installed).
 
     ``offset`` is where the caller should continue with a general-purpose consumer:
@@ -84,7 +86,7 @@ class UnsupportedRecords(Exception):
         self.offset = offset
 
 
-class FetchFailed(RuntimeError):
+class FetchFailed(InfraUnavailable, RuntimeError):
     """The partition could not be fetched within the retry budget (leader, connection)."""
 
 

@@ -24,6 +24,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.errors import InfraUnavailable
+
 log = logging.getLogger(__name__)
 
 try:  # orjson parses ~5x faster; json is the fallback with identical results
@@ -637,7 +639,7 @@ def read_batch(
     return blocks, summaries
 
 
-class KafkaUnavailable(RuntimeError):
+class KafkaUnavailable(InfraUnavailable, RuntimeError):
     """The broker cannot be reached or the topic metadata is missing; retry later."""
 
 
