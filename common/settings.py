@@ -26,6 +26,8 @@ class CommonSettings(BaseSettings):
     rating_min: float = Field(DEFAULT_RATING_MIN, alias="RATING_MIN")
     rating_max: float = Field(DEFAULT_RATING_MAX, alias="RATING_MAX")
     log_level: str = Field("INFO", alias="LOG_LEVEL")
+    # "text" or "json" (one object per line, for log collectors): common.logging.
+    log_format: str = Field("text", alias="LOG_FORMAT")
 
     @property
     def scale(self) -> RatingScale:

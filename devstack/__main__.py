@@ -23,6 +23,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+from common.logging import setup_logging
 from devstack.services import (
     MissingDependency,
     Process,
@@ -277,7 +278,7 @@ def _stored_model(env: dict[str, str]) -> tuple[int, int] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging("INFO")
     logging.getLogger("kafka").setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(prog="python -m devstack")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from common.datasets import RatingRow, read_ratings
+from common.logging import setup_logging
 from common.schema import RatingScale
 from modeler.core.als_math import rmse
 
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="write bootstrap.json and factors.npz here")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging("INFO")
 
     from common.errors import DatasetError
     from modeler.spark import get_spark

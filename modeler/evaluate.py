@@ -70,6 +70,7 @@ import numpy as np
 
 from common.datasets import EventRow, RatingRow, read_events
 from common.feedback import Weighting
+from common.logging import setup_logging
 from common.schema import RATING, RatingScale
 from modeler.core import ranking_metrics as rm
 from modeler.core.als_math import rmse
@@ -924,7 +925,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="use the streaming defaults instead of choosing among a few "
                              "candidates on a validation part of the training data")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging("WARNING")
     if not 0.0 < args.train_fraction < 1.0:
         parser.error("--train-fraction must be between 0 and 1")
     if args.batch_size < 1 or (args.curve_every is not None and args.curve_every < 1) \

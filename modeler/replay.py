@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from common.logging import setup_logging
 from common.schema import RATING
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--topic", help="topic (default RATINGS_TOPIC)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging("INFO")
     if args.rate is not None and args.rate <= 0:
         parser.error("--rate must be positive")
     if args.batch is not None and args.batch <= 0:

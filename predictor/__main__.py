@@ -13,15 +13,13 @@ import logging  # noqa: E402
 
 import uvicorn  # noqa: E402
 
+from common.logging import setup_logging  # noqa: E402
 from predictor.config import PredictorSettings  # noqa: E402
 
 
 def main() -> None:
     settings = PredictorSettings()  # type: ignore[call-arg]  # fields come from the env
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
-    )
+    setup_logging(settings.log_level, settings.log_format)
     logging.getLogger(__name__).info(
         "predictor on %s:%d with %d worker(s)",
         settings.predictor_host, settings.predictor_port, settings.predictor_workers,

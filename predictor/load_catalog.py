@@ -21,6 +21,7 @@ import redis
 from common.datasets import iter_events, read_movies
 from common.errors import DatasetError
 from common.keys import Keys
+from common.logging import setup_logging
 from predictor.config import PredictorSettings
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep", type=int, default=POPULAR_KEEP, help="popular items to keep")
     args = parser.parse_args(argv)
     settings = PredictorSettings()  # type: ignore[call-arg]  # fields come from the env
-    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(settings.log_level, settings.log_format)
     if not args.movies and not args.ratings:
         parser.error("give --movies and/or --ratings")
     keys = Keys(settings.redis_prefix)
