@@ -37,7 +37,7 @@ test-fast: bootstrap
 
 lint: bootstrap
 	$(VENV)/bin/ruff check common modeler predictor frontend devstack tests
-	$(VENV)/bin/mypy common predictor frontend
+	$(VENV)/bin/mypy common modeler predictor frontend devstack
 
 bench: bench-core bench-modeler bench-predictor bench-kafka
 

@@ -12,7 +12,7 @@ from frontend.config import FrontendSettings
 
 
 def main() -> None:
-    settings = FrontendSettings()  # type: ignore[call-arg]  # fields come from the env
+    settings = FrontendSettings()  # fields come from the env
     # kafka-python logs every refused reconnect at ERROR; while the broker is down that is a
     # line per backoff step. Our writer logs one line per failed request instead.
     setup_logging(settings.log_level, settings.log_format, quiet={"kafka": logging.CRITICAL})

@@ -195,7 +195,7 @@ def create_app(settings: FrontendSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Fields come from the environment, which mypy cannot see without the pydantic plugin.
-        state = State(settings or FrontendSettings())  # type: ignore[call-arg]
+        state = State(settings or FrontendSettings())
         app.state.frontend = state
         log.info("frontend up: predictor %s, broker %s, topic %s",
                  state.settings.predictor_url, state.settings.kafka_bootstrap_servers,

@@ -664,12 +664,12 @@ class TrainHistory(NamedTuple):
             w = weighting.implicit_weight(r[2]) if implicit else weighting.rating_weight(r[2], scale)
             last[(data.u_index[r[0]], data.i_index[r[1]])] = w
         pairs = np.array(list(last), dtype=np.int64).reshape(-1, 2)
-        w = np.fromiter(last.values(), np.float64, len(last))
+        ws = np.fromiter(last.values(), np.float64, len(last))
         order = np.lexsort((pairs[:, 1], pairs[:, 0]))
         counts = np.bincount(pairs[:, 0], minlength=len(data.users))
         indptr = np.zeros(len(data.users) + 1, dtype=np.int64)
         np.cumsum(counts, out=indptr[1:])
-        return cls(indptr, pairs[order, 1], w[order])
+        return cls(indptr, pairs[order, 1], ws[order])
 
 
 class StreamRankingProbe:
@@ -700,7 +700,7 @@ class StreamRankingProbe:
                     self.history.indptr, self.history.items, self.history.weights,
                     self.data.eval_users, y, p.ranking_alpha, p.ranking_reg_param, p.ranking_reg_scaling)
                 out["streaming"] = {**score_lists(self.data, served, y, None, self.k),
-                                    "users": "folded in from their history (served)"}
+                                    "user_vectors": "folded in from their history (served)"}
                 out["streaming_model_vectors"] = score_lists(self.data, x, y, None, self.k)
             else:
                 out["streaming"] = score_lists(self.data, x, y, None, self.k)
@@ -887,7 +887,7 @@ def _floats(text: str) -> tuple[float, ...]:
 def main(argv: list[str] | None = None) -> int:
     from common.settings import CommonSettings
 
-    settings_scale = CommonSettings().scale  # type: ignore[call-arg]  # RATING_MIN / RATING_MAX; the flags win
+    settings_scale = CommonSettings().scale  # RATING_MIN / RATING_MAX; the flags win
     parser = argparse.ArgumentParser(prog="python -m modeler.evaluate",
                                      description="Streaming vs batch on a random test split: "
                                                  "RMSE and top-10 lists")

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rate must be positive")
     if args.batch is not None and args.batch <= 0:
         parser.error("--batch must be positive")
-    settings = CommonSettings()  # type: ignore[call-arg]  # fields come from the env
+    settings = CommonSettings()  # fields come from the env
     scale = settings.scale
     if args.rating_min is not None or args.rating_max is not None:
         scale = RatingScale(min=scale.min if args.rating_min is None else args.rating_min,

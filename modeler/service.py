@@ -290,6 +290,7 @@ class ModelerService:
         from modeler.bootstrap import bootstrap_model
 
         s = self.settings
+        assert s.bootstrap_ratings is not None  # _start bootstraps only when it is set
         rows = read_ratings(s.bootstrap_ratings, scale=s.scale)
         log.info("bootstrapping from %d ratings in %s", len(rows), s.bootstrap_ratings)
         model, report = bootstrap_model(
@@ -667,8 +668,8 @@ def model_params(settings: ModelerSettings) -> dict[str, Any]:
         "ranking_probe_size": s.model_ranking_probe_size,
     }
     given.update(ranking)
-    params = {k: v for k, v in given.items() if v is not None}
-    weighting = {k: v for k, v in {"liked": s.model_ranking_liked, "slope": s.model_ranking_slope,
+    params: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    weighting: dict[str, Any] = {k: v for k, v in {"liked": s.model_ranking_liked, "slope": s.model_ranking_slope,
                                    "low_weight": s.model_ranking_low_weight,
                                    "implicit": s.model_ranking_implicit}.items() if v is not None}
     if weighting:

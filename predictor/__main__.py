@@ -18,7 +18,7 @@ from predictor.config import PredictorSettings  # noqa: E402
 
 
 def main() -> None:
-    settings = PredictorSettings()  # type: ignore[call-arg]  # fields come from the env
+    settings = PredictorSettings()  # fields come from the env
     setup_logging(settings.log_level, settings.log_format)
     logging.getLogger(__name__).info(
         "predictor on %s:%d with %d worker(s)",

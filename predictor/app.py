@@ -50,7 +50,7 @@ def create_app(settings: PredictorSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        cfg = settings or PredictorSettings()  # type: ignore[call-arg]  # fields come from the env
+        cfg = settings or PredictorSettings()  # fields come from the env
         keys = Keys(cfg.redis_prefix)
         watcher = ModelWatcher(
             cfg.redis_url, keys, poll_interval=cfg.model_poll_interval_s,

@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ratings", help="ratings or implicit-events file, for the popular fallback")
     parser.add_argument("--keep", type=int, default=POPULAR_KEEP, help="popular items to keep")
     args = parser.parse_args(argv)
-    settings = PredictorSettings()  # type: ignore[call-arg]  # fields come from the env
+    settings = PredictorSettings()  # fields come from the env
     setup_logging(settings.log_level, settings.log_format)
     if not args.movies and not args.ratings:
         parser.error("give --movies and/or --ratings")

@@ -874,7 +874,10 @@ def split_records(records: Iterable[Any]) -> tuple[list[Any], list[Any], list[An
     return us, its, rs, ts, bad
 
 
-def split_events(records: Iterable[Any]) -> tuple[list[Any], list[Any], list[Any], list[Any], int]:
+Columns = tuple[list[Any], list[Any], list[Any], list[Any]]
+
+
+def split_events(records: Iterable[Any]) -> tuple[Columns, Columns, int]:
     """:func:`split_records` of the ratings among ``records``, and the implicit events apart:
     a record ``(user, item, None, timestamp, weight)`` (a 5th field not None) is an implicit
     event. Returns (rating columns, implicit columns, bad shapes): each columns a tuple

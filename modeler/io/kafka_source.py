@@ -20,7 +20,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 try:  # orjson parses ~5x faster; json is the fallback with identical results
     import orjson
 
-    _loads = orjson.loads
+    _loads: Callable[[bytes], Any] = orjson.loads
     _JSONError: tuple[type[Exception], ...] = (orjson.JSONDecodeError, ValueError)
 except ImportError:  # pragma: no cover - orjson is in the modeler group
     import json
@@ -64,14 +64,14 @@ def fast_parse(value: bytes, rating_min: float, rating_max: float,
         return None
     if type(d) is not dict:
         return None
-    user = d.get("user")
-    item = d.get("item")
+    user: Any = d.get("user")
+    item: Any = d.get("item")
     kind = d.get("type")
     if kind is not None and kind != "rating":
         return _fast_implicit(d, user, item, kind, max_weight)
     if "weight" in d:
         return None
-    rating = d.get("rating")
+    rating: Any = d.get("rating")
     ts = d.get("timestamp")
     tu, ti, tr = type(user), type(item), type(rating)
     if tu is str:
