@@ -1120,8 +1120,8 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x.strip())
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, str]:
-    """Command line (and ``REDIS_URL``/``REDIS_PREFIX``/``SPARK_MASTER``) -> ``(config, master)``."""
+def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, str, dict[str, str]]:
+    """Command line (and ``REDIS_URL``/``REDIS_PREFIX``/``SPARK_MASTER``) -> ``(config, master, conf)``."""
     from common.settings import CommonSettings
 
     env = CommonSettings()  # type: ignore[call-arg]  # fields come from the environment
@@ -1155,7 +1155,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, str]:
     p.add_argument("--redis-url", default=env.redis_url)
     p.add_argument("--redis-prefix", default=env.redis_prefix)
     p.add_argument("--master", default=os.environ.get("SPARK_MASTER", "local[2]"))
+    p.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra Spark configuration (repeatable), e.g. spark.executor.memory=4g")
     a = p.parse_args(argv)
+    conf: dict[str, str] = {}
+    for item in a.conf:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            p.error(f"--conf {item!r}: expected KEY=VALUE")
+        conf[key.strip()] = value
     for name in ("top", "iterations"):
         if getattr(a, name) < 1:
             p.error(f"--{name} must be >= 1")
@@ -1179,13 +1187,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, str]:
         p.error("--layout arrays needs --format parquet or json (CSV has no arrays)")
     if cfg.out is None and not cfg.publish:
         p.error("nothing to do: give --out DIR and/or --publish")
-    return cfg, a.master
+    return cfg, a.master, conf
 
 
 def main(argv: list[str] | None = None, spark=None) -> int:
     """The command. ``spark``: an existing session to use (and leave running), e.g. in tests."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    cfg, master = parse_args(argv)
+    cfg, master, conf = parse_args(argv)
     try:
         # Fail on an unknown or empty input before paying for a Spark start-up.
         detect_input(cfg.input)
@@ -1196,7 +1204,7 @@ def main(argv: list[str] | None = None, spark=None) -> int:
     if own:
         from modeler.spark import get_spark
 
-        spark = get_spark(master, app_name="streamrec-batch")
+        spark = get_spark(master, app_name="streamrec-batch", conf=conf)
     try:
         report = run_job(spark, cfg)
     except (DatasetError, BatchError) as exc:
