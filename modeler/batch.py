@@ -262,9 +262,9 @@ def read_input(spark, spec: InputSpec, scale: RatingScale | None = None, max_wei
             text = text.filter(F.col("line") != spec.header)
         parts = F.split(F.col("line"), _regex_literal(spec.sep), -1)
         frame = text.select(
-            F.trim(parts.getItem(0)).alias("user"),
-            F.trim(parts.getItem(1)).alias("item"),
-            F.trim(parts.getItem(2)).alias("value_text"),
+            F.trim(F.get(parts, 0)).alias("user"),
+            F.trim(F.get(parts, 1)).alias("item"),
+            F.trim(F.get(parts, 2)).alias("value_text"),
             F.col("line"),
             F.size(parts).alias("n_fields"),
             F.col("file"),

@@ -17,6 +17,7 @@ import pytest
 
 from common.synthetic import Events, generate, generate_events, make_ids, write_events, write_movielens
 from modeler.batch import EXIT_BAD_INPUT, EXIT_PUBLISH_REFUSED, JobConfig, PublishRefused, main, run_job
+from tests.integration.test_cluster_mode import spark_home, standalone  # noqa: F401  # the cluster fixture
 
 pytestmark = pytest.mark.spark
 
@@ -281,10 +282,8 @@ def test_unknown_or_empty_input_fails_before_spark_starts(tmp_path: Path, conten
 # --------------------------------------------------------------------------- cluster mode
 
 
-def test_spark_submit_on_the_standalone_cluster_gives_the_local_result(spark, standalone, events_file: Path,
+def test_spark_submit_on_the_standalone_cluster_gives_the_local_result(spark, standalone, events_file: Path,  # noqa: F811
                                                                        tmp_path: Path) -> None:
-    from tests.integration.test_cluster_mode import spark_home
-
     local_out, cluster_out = tmp_path / "local", tmp_path / "cluster"
     cfg = small_config(events_file, local_out, fmt="csv", iterations=5, blocks=2)
     run_job(spark, cfg)
@@ -312,5 +311,3 @@ def test_spark_submit_on_the_standalone_cluster_gives_the_local_result(spark, st
     assert len(common) >= 0.97 * len(local_pairs)
     np.testing.assert_allclose([cluster_pairs[p] for p in common], [local_pairs[p] for p in common], atol=1e-3)
 
-
-from tests.integration.test_cluster_mode import standalone  # noqa: E402, F401  # the module-scoped cluster fixture
