@@ -221,23 +221,14 @@ def generate_events(
       ``clip(3.5 + b_u + b_i (+ x_u·y_i) + noise)``.
     """
     rng = np.random.default_rng(seed)
-    if n_users < 1 or n_items < 2:
-        raise ValueError("need at least one user and two items")
-    cap = max(1, n_items // 2)
-    floor_n = min(min_per_user, cap)
-    extra = rng.lognormal(0.0, activity_sigma, n_users)
-    budget = max(0, n_events - floor_n * n_users)
-    per_user = np.minimum(cap, floor_n + np.floor(extra * budget / extra.sum()).astype(np.int64))
-    weight = 1.0 / np.arange(1, n_items + 1) ** zipf
-    weight = weight[rng.permutation(n_items)]
-    weight /= weight.sum()
+    per_user, weight = marginals(rng, n_users, n_items, n_events, min_per_user, activity_sigma, zipf)
     xu = yi = None
     if rank > 0:
         xu = rng.normal(0.0, rank ** -0.5, (n_users, rank))
         yi = rng.normal(0.0, rank ** -0.5, (n_items, rank))
         users, items = _planted_sample(rng, per_user, np.log(weight), xu, yi, signal)
     else:
-        users, items = _popularity_sample(rng, per_user, weight)
+        users, items = sample_user_items(rng, per_user, weight)
     # Interleave users over time, as a live service sees them.
     order = rng.permutation(len(users))
     users, items = users[order], items[order]
@@ -255,9 +246,26 @@ def generate_events(
                   implicit, xu, yi, weight)
 
 
-def _popularity_sample(rng: np.random.Generator, per_user: np.ndarray, weight: np.ndarray
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """Per user, up to n_u distinct items drawn by ``weight``, in chunks of ~4M draws."""
+def marginals(rng: np.random.Generator, n_users: int, n_items: int, n_events: int, min_per_user: int = 20,
+              activity_sigma: float = 1.2, zipf: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """``(n_u per user, item weights p_i)`` of :func:`generate_events` (see its docstring)."""
+    if n_users < 1 or n_items < 2:
+        raise ValueError("need at least one user and two items")
+    cap = max(1, n_items // 2)
+    floor_n = min(min_per_user, cap)
+    extra = rng.lognormal(0.0, activity_sigma, n_users)
+    budget = max(0, n_events - floor_n * n_users)
+    per_user = np.minimum(cap, floor_n + np.floor(extra * budget / extra.sum()).astype(np.int64))
+    weight = 1.0 / np.arange(1, n_items + 1) ** zipf
+    weight = weight[rng.permutation(n_items)]
+    return per_user, weight / weight.sum()
+
+
+def sample_user_items(rng: np.random.Generator, per_user: np.ndarray, weight: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Per user j (0-based index into ``per_user``), up to n_j distinct items drawn by ``weight``:
+    ``(users, items)`` sorted by user, in chunks of ~4M draws. Usable per partition on executors
+    (a block of users with its own ``rng``), so large sets need never exist on one machine."""
     cdf = np.cumsum(weight)
     cdf[-1] = 1.0
     n_items = len(weight)

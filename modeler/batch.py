@@ -111,7 +111,7 @@ def _first_line(path: Path) -> str:
     with path.open("rb") as raw:
         head = raw.read(4)
     opener = gzip.open if head[:2] == b"\x1f\x8b" else open
-    with opener(path, "rb") as fh:  # type: ignore[operator]
+    with opener(path, "rb") as fh:
         for line in fh:
             text = line.decode("utf-8", errors="replace").rstrip("\r\n")
             if text.strip():
@@ -214,7 +214,7 @@ def _where(spec: InputSpec, file_uri: str, raw: str | None) -> str:
     with path.open("rb") as head:
         magic = head.read(2)
     opener = gzip.open if magic == b"\x1f\x8b" else open
-    with opener(path, "rb") as fh:  # type: ignore[operator]
+    with opener(path, "rb") as fh:
         for lineno, line in enumerate(fh, start=1):
             if line.decode("utf-8", errors="replace").rstrip("\r\n") == raw:
                 return f"{path}:{lineno}"
@@ -383,7 +383,8 @@ def index_pairs(pairs) -> Indexed:
     out = (model.transform(pairs)
            .withColumn("u", F.col("u_d").cast("int")).withColumn("i", F.col("i_d").cast("int"))
            .drop("u_d", "i_d"))
-    return Indexed(out, list(model.stages[0].labelsArray[0]), list(model.stages[1].labelsArray[0]))
+    users, items = model.stages  # fitted StringIndexerModels
+    return Indexed(out, list(users.labelsArray[0]), list(items.labelsArray[0]))  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- blocked top-k (numpy)
@@ -414,7 +415,9 @@ class TopK(NamedTuple):
 
 def block_top_k(users: UserBlock, items: ItemBlock, k: int, n_items: int) -> TopK:
     """Top-``k`` of ``S = U·Vᵀ`` per row over one item block, excluded columns masked to −inf."""
-    scores = users.vectors @ items.vectors.T  # (b, m) float32 GEMM
+    # Negated in place (no copy of the block): the k smallest of −S are the k best of S.
+    neg = users.vectors @ items.vectors.T  # (b, m) float32 GEMM
+    np.negative(neg, out=neg)
     if len(users.excluded):
         # Column position of every excluded id in this block (-1: not in this block).
         pos = np.full(n_items, -1, dtype=np.int64)
@@ -422,14 +425,14 @@ def block_top_k(users: UserBlock, items: ItemBlock, k: int, n_items: int) -> Top
         rows = np.repeat(np.arange(len(users.ids)), np.diff(users.offsets))
         cols = pos[users.excluded]
         hit = cols >= 0
-        scores[rows[hit], cols[hit]] = -np.inf
-    m = scores.shape[1]
+        neg[rows[hit], cols[hit]] = np.inf
+    m = neg.shape[1]
     kk = min(k, m)
     if kk < m:
-        top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+        top = np.argpartition(neg, kk - 1, axis=1)[:, :kk]
     else:
         top = np.broadcast_to(np.arange(m), (len(users.ids), m)).copy()
-    top_scores = np.take_along_axis(scores, top, axis=1)
+    top_scores = -np.take_along_axis(neg, top, axis=1)
     top_items = items.ids[top].astype(np.int32)
     top_items[~np.isfinite(top_scores)] = -1
     return _pad(TopK(users.ids, top_items, top_scores.astype(np.float32)), k)
@@ -907,14 +910,14 @@ def publish_model(spark, model, indexed: Indexed, implicit: bool, mu: float, rep
     client = redis.Redis.from_url(cfg.redis_url)
     token = f"batch-{uuid.uuid4().hex}"
     try:
-        holder = client.get(keys.lease)
+        holder: Any = client.get(keys.lease)
         if holder is not None and not cfg.force:
             raise PublishRefused(
                 f"{keys.lease} is held by a live modeler ({holder.decode(errors='replace')}): stop it first, "
                 "or pass --force to publish anyway")
         took = bool(client.set(keys.lease, token, nx=True, px=15 * 60 * 1000))
         pointer = read_pointer(client, keys)
-        newest = client.zrevrange(keys.versions, 0, 0)
+        newest: Any = client.zrevrange(keys.versions, 0, 0)
         version = max(pointer.version if pointer else 0, int(newest[0]) if newest else 0) + 1
         kinds = (RANKING_USERS, RANKING_ITEMS) if implicit else (USERS, ITEMS)
         # A failed earlier attempt may have left segment hashes of this number: start clean.

@@ -218,7 +218,7 @@ def test_publish_explicit_model_the_predictor_serves(spark, tmp_path: Path, redi
         rated = {r.item for r in rows if r.user == user}
         assert not {x["item"] for x in body["items"]} & rated
         pred = api.get("/v1/predict", params={"user": user, "item": rows[0].item}).json()
-        assert 0.5 <= pred["prediction"] <= 5.0
+        assert pred["strategy"] == "model" and 0.5 <= pred["rating"] <= 5.0
 
 
 def test_publish_refused_while_a_modeler_holds_the_lease(spark, events_file: Path, tmp_path: Path, redis_url,
