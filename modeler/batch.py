@@ -201,6 +201,7 @@ class Parsed(NamedTuple):
     kind: str
     rows: int
     bad_rows: int
+    cached: Any = None  # the checked rows, cached for the checks; unpersist once the pairs are cached
 
 
 def _where(spec: InputSpec, file_uri: str, raw: str | None) -> str:
@@ -309,7 +310,7 @@ def read_input(spark, spec: InputSpec, scale: RatingScale | None = None, max_wei
     if rows == 0:
         checked.unpersist()
         raise DatasetError(f"{spec.path}: empty file (no valid rows)")
-    return Parsed(good, kind or "rating", rows, n_bad)
+    return Parsed(good, kind or "rating", rows, n_bad, checked)
 
 
 def _regex_literal(sep: str) -> str:
@@ -1052,6 +1053,8 @@ def run_job(spark, cfg: JobConfig) -> Report:
     indexed.pairs = indexed.pairs.cache()
     report.pairs = indexed.pairs.count()
     report.users, report.items = len(indexed.user_labels), len(indexed.item_labels)
+    if parsed.cached is not None:
+        parsed.cached.unpersist()
     report.durations["read_index_s"] = round(time.perf_counter() - t0, 2)
     log.info("%s: %d rows (%s, %s) -> %d pairs, %d users, %d items; %s model", cfg.input, report.rows,
              report.format, parsed.kind, report.pairs, report.users, report.items, report.model)

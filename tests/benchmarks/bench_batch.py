@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "build" / "bench" / "batch.json"
 ML_SMALL = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")) / "ml-latest-small" / "ratings.csv"
 FULL = {"users": 162_541, "items": 59_047, "events": 25_000_095, "rank": 50}
-REDUCED = {"users": 40_000, "items": 59_047, "events": 6_000_000, "rank": 50}
+REDUCED = {"users": 20_000, "items": 59_047, "events": 3_000_000, "rank": 50}
 
 
 class PeakRss:
