@@ -184,17 +184,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     results: dict = {"machine": {"cpus": os.cpu_count()}, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    def save() -> None:  # after every stage: a long run stopped half-way keeps what it measured
+        OUT.parent.mkdir(parents=True, exist_ok=True)
+        OUT.write_text(json.dumps(results, indent=2))
+
     if not args.skip_small:
         results["ml_small_implicit"] = _child("ml-small", "local[2]", [])
+        save()
     size = [f"--{k}={v}" for k, v in REDUCED.items()]
-    results["rfa_reduced"] = {m: _child("rfa", m, size) for m in ("local[1]", "local[2]")}
+    results["rfa_reduced"] = {}
+    for master in ("local[1]", "local[2]"):
+        results["rfa_reduced"][master] = _child("rfa", master, size)
+        save()
     one, two = (results["rfa_reduced"][m].get("recommend_write_s") for m in ("local[1]", "local[2]"))
     if one and two:
         results["rfa_reduced"]["speedup_2_over_1"] = round(one / two, 2)
     if not args.skip_full:
         results["rfa_full"] = _child("rfa", "local[2]", [f"--{k}={v}" for k, v in FULL.items()])
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(results, indent=2))
+    save()
     print(f"wrote {OUT}")
     return 0
 
