@@ -41,10 +41,13 @@ REDUCED = {"users": 20_000, "items": 59_047, "events": 3_000_000, "rank": 50}
 
 
 class PeakRss:
-    """Samples the summed RSS of this process and all its descendants (JVM, Python workers)."""
+    """Samples the summed RSS of this process and all its descendants (JVM, Python workers), and
+    their CPU seconds: on a shared machine wall time says little, CPU time is the work done."""
 
     def __init__(self, interval: float = 0.5) -> None:
         self.peak = 0
+        self.cpu: dict[int, float] = {}
+        self.cpu_start: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.interval = interval
@@ -58,8 +61,17 @@ class PeakRss:
             for proc in [me, *me.children(recursive=True)]:
                 with contextlib.suppress(psutil.Error):  # a worker may exit while we look
                     total += proc.memory_info().rss
+                    times = proc.cpu_times()
+                    spent = times.user + times.system
+                    self.cpu_start.setdefault(proc.pid, spent)
+                    self.cpu[proc.pid] = spent
             self.peak = max(self.peak, total)
             self._stop.wait(self.interval)
+
+    @property
+    def cpu_s(self) -> float:
+        """CPU seconds the process tree spent while sampled (a process's first sample is its start)."""
+        return sum(self.cpu[p] - self.cpu_start[p] for p in self.cpu)
 
     def __enter__(self) -> PeakRss:
         self._thread.start()
@@ -137,11 +149,13 @@ def stage_rfa(master: str, users: int, items: int, events: int, rank: int, seed:
             frame.write.parquet(str(Path(tmp) / "recs"))
             seconds = time.perf_counter() - t0
             written = spark.read.parquet(str(Path(tmp) / "recs")).count()
-        return {"master": master, "cores": sc.defaultParallelism, "users": users, "items": items, "rank": rank,
+        return {"master": master, "default_parallelism": sc.defaultParallelism, "users": users, "items": items,
+                "rank": rank,
                 "seen_pairs": int(seen), "rows_written": int(written), "prepare_s": round(prepare_s, 1),
                 "recommend_write_s": round(seconds, 1),
                 "users_per_s": round(users / seconds, 1),
                 "gflop": round(2.0 * users * items * rank / 1e9, 1), "peak_rss_mb": rss.peak // 2**20,
+                "cpu_s": round(rss.cpu_s, 1),
                 "load_avg": os.getloadavg()}
     finally:
         spark.stop()

@@ -142,14 +142,19 @@ def test_arrays_layout_has_one_row_per_user(spark, events_file: Path, events: Ev
     assert [x["rank"] for x in first] == list(range(1, 11))
 
 
-def test_directory_of_parquet_parts_is_an_input(spark, events: Events, tmp_path: Path) -> None:
-    parts = tmp_path / "events.parquet"
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_directory_of_part_files_is_an_input(spark, events: Events, tmp_path: Path, fmt: str) -> None:
+    parts = tmp_path / f"events.{fmt}"
     rows = [(u, i, float(v)) for u, i, v, _ in events.rows()]
-    spark.createDataFrame(rows, "user_id STRING, item_id STRING, weight DOUBLE").repartition(3).write.parquet(
-        str(parts))
+    frame = spark.createDataFrame(rows, "user_id STRING, item_id STRING, weight DOUBLE").repartition(3)
+    if fmt == "csv":
+        frame.write.option("header", True).csv(str(parts))  # a header in every part file
+    else:
+        frame.write.parquet(str(parts))
     report = run_job(spark, small_config(parts, tmp_path / "out", iterations=2))
-    assert report.format == "parquet" and report.kind == "event" and report.rows == len(events)
-    assert report.users == len(events.user_ids)
+    assert report.format == ("parquet" if fmt == "parquet" else "csv") and report.kind == "event"
+    assert report.rows == len(events) and report.bad_rows == 0
+    assert report.users == len(events.user_ids) and report.items == len(events.item_ids)
 
 
 # --------------------------------------------------------------------------- publish
