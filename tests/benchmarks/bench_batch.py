@@ -161,6 +161,45 @@ def stage_rfa(master: str, users: int, items: int, events: int, rank: int, seed:
         spark.stop()
 
 
+def kernel_breakdown(rank: int = 50, repeats: int = 5, seed: int = 3) -> dict:
+    """Where one block pair's time goes (1,024 users × 8,192 items, ~150 excluded items per user)."""
+    rng = np.random.default_rng(seed)
+    u = rng.normal(size=(1024, rank)).astype(np.float32)
+    v = rng.normal(size=(8192, rank)).astype(np.float32)
+    excluded = rng.integers(0, 59_047, 1024 * 150)
+    rows = np.repeat(np.arange(1024), 150)
+    pos = np.full(59_047, -1, dtype=np.int64)
+    pos[:8192] = np.arange(8192)
+    from modeler.batch import smallest_k
+
+    parts = {"gemm": 0.0, "negate": 0.0, "mask": 0.0, "select": 0.0, "gather": 0.0, "argpartition_instead": 0.0}
+    for _ in range(repeats):
+        t = time.perf_counter()
+        neg = u @ v.T
+        parts["gemm"] += time.perf_counter() - t
+        t = time.perf_counter()
+        np.negative(neg, out=neg)
+        parts["negate"] += time.perf_counter() - t
+        t = time.perf_counter()
+        cols = pos[excluded]
+        hit = cols >= 0
+        neg[rows[hit], cols[hit]] = np.inf
+        parts["mask"] += time.perf_counter() - t
+        t = time.perf_counter()
+        top = smallest_k(neg, 10)
+        parts["select"] += time.perf_counter() - t
+        t = time.perf_counter()
+        np.argpartition(neg, 9, axis=1)  # what the selection replaced, for comparison
+        parts["argpartition_instead"] += time.perf_counter() - t
+        t = time.perf_counter()
+        np.take_along_axis(neg, top, axis=1)
+        parts["gather"] += time.perf_counter() - t
+    total = sum(x for name, x in parts.items() if name != "argpartition_instead")
+    return {"block": [1024, 8192, rank], "ms": {k: round(1000 * x / repeats, 2) for k, x in parts.items()},
+            "share": {k: round(x / total, 3) for k, x in parts.items() if k != "argpartition_instead"},
+            "load_avg": os.getloadavg()}
+
+
 def _child(stage: str, master: str, extra: list[str]) -> dict:
     """Run one stage in a fresh process (its own SparkContext and master)."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
@@ -203,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         OUT.parent.mkdir(parents=True, exist_ok=True)
         OUT.write_text(json.dumps(results, indent=2))
 
+    results["kernel"] = kernel_breakdown()
+    print(json.dumps(results["kernel"]), flush=True)
     if not args.skip_small:
         results["ml_small_implicit"] = _child("ml-small", "local[2]", [])
         save()
