@@ -144,20 +144,3 @@ def test_grid_table_lists_best_first() -> None:
     assert lines[0].startswith("| rank | regParam | alpha | validation ndcg@10")
     assert lines[2].startswith("| 50 |") and lines[3].startswith("| 10 |")
 
-
-@pytest.mark.parametrize(("m", "k", "chunk"), [(8192, 10, 128), (1000, 10, 16), (300, 5, 128), (50, 3, 4)])
-def test_smallest_k_matches_a_full_sort(m: int, k: int, chunk: int) -> None:
-    from modeler.batch import smallest_k
-
-    rng = np.random.default_rng(m)
-    neg = rng.normal(size=(64, m)).astype(np.float32)
-    neg[3, :] = np.inf  # a row with everything excluded
-    neg[4, : m - 2] = np.inf  # fewer finite entries than k
-    neg[5, :] = np.round(neg[5, :])  # many ties
-    neg[6, : 2 * k] = -5.0  # ties below everything else
-    got = smallest_k(neg.copy(), k, chunk)
-    assert got.shape == (64, k)
-    for j in range(64):
-        want = np.sort(neg[j])[:k]
-        np.testing.assert_array_equal(np.sort(neg[j, got[j]]), want)
-        assert len(set(got[j].tolist())) == k
