@@ -9,13 +9,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help bootstrap up test test-fast lint bench bench-core bench-modeler bench-predictor bench-kafka eval clean
+.PHONY: help bootstrap up test test-fast lint bench bench-core bench-modeler bench-predictor bench-kafka bench-batch eval batch-demo clean
 
 help:
 	@echo "make up      start broker, Redis, modeler, predictor, frontend; stream MovieLens in"
 	@echo "make test    the whole suite (unit, integration, spark, e2e)"
 	@echo "make lint    ruff + mypy"
 	@echo "make bench   benchmarks -> build/bench/*.json"
+	@echo "make batch-demo  the batch job on ml-latest-small (implicit) -> build/batch/"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,7 +40,7 @@ lint: bootstrap
 	$(VENV)/bin/ruff check common modeler predictor frontend devstack tests
 	$(VENV)/bin/mypy common modeler predictor frontend devstack
 
-bench: bench-core bench-modeler bench-predictor bench-kafka
+bench: bench-core bench-modeler bench-predictor bench-kafka bench-batch
 
 bench-core: bootstrap
 	$(PY) -m tests.benchmarks.bench_core
@@ -53,8 +54,19 @@ bench-predictor: bootstrap
 bench-kafka: bootstrap
 	$(PY) -m tests.benchmarks.bench_kafka_read
 
+# BENCH_BATCH_ARGS=--skip-full skips the full ML-25M-sized recommend-for-all (CPU heavy).
+bench-batch: bootstrap
+	$(PY) -m tests.benchmarks.bench_batch $(BENCH_BATCH_ARGS)
+
 eval: bootstrap
 	$(PY) -m modeler.evaluate --ratings $(or $(RATINGS_FILE),../shared/data/ml-latest-small/ratings.csv) --out build/eval
+
+# The seeds' batch job on ml-latest-small as implicit data ("rated" = played): grid search,
+# top 10 for every user and 10 similar items for every item, Parquet with the original ids.
+batch-demo: bootstrap
+	$(PY) -m modeler.batch --input $(or $(RATINGS_FILE),../shared/data/ml-latest-small/ratings.csv) \
+		--implicit --ranks 10,50 --regs 0.01,0.1 --alphas 1,10 --top 10 --similar 10 --format parquet \
+		--out build/batch $(BATCH_ARGS)
 
 clean:
 	rm -rf build .pytest_cache
