@@ -905,6 +905,7 @@ def publish_model(spark, model, indexed: Indexed, implicit: bool, mu: float, rep
     ``cfg.force``; otherwise holds the lease itself while it writes, so no modeler starts meanwhile.
     """
     import redis
+    from pyspark.sql import functions as F
 
     from common.keys import EXPLICIT, ITEMS, RANKING, RANKING_ITEMS, RANKING_USERS, USERS, Keys
     from common.snapshot import Meta, collect_garbage, publish_version, read_pointer
@@ -932,10 +933,12 @@ def publish_model(spark, model, indexed: Indexed, implicit: bool, mu: float, rep
         for factors, to_key, kind in reversed(sides):
             named = to_key.transform(factors).select("key", "features")
             named.foreachPartition(lambda rows, kind=kind: _write_partition(url, prefix, version, kind, rows))
-        indexed.pairs.select("user", "item", "value").foreachPartition(
+        # An implicit model's history is recorded as "implicit:<w>" (its confidence weight), as
+        # the streaming modeler records implicit events: the predictor folds users in from it.
+        rated_value = F.concat(F.lit("implicit:"), F.col("w").cast("string")) if implicit else \
+            F.col("value").cast("double").cast("string")
+        indexed.pairs.select("user", "item", rated_value.alias("value")).foreachPartition(
             lambda rows: _write_rated(url, prefix, rows))
-        from pyspark.sql import functions as F
-
         popular = [(str(r["item"]), int(r["count"])) for r in
                    indexed.pairs.groupBy("item").count().orderBy(F.desc("count"), F.asc("item")).limit(100).collect()]
         rank = int(report.chosen["rank"])
@@ -1001,7 +1004,7 @@ def _write_rated(url: str, prefix: str, rows: Iterable[Any]) -> None:
     try:
         pipe = client.pipeline(transaction=False)
         for n, row in enumerate(rows, start=1):
-            pipe.hset(keys.rated(row["user"]), row["item"], repr(float(row["value"])))
+            pipe.hset(keys.rated(row["user"]), row["item"], row["value"])
             if n % 5000 == 0:
                 pipe.execute()
         pipe.execute()
@@ -1132,7 +1135,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, str, dict[str,
     """Command line (and ``REDIS_URL``/``REDIS_PREFIX``/``SPARK_MASTER``) -> ``(config, master, conf)``."""
     from common.settings import CommonSettings
 
-    env = CommonSettings()  # type: ignore[call-arg]  # fields come from the environment
+    env = CommonSettings()  # fields come from the environment
     p = argparse.ArgumentParser(prog="python -m modeler.batch", description=__doc__.splitlines()[0])
     p.add_argument("--input", required=True, help="ratings/events file or a directory of CSV/Parquet part files")
     p.add_argument("--out", help="output directory (replaced atomically)")

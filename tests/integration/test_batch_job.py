@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -189,10 +190,36 @@ def test_publish_implicit_model_as_the_ranking_factor_set(spark, events_file: Pa
         want = [item_ids[c] for c in np.argsort(-scores, kind="stable")[:10]]
         got = [r[2] for r in sorted((r for r in exported if r[0] == user), key=lambda r: r[1])]
         assert got[:5] == want[:5], user
-    # The rated sets are there for the predictor's exclusions.
+    # The rated sets are there for the predictor's exclusions, with each pair's confidence
+    # weight w ("implicit:<w>") for its fold-in.
     some_user = events.user_ids[0]
-    rated = {k.decode() for k in redis_client.hkeys(keys.rated(some_user))}
-    assert rated == seen[some_user]
+    rated = {k.decode(): v.decode() for k, v in redis_client.hgetall(keys.rated(some_user)).items()}
+    assert set(rated) == seen[some_user]
+    assert all(v.startswith("implicit:") and float(v.split(":", 1)[1]) > 0 for v in rated.values())
+
+    # The predictor serves the version: lists ranked by the ranking model, seen items excluded;
+    # Spark's last user step is the same solve as the predictor's fold-in, so the lists agree
+    # at the top with the exported ones.
+    from fastapi.testclient import TestClient
+
+    from predictor.app import create_app
+    from predictor.config import PredictorSettings
+
+    settings = PredictorSettings(REDIS_URL=redis_url, REDIS_PREFIX=keys.prefix, MODEL_POLL_INTERVAL_S=0.2)
+    with TestClient(create_app(settings)) as api:
+        deadline = time.monotonic() + 15
+        while api.app.state.svc.watcher.model is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        agree = 0
+        checked = user_ids[::37][:12]
+        for user in checked:
+            body = api.get(f"/v1/users/{user}/recommendations?n=10").json()
+            assert body["strategy"] == "model" and body["rank_by"] == "ranking", body
+            served = [x["item"] for x in body["items"]]
+            assert not set(served) & seen[user] and all("rating" not in x for x in body["items"])
+            got = [r[2] for r in sorted((r for r in exported if r[0] == user), key=lambda r: r[1])]
+            agree += len(set(served[:5]) & set(got[:5]))
+        assert agree >= 0.6 * 5 * len(checked), agree
 
 
 def test_publish_explicit_model_the_predictor_serves(spark, tmp_path: Path, redis_url, keys) -> None:
