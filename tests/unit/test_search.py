@@ -141,22 +141,27 @@ def test_the_served_candidate_is_never_pruned():
 
 def test_respawn_keeps_the_population_and_perturbs_the_best():
     st = SearchState(GRID, SearchSettings(metric="rmse", fading=1.0, respawn=True, perturb=2.0,
-                                          schedule=HalvingSchedule(budget=1000, eta=2.0)), leader=7)
+                                          min_events=1000,
+                                          schedule=HalvingSchedule(budget=1000, eta=1.5)), leader=7)
     quality = {f"c{j}": 1.0 + (7 - j) * 0.1 for j in range(8)}
     d = _feed(st, 1000, quality)[-1]
-    assert sorted(d.pruned) == ["c0", "c1", "c2", "c3"] and len(d.spawned) == 4
+    # ⌈8 / 1.5⌉ = 6 survive the first rung; the two freed slots respawn around c7 (the best).
+    assert sorted(d.pruned) == ["c0", "c1"] and len(d.spawned) == 2
     assert len(st.live()) == 8 == st.capacity
     parent = st.get("c7").params
     for cid in d.spawned:
         c = st.get(cid)
         assert c.parent == "c7" and c.state == LIVE and c.born == 1000
         assert c.params != parent
-        assert c.params["rank"] in (parent["rank"] // 2, parent["rank"] * 2, parent["rank"] - 1,
-                                    parent["rank"] + 1)
+        assert c.params["rank"] in (parent["rank"] // 2, parent["rank"] * 2)
         assert c.params["reg_param"] in (pytest.approx(0.25), pytest.approx(1.0))
-    # Newborns are not judged before they have min_events of their own.
-    d2 = st.observe(1000, {c.cid: BatchLoss(1000.0 * quality.get(c.cid, 3.0), 1000) for c in st.live()})
+    # The next rung (1500 events) judges only the candidates with >= min_events of their own:
+    # the newborns (500 events, and here the worst) survive it.
+    newborn_bad = {cid: 5.0 for cid in d.spawned}
+    d2 = _feed(st, 500, {**quality, **newborn_bad})[-1]
+    assert st.events == 1500 and d2.pruned
     assert not set(d2.pruned) & set(d.spawned)
+    assert len(st.live()) == 8
 
 
 def test_a_drift_flips_the_leader_and_says_why():
