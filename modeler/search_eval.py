@@ -114,7 +114,7 @@ class RankingArm:
         # A fixed-size sample, chosen by a hash of the event (not by the candidate): every
         # candidate is probed on the same events.
         prio = rating_priority([users[j] for j in idx], [items[j] for j in idx],
-                               np.array([batch[j].timestamp for j in idx]), 7)
+                               np.array([batch[int(j)].timestamp for j in idx]), 7)
         idx = idx[np.argsort(prio, kind="stable")[: self.probe]]
         item_hash = hash_ids(m.items.ids)
         iv = m.items.vec.astype(np.float64)
