@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help bootstrap up test test-fast lint bench bench-core bench-modeler bench-predictor bench-kafka eval clean
+.PHONY: help bootstrap up test test-fast lint bench bench-core bench-modeler bench-predictor bench-kafka bench-search eval clean
 
 help:
 	@echo "make up      start broker, Redis, modeler, predictor, frontend; stream MovieLens in"
@@ -52,6 +52,9 @@ bench-predictor: bootstrap
 
 bench-kafka: bootstrap
 	$(PY) -m tests.benchmarks.bench_kafka_read
+
+bench-search: bootstrap
+	$(PY) -m tests.benchmarks.bench_search
 
 eval: bootstrap
 	$(PY) -m modeler.evaluate --ratings $(or $(RATINGS_FILE),../shared/data/ml-latest-small/ratings.csv) --out build/eval
