@@ -39,7 +39,7 @@ lint: bootstrap
 	$(VENV)/bin/ruff check common modeler predictor frontend devstack tests
 	$(VENV)/bin/mypy common predictor frontend
 
-bench: bench-core bench-modeler bench-predictor bench-kafka
+bench: bench-core bench-modeler bench-predictor bench-kafka bench-search
 
 bench-core: bootstrap
 	$(PY) -m tests.benchmarks.bench_core

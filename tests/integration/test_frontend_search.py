@@ -8,8 +8,8 @@ import pytest
 
 from common.keys import RANKING
 from modeler.core.search import BatchLoss, HalvingSchedule, SearchSettings, SearchState
-from tests.integration.test_frontend_served import page, stack  # noqa: F401  (the fixture)
 from tests.support import versions as ranking
+from tests.support.served import stack
 
 GRID = [{"ranking_rank": r, "ranking_alpha": a} for r in (8, 32) for a in (1.0, 8.0)]
 
@@ -24,7 +24,7 @@ def _summary() -> list[dict]:
 
 
 @pytest.mark.timeout(120)
-def test_the_model_panel_shows_candidates_and_their_scores(page, redis_url, redis_client, keys) -> None:  # noqa: F811
+def test_the_model_panel_shows_candidates_and_their_scores(page, redis_url, redis_client, keys) -> None:
     predictor, front, b = stack(redis_url, redis_client, keys, ("explicit", RANKING))
     cands = _summary()
     try:
@@ -65,7 +65,7 @@ def test_the_model_panel_shows_candidates_and_their_scores(page, redis_url, redi
 
 
 @pytest.mark.timeout(120)
-def test_no_search_no_panel(page, redis_url, redis_client, keys) -> None:  # noqa: F811
+def test_no_search_no_panel(page, redis_url, redis_client, keys) -> None:
     predictor, front, _ = stack(redis_url, redis_client, keys, ("explicit", RANKING))
     try:
         page.goto(front.url + "/")
