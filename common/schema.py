@@ -11,6 +11,7 @@ Ids are strings (MovieLens integer ids are strings of digits; UUIDs work too).
 from __future__ import annotations
 
 import math
+import re
 import time
 from typing import Annotated, Any
 
@@ -155,8 +156,10 @@ def describe_errors(exc: ValidationError) -> str:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
-        # Whole-event checks name their field themselves ("weight: must be >= 0").
-        parts.append(f"{loc}: {msg}" if loc else msg if ":" in msg else f"body: {msg}")
+        # Whole-event checks name their field themselves ("weight: must be >= 0"); anything
+        # else without a location ("Invalid JSON: ...") is about the body.
+        named = re.match(r"[a-z_]+: ", msg) is not None
+        parts.append(f"{loc}: {msg}" if loc else msg if named else f"body: {msg}")
     return "; ".join(parts)
 
 

@@ -84,6 +84,28 @@ def find_dataset(explicit: str | None, workdir: Path) -> tuple[Path, str]:
     return ratings, "synthetic generator (no dataset found and no download possible)"
 
 
+def check_dataset(path: Path, env: dict[str, str]) -> str | None:
+    """Why ``path`` cannot be streamed with the scale of ``env`` (``RATING_MIN``/``RATING_MAX``),
+    or ``None``: its format is unknown, or more than 1% of its ratings are off the scale."""
+    from common.datasets import check_scale
+    from common.errors import DatasetError
+    from common.schema import DEFAULT_RATING_MAX, DEFAULT_RATING_MIN, RatingScale
+
+    try:
+        lo = float(env.get("RATING_MIN") or DEFAULT_RATING_MIN)
+        hi = float(env.get("RATING_MAX") or DEFAULT_RATING_MAX)
+    except ValueError:
+        return (f"RATING_MIN={env.get('RATING_MIN')!r} / RATING_MAX={env.get('RATING_MAX')!r}: "
+                f"not numbers")
+    if not lo < hi:
+        return f"RATING_MIN={lo:g} must be below RATING_MAX={hi:g}"
+    try:
+        check_scale(path, RatingScale(min=lo, max=hi))
+    except DatasetError as exc:
+        return str(exc)
+    return None
+
+
 def _has_main(module: str) -> bool:
     return importlib.util.find_spec(module) is not None and importlib.util.find_spec(f"{module}.__main__") is not None
 
@@ -140,6 +162,13 @@ def up(args: argparse.Namespace) -> int:
         stopping = True
 
     signal.signal(signal.SIGTERM, on_signal)
+    # The dataset first, and its rating scale checked, before anything is started: a file on
+    # another scale (0-10) would otherwise lose every rating above 5 in the replay, silently.
+    ratings, origin = find_dataset(args.ratings or os.environ.get("RATINGS_FILE"), workdir)
+    problem = check_dataset(ratings, env)
+    if problem:
+        print(f"up: {problem}", file=sys.stderr, flush=True)
+        return 2
     try:
         if not env.get("KAFKA_BOOTSTRAP_SERVERS"):
             broker = start_broker(_preferred_port(9092), workdir / "broker")
@@ -160,7 +189,6 @@ def up(args: argparse.Namespace) -> int:
         topic = env.get("RATINGS_TOPIC", "ratings")
         create_topics(env["KAFKA_BOOTSTRAP_SERVERS"], {topic: 4, env.get("DLQ_TOPIC", "ratings.dlq"): 1})
 
-        ratings, origin = find_dataset(args.ratings or os.environ.get("RATINGS_FILE"), workdir)
         summary.append(f"dataset    {ratings}  ({origin})")
         from common.datasets import find_movies_file
 

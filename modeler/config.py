@@ -27,6 +27,26 @@ class ModelerSettings(CommonSettings):
     # "rls" (vectors solve their accumulated least squares) or "sgd" (the seeds' step).
     model_vector_step: Literal["rls", "sgd"] | None = Field(None, alias="MODEL_VECTOR_STEP")
 
+    # The ranking model (implicit-feedback ALS, docs/ranking_model.md); unset means the
+    # default of modeler.core.als_math.ALSParams (chosen on validation there).
+    model_ranking: bool | None = Field(None, alias="MODEL_RANKING")
+    model_ranking_rank: int | None = Field(None, alias="MODEL_RANKING_RANK", ge=1, le=512)
+    model_ranking_reg_param: float | None = Field(None, alias="MODEL_RANKING_REG_PARAM", ge=0.0)
+    model_ranking_alpha: float | None = Field(None, alias="MODEL_RANKING_ALPHA", ge=0.0)
+    model_ranking_iterations: int | None = Field(None, alias="MODEL_RANKING_ITERATIONS", ge=1)
+    model_ranking_replay_ratio: float | None = Field(None, alias="MODEL_RANKING_REPLAY_RATIO", ge=0.0)
+    # Positives per batch probed for prequential recall@10 (one-partition layout; 0: off).
+    model_ranking_probe_size: int | None = Field(None, alias="MODEL_RANKING_PROBE_SIZE", ge=0)
+    # Rating -> weight (common.feedback.Weighting): a rating at or above LIKED (fraction of
+    # the scale) is a positive of weight 1 + SLOPE·(t − LIKED), one below weighs LOW_WEIGHT;
+    # an implicit weight v becomes log1p(v) ("log") or v ("linear").
+    model_ranking_liked: float | None = Field(None, alias="MODEL_RANKING_LIKED", ge=0.0, le=1.0)
+    model_ranking_slope: float | None = Field(None, alias="MODEL_RANKING_SLOPE", ge=0.0)
+    model_ranking_low_weight: float | None = Field(None, alias="MODEL_RANKING_LOW_WEIGHT", ge=0.0)
+    model_ranking_implicit: Literal["log", "linear"] | None = Field(None, alias="MODEL_RANKING_IMPLICIT")
+    # Implicit events with a weight above this are dead-lettered (reason "weight: ...").
+    event_max_weight: float = Field(1_000_000.0, alias="EVENT_MAX_WEIGHT", gt=0.0)
+
     # Micro-batch trigger: a batch reads at most this many records (over all partitions)...
     batch_max_records: int = Field(20_000, alias="BATCH_MAX_RECORDS", ge=1)
     # ...and the stream is polled at least this often while it is idle.

@@ -1,11 +1,16 @@
-"""Stream simulator: replay a ratings file into Kafka, as the seeds' experiment did.
+"""Stream simulator: replay a ratings or events file into Kafka, as the seeds' experiment did.
 
     python -m modeler.replay --ratings FILE [--rate R | --batch 1000 --interval 5] [--loop]
 
-Messages are the wire format of :mod:`common.schema`, keyed by user (so one user's ratings
-stay in order on one partition), in timestamp order. ``--rate`` paces a steady number of
-ratings per second; ``--batch N --interval S`` sends N at once every S seconds; neither
-means as fast as the broker takes them.
+FILE is any ratings file :mod:`common.datasets` reads (its ratings are checked against
+``RATING_MIN``/``RATING_MAX``: a file on another scale is refused, naming its range) or an
+implicit-events file (``user,item,weight[,timestamp]`` with a header, e.g. Last.fm
+``user_artists.dat``). Messages are the wire format of :mod:`common.schema`: ratings
+``{"user","item","rating","timestamp"}``, implicit events
+``{"user","item","type":"play","weight","timestamp"}``; keyed by user (so one user's events
+stay in order on one partition), in timestamp order (file order among equal timestamps).
+``--rate`` paces a steady number of events per second; ``--batch N --interval S`` sends N at
+once every S seconds; neither means as fast as the broker takes them.
 """
 
 from __future__ import annotations
@@ -18,12 +23,27 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from common.schema import RATING
+
 log = logging.getLogger(__name__)
 
 
 def encode(user: str, item: str, rating: float, timestamp: int) -> bytes:
     return json.dumps(
         {"user": user, "item": item, "rating": rating, "timestamp": timestamp},
+        separators=(",", ":"),
+    ).encode()
+
+
+def encode_row(row: Sequence[Any]) -> bytes:
+    """The message of one row: a rating for ``(user, item, rating, timestamp)`` tuples and
+    rating :class:`~common.datasets.EventRow` rows, an implicit event for the others."""
+    kind = row[4] if len(row) > 4 else RATING
+    if kind == RATING:
+        return encode(str(row[0]), str(row[1]), float(row[2]), int(row[3]))
+    return json.dumps(
+        {"user": str(row[0]), "item": str(row[1]), "type": kind, "weight": float(row[2]),
+         "timestamp": int(row[3])},
         separators=(",", ":"),
     ).encode()
 
@@ -41,10 +61,11 @@ def make_producer(bootstrap: str) -> Any:
 
 
 def send_rows(producer: Any, topic: str, rows: Iterable[Sequence[Any]]) -> int:
-    """Send ``(user, item, rating, timestamp)`` rows keyed by user; returns how many."""
+    """Send ``(user, item, rating, timestamp)`` rows or :class:`~common.datasets.EventRow` rows
+    keyed by user; returns how many."""
     n = 0
-    for user, item, rating, timestamp in rows:
-        producer.send(topic, key=str(user).encode(), value=encode(str(user), str(item), float(rating), int(timestamp)))
+    for row in rows:
+        producer.send(topic, key=str(row[0]).encode(), value=encode_row(row))
         n += 1
     return n
 
@@ -97,11 +118,17 @@ def replay(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.datasets import read_ratings
+    from common.datasets import read_events
+    from common.errors import DatasetError
+    from common.schema import RatingScale
     from common.settings import CommonSettings
 
     parser = argparse.ArgumentParser(prog="python -m modeler.replay", description=__doc__.split("\n")[0])
-    parser.add_argument("--ratings", required=True, help="ratings file (MovieLens csv/dat/u.data, gz ok)")
+    parser.add_argument("--ratings", required=True,
+                        help="ratings file (MovieLens csv/dat/u.data) or implicit events "
+                             "(user,item,weight[,timestamp] with a header); gz ok")
+    parser.add_argument("--rating-min", type=float, help="rating scale (default RATING_MIN)")
+    parser.add_argument("--rating-max", type=float, help="rating scale (default RATING_MAX)")
     pace = parser.add_mutually_exclusive_group()
     pace.add_argument("--rate", type=float, help="ratings per second")
     pace.add_argument("--batch", type=int, help="ratings per burst (with --interval)")
@@ -117,8 +144,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rate must be positive")
     if args.batch is not None and args.batch <= 0:
         parser.error("--batch must be positive")
-    settings = CommonSettings()
-    rows = sorted(read_ratings(args.ratings, scale=settings.scale), key=lambda r: r.timestamp)
+    settings = CommonSettings()  # type: ignore[call-arg]  # fields come from the env
+    scale = settings.scale
+    if args.rating_min is not None or args.rating_max is not None:
+        scale = RatingScale(min=scale.min if args.rating_min is None else args.rating_min,
+                            max=scale.max if args.rating_max is None else args.rating_max)
+    if not scale.min < scale.max:
+        parser.error(f"rating scale {scale.min}..{scale.max}: the minimum must be below the maximum")
+    try:
+        rows = sorted(read_events(args.ratings, scale=scale), key=lambda r: r.timestamp)
+    except DatasetError as exc:
+        log.error("%s", exc)
+        return 2
     if args.limit is not None:
         rows = rows[: args.limit]
     bootstrap = args.bootstrap or settings.kafka_bootstrap_servers

@@ -56,6 +56,8 @@ class BatchReport:
     lag: dict[int, int] = field(default_factory=dict)
     # Written by the training job itself (no separate write job).
     inline: bool = False
+    # Valid events learned: ratings and implicit events (the ranking model's input).
+    n_events: int = 0
 
 
 class ModelerService:
@@ -94,7 +96,11 @@ class ModelerService:
         self.n_users = 0
         self.popular: list[tuple[str, int]] = []
         self.n_items = 0
+        self.n_ranking_users = 0  # rows of the ranking model (an implicit-only stream has no others)
+        self.n_ranking_items = 0
         self.ratings_per_s = 0.0
+        self.ranking_hits_total = 0
+        self.ranking_probes_total = 0
         self._last_blocks: list[Any] = []
         self._need_full = True
         self._ready = False
@@ -159,7 +165,7 @@ class ModelerService:
                     pub.sleep_unless(lambda: self.stopping, delay)
                     continue
                 self._failures = 0
-                if report is not None and report.n_ratings + report.n_dlq > 0:
+                if report is not None and max(report.n_ratings, report.n_events) + report.n_dlq > 0:
                     done += 1
                 if max_batches is not None and done >= max_batches:
                     break
@@ -211,6 +217,8 @@ class ModelerService:
             self.version = meta.version
             self.segments = list(meta.segments)
             self.n_users, self.n_items = len(restored.user_ids), len(restored.item_ids)
+            self.n_ranking_users = len(restored.ranking_user_ids)
+            self.n_ranking_items = len(restored.ranking_item_ids)
             self.popular = list(meta.popular)
             self.dlq_total = int(meta.metrics.get("dlq_total", 0))
             self.offsets = ks.offsets_for_topic(meta.offsets, s.ratings_topic)
@@ -227,6 +235,7 @@ class ModelerService:
             if int(self.model.ratings_seen):
                 self.n_users = int(self.model.user_factors.count())
                 self.n_items = int(self.model.item_factors.count())
+            self.n_ranking_users = self.n_ranking_items = 0
             self.popular = []
             self.dlq_total = 0
             self.offsets = {}
@@ -312,7 +321,8 @@ class ModelerService:
         # are cached, and each partition's summary (offsets reached) comes back through an
         # accumulator. An empty batch costs that one job and changes nothing.
         blocks, acc = ks.batch_blocks(sc, ranges, bootstrap, dlq, lo, hi,
-                                      getattr(self.model, "num_partitions", None))
+                                      getattr(self.model, "num_partitions", None),
+                                      max_weight=s.event_max_weight)
         self._inflight = blocks
         version = self.version + 1
         sink = self._inline_sink(version)
@@ -353,7 +363,7 @@ class ModelerService:
         for x in summaries:
             for reason in x["dlq_reasons"]:
                 log.warning("dead-lettered partition %d %s", x["partition"], reason)
-        if n_valid == 0 and (n_dlq == 0 or int(self.model.ratings_seen) == 0):
+        if n_valid == 0 and (n_dlq == 0 or int(self.model.events_seen) == 0):
             # Nothing learned. Dead letters before the first rating cannot be recorded in a
             # version (there is no model to publish yet): they are counted with the first one.
             blocks.unpersist()
@@ -377,12 +387,22 @@ class ModelerService:
         self.dlq_total += n_dlq
         self.n_users += int(stats.get("new_users", 0))
         self.n_items += int(stats.get("new_items", 0))
+        self.n_ranking_users += int(stats.get("ranking_new_users", 0))
+        self.n_ranking_items += int(stats.get("ranking_new_items", 0))
+        probes = int(stats.get("ranking_probes", 0))
+        self.ranking_hits_total += int(stats.get("ranking_hits", 0))
+        self.ranking_probes_total += probes
         batch_seconds_so_far = time.perf_counter() - t0
         rmse = (float(stats["prequential_sse"]) / n_trained) ** 0.5 if n_trained else None
         entry = {
             "version": version,
             "ratings_seen": int(self.model.ratings_seen),
             "batch_ratings": n_trained,
+            "batch_implicit": int(stats.get("n_implicit", 0)),
+            # Prequential recall@10 of the ranking model: this batch, and the whole stream.
+            "prequential_recall": int(stats.get("ranking_hits", 0)) / probes if probes else None,
+            "ranking_hits_total": self.ranking_hits_total,
+            "ranking_probes_total": self.ranking_probes_total,
             "prequential_rmse": rmse,
             "ratings_per_s": n_valid / batch_seconds_so_far if batch_seconds_so_far > 0 else 0.0,
             "batch_seconds": batch_seconds_so_far,
@@ -421,7 +441,8 @@ class ModelerService:
         m.version.set(version)
         m.ratings_seen.set(int(self.model.ratings_seen))
         report = BatchReport(version, n_trained, n_dlq, seconds, t_read, t_train, t_pub,
-                             published == "full", lag, self._written_inline)
+                             published == "full", lag, self._written_inline,
+                             n_trained + int(stats.get("n_implicit", 0)))
         self.reports.append(report)
         del self.reports[:-100]
         log.info(
@@ -519,7 +540,7 @@ class ModelerService:
         top_n = s.popular_size
         if inline is not None:
             full = inline[0].full
-            results = [(r["written"], r["top"]) for r in inline[1]]
+            results = [(r["written"], r["top"], r.get("rtop", [])) for r in inline[1]]
             self._write_job_s, self._written_inline = 0.0, True
         else:
             full = self._next_is_full(ours)
@@ -537,17 +558,20 @@ class ModelerService:
                 .collect()
             )
             self._write_job_s = time.perf_counter() - t_job
-        written = sum(n for n, _ in results)
-        changed = [kv for _, top in results for kv in top]
+        written = sum(r[0] for r in results)
+        # Most rated items; a stream of implicit events only ranks by positives instead.
+        explicit = int(self.model.ratings_seen) > 0
+        changed = [kv for r in results for kv in (r[1] if explicit else r[2])]
         popular = pub.merge_popular([] if full else self.popular, changed, top_n)
+        models = version_models(self.model)
         segments = [version] if full else [*self.segments, version]
         meta = Meta(
             version=version,
             rank=int(self.model.rank),
             mu=float(self.model.mu),
             reg_param=float(self.model.reg_param),
-            n_users=self.n_users,
-            n_items=self.n_items,
+            n_users=max(self.n_users, self.n_ranking_users),
+            n_items=max(self.n_items, self.n_ranking_items),
             ratings_seen=int(self.model.ratings_seen),
             created=time.time(),
             segments=tuple(segments),
@@ -556,6 +580,7 @@ class ModelerService:
             popular=popular,
             rating_min=s.rating_min,
             rating_max=s.rating_max,
+            **ranking_meta(self.model, models),
         )
         if not publisher.segment_exists(version):
             # An empty segment would make the version unreadable as a chain base.
@@ -584,12 +609,12 @@ class ModelerService:
             for p in sorted(self.offsets)
             if self.offsets[p] > begin.get(p, 0)
         ]
-        bootstrap, lo, hi = s.kafka_bootstrap_servers, s.rating_min, s.rating_max
+        bootstrap, lo, hi, cap = s.kafka_bootstrap_servers, s.rating_min, s.rating_max, s.event_max_weight
         log.info("rebuilding rated items from %d partitions of %s", len(ranges), s.ratings_topic)
 
         def read(it: Any) -> Any:
             for rng in it:
-                for block in ks.read_range_chunks(rng, bootstrap, lo, hi):
+                for block in ks.read_range_chunks(rng, bootstrap, lo, hi, max_weight=cap):
                     yield _rated_chunk(block)
 
         return sc.parallelize(ranges, max(1, len(ranges))).mapPartitions(read)
@@ -629,9 +654,51 @@ def model_params(settings: ModelerSettings) -> dict[str, Any]:
         "replay_ratio": s.model_replay_ratio,
         "vector_step": s.model_vector_step,
     }
+    ranking = {
+        "ranking": s.model_ranking,
+        "ranking_rank": s.model_ranking_rank,
+        "ranking_reg_param": s.model_ranking_reg_param,
+        "ranking_alpha": s.model_ranking_alpha,
+        "ranking_iterations": s.model_ranking_iterations,
+        "ranking_replay_ratio": s.model_ranking_replay_ratio,
+        "ranking_probe_size": s.model_ranking_probe_size,
+    }
+    given.update(ranking)
     params = {k: v for k, v in given.items() if v is not None}
+    weighting = {k: v for k, v in {"liked": s.model_ranking_liked, "slope": s.model_ranking_slope,
+                                   "low_weight": s.model_ranking_low_weight,
+                                   "implicit": s.model_ranking_implicit}.items() if v is not None}
+    if weighting:
+        from common.feedback import Weighting
+
+        params["weighting"] = Weighting(**weighting)
     params["scale"] = s.scale
     return params
+
+
+def version_models(model: Any) -> tuple[str, ...]:
+    """The factor sets a version of ``model`` carries (``Meta.models``): the explicit model
+    once it has learned a rating, the ranking model once it has learned a positive."""
+    from common.keys import EXPLICIT, RANKING
+
+    out = []
+    if int(model.ratings_seen) > 0 or not getattr(model, "has_ranking", False):
+        out.append(EXPLICIT)
+    if getattr(model, "has_ranking", False) and int(model.positives_seen) > 0:
+        out.append(RANKING)
+    return tuple(out) or (EXPLICIT,)  # nothing learned yet: the metadata's default
+
+
+def ranking_meta(model: Any, models: tuple[str, ...]) -> dict[str, Any]:
+    """The ranking model's fields of :class:`common.snapshot.Meta`."""
+    from common.keys import RANKING
+
+    if RANKING not in models:
+        return {"models": models}
+    p = model.params
+    return {"models": models, "ranking_rank": int(p.ranking_rank),
+            "ranking_reg_param": float(p.ranking_reg_param),
+            "ranking_alpha": float(p.ranking_alpha), "ranking_weighting": p.weighting.to_dict()}
 
 
 def new_model(settings: ModelerSettings) -> Any:
@@ -663,6 +730,18 @@ def restore_model(spark: Any, settings: ModelerSettings, restored: pub.Restored)
         for i, b, v in zip(restored.item_ids, restored.item_biases, restored.item_vectors, strict=True)
     ]
     slices = max(1, settings.model_num_partitions or 1)
+    ranking_kw: dict[str, Any] = {}
+    if restored.ranking_user_ids:
+        ru_counts = restored.state.get("ranking_user_counts", {})
+        ri_counts = restored.state.get("ranking_item_counts", {})
+        ranking_kw = {
+            "ranking_user_rdd": sc.parallelize(
+                [(u, (0.0, v, int(ru_counts.get(u, 0))))
+                 for u, v in zip(restored.ranking_user_ids, restored.ranking_user_vectors, strict=True)], slices),
+            "ranking_item_rdd": sc.parallelize(
+                [(i, (0.0, v, int(ri_counts.get(i, 0))))
+                 for i, v in zip(restored.ranking_item_ids, restored.ranking_item_vectors, strict=True)], slices),
+        }
     extra = dict(restored.model_state)
     kwargs: dict[str, Any] = {}
     if "params" not in extra:
@@ -684,7 +763,7 @@ def restore_model(spark: Any, settings: ModelerSettings, restored: pub.Restored)
                     settings.model_rank, meta.rank)
     return StreamingALS.restore(
         sc, sc.parallelize(users, slices), sc.parallelize(items, slices),
-        meta.mu, meta.ratings_seen, extra, **kwargs,
+        meta.mu, meta.ratings_seen, extra, **ranking_kw, **kwargs,
     )
 
 
@@ -692,7 +771,10 @@ def train_model(model: Any, ratings: Any, sink: Any = None) -> dict[str, Any]:
     stats = model.train(ratings, sink=sink) if sink is not None else model.train(ratings)
     if isinstance(stats, dict):
         return stats
-    return {k: getattr(stats, k) for k in ("n_ratings", "n_rejected", "prequential_sse", "new_users", "new_items")}
+    return {k: getattr(stats, k, 0) for k in (
+        "n_ratings", "n_rejected", "prequential_sse", "new_users", "new_items", "n_implicit",
+        "ranking_positives", "ranking_new_users", "ranking_new_items", "ranking_hits",
+        "ranking_probes")}
 
 
 def _factor_records(only_touched: bool) -> Callable[[tuple[int, Any]], Any]:
@@ -704,7 +786,9 @@ def _factor_records(only_touched: bool) -> Callable[[tuple[int, Any]], Any]:
     """
 
     def records(kv: tuple[int, Any]) -> Any:
-        return pub.factor_chunks(kv[1].users, kv[1].items, only_touched)
+        rk = kv[1].ranking
+        return pub.factor_chunks(kv[1].users, kv[1].items, only_touched,
+                                 rk.users if rk is not None else None, rk.items if rk is not None else None)
 
     return records
 
@@ -721,4 +805,4 @@ def publish_rdd(model: Any, full: bool, blocks: Any) -> Any:
 
 
 def _rated_chunk(block: ks.Block) -> tuple:
-    return (pub.RATED, block.users, block.items, block.ratings)
+    return (pub.RATED, block.users, block.items, block.ratings, block.i_users, block.i_items)

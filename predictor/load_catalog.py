@@ -3,7 +3,8 @@
 ``python -m predictor.load_catalog --movies movies.csv [--ratings ratings.csv]`` writes
 ``{p}:catalog`` (item -> JSON ``{"title", "genres"}``) and, from the ratings file,
 ``{p}:popular`` (``[[item, count], ...]`` most rated first): what the predictor serves before
-the modeler has published a model. Any MovieLens format ``common.datasets`` reads works.
+the modeler has published a model. Any ratings or implicit-events file ``common.datasets``
+reads works (popularity counts the users who rated or played an item).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 
 import redis
 
-from common.datasets import read_movies, read_ratings
+from common.datasets import iter_events, read_movies
 from common.errors import DatasetError
 from common.keys import Keys
 from predictor.config import PredictorSettings
@@ -49,7 +50,7 @@ def popular_from_ratings(items: Sequence[str] | Counter[str], keep: int = POPULA
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m predictor.load_catalog", description=__doc__.split("\n\n")[0])
     parser.add_argument("--movies", help="MovieLens movies file (movies.csv, movies.dat, u.item)")
-    parser.add_argument("--ratings", help="MovieLens ratings file, for the popular fallback")
+    parser.add_argument("--ratings", help="ratings or implicit-events file, for the popular fallback")
     parser.add_argument("--keep", type=int, default=POPULAR_KEEP, help="popular items to keep")
     args = parser.parse_args(argv)
     settings = PredictorSettings()  # type: ignore[call-arg]  # fields come from the env
@@ -64,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             n = write_catalog(client, keys, movies)
             log.info("catalogue: %d items from %s -> %s", n, args.movies, keys.catalog)
         if args.ratings:
-            counts = Counter(r.item for r in read_ratings(args.ratings, scale=settings.scale))
+            counts = Counter(r.item for r in iter_events(args.ratings, scale=settings.scale))
             popular = popular_from_ratings(counts, args.keep)
             client.set(keys.popular, json.dumps(popular))
             log.info("popular: top %d of %d items -> %s", len(popular), len(counts), keys.popular)

@@ -64,6 +64,8 @@ from typing import Any
 
 import numpy as np
 
+from common.feedback import Weighting
+
 AGGREGATIONS = ("sum", "mean", "damped")
 VECTOR_STEPS = ("rls", "sgd")
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -756,6 +758,16 @@ class ALSParams:
     touch, items' ratings weighed into users' statistics by ``maturity``, see
     :func:`fold_statistics`) or ``"sgd"`` (the seeds' step, ``learning_rate``); biases always
     take the SGD step.
+
+    The ranking model (:mod:`modeler.core.ranking`, trained beside it when ``ranking``):
+    ``ranking_rank``, ``ranking_reg_param`` (λ, scaled by the key's positives with
+    ``ranking_reg_scaling="count"``), ``ranking_alpha`` (c = 1 + α·w), ``ranking_iterations``
+    passes per batch, ``weighting`` (event -> w, :class:`common.feedback.Weighting`), and
+    ``ranking_probe_size`` positives per batch probed for prequential recall@10 (0: off).
+    It shares ``seed``, ``init_scale``, ``maturity`` and ``reservoir_size`` (its own replay
+    sample of positives, of the same size), replaying ``ranking_replay_ratio`` × (batch
+    positives) of them per batch; ``ranking_replay_scope`` says which keys a replayed positive
+    re-solves (:func:`modeler.core.ranking.replay_solves_all`).
     """
 
     rank: int = 10
@@ -775,8 +787,36 @@ class ALSParams:
     vector_step: str = "rls"
     forgetting: float = 1.0
     maturity: float = 30.0
+    ranking: bool = True
+    # Ranking defaults chosen on validation parts of ml-latest-small and ml-100k training
+    # data (docs/ranking_model.md): the best mean NDCG@10 of the grid, rank 24 being as
+    # good as 32 for half the cost.
+    ranking_rank: int = 24
+    ranking_iterations: int = 2
+    ranking_reg_param: float = 0.1
+    ranking_alpha: float = 2.0
+    ranking_reg_scaling: str = "count"
+    ranking_probe_size: int = 256
+    ranking_replay_ratio: float = 6.0
+    ranking_replay_scope: str = "auto"
+    ranking_forgetting: float = 1.0
+    weighting: Weighting = field(default_factory=Weighting)
 
     def __post_init__(self) -> None:
+        if isinstance(self.weighting, dict):  # as stored by to_dict()
+            object.__setattr__(self, "weighting", Weighting.from_dict(self.weighting))
+        if self.ranking_rank < 1 or self.ranking_iterations < 1:
+            raise ValueError("ranking_rank and ranking_iterations must be >= 1")
+        if (self.ranking_reg_param < 0 or self.ranking_alpha < 0 or self.ranking_probe_size < 0
+                or self.ranking_replay_ratio < 0):
+            raise ValueError("ranking_reg_param, ranking_alpha, ranking_probe_size and "
+                             "ranking_replay_ratio must be >= 0")
+        if not 0.0 < self.ranking_forgetting <= 1.0:
+            raise ValueError("ranking_forgetting must be in (0, 1]")
+        if self.ranking_replay_scope not in ("auto", "all", "batch"):
+            raise ValueError("ranking_replay_scope must be 'auto', 'all' or 'batch'")
+        if self.ranking_reg_scaling not in ("count", "constant"):
+            raise ValueError("ranking_reg_scaling must be 'count' or 'constant'")
         if self.rank < 1:
             raise ValueError("rank must be >= 1")
         if self.iterations < 1:
@@ -834,6 +874,36 @@ def split_records(records: Iterable[Any]) -> tuple[list[Any], list[Any], list[An
     return us, its, rs, ts, bad
 
 
+def split_events(records: Iterable[Any]) -> tuple[list[Any], list[Any], list[Any], list[Any], int]:
+    """:func:`split_records` of the ratings among ``records``, and the implicit events apart:
+    a record ``(user, item, None, timestamp, weight)`` (a 5th field not None) is an implicit
+    event. Returns (rating columns, implicit columns, bad shapes): each columns a tuple
+    (users, items, values, timestamps) with values the rating or the implicit weight."""
+    ratings: list[Any] = []
+    implicit: list[Any] = []
+    bad = 0
+    for rec in records:
+        try:
+            weight = rec[4] if len(rec) > 4 else None
+        except TypeError:
+            bad += 1
+            continue
+        if weight is None:
+            ratings.append(rec)
+        else:
+            implicit.append((rec[0], rec[1], weight, rec[3]))
+    us, its, rs, ts, bad_r = split_records(ratings)
+    ius, iis, iws, its_, bad_i = split_records(implicit)
+    return [us, its, rs, ts], [ius, iis, iws, its_], bad + bad_r + bad_i  # type: ignore[return-value]
+
+
+def validate_implicit(users: Sequence[Any], items: Sequence[Any], weights: Sequence[Any],
+                      timestamps: Sequence[Any]) -> tuple[list[str], list[str], np.ndarray, np.ndarray, int]:
+    """Keep implicit events with non-empty ids and a finite weight >= 0 (the Kafka reader
+    also enforces the EVENT_MAX_WEIGHT cap); return them + #rejected."""
+    return validate_arrays(users, items, weights, timestamps, 0.0, math.inf)
+
+
 def validate_arrays(
     users: Sequence[Any], items: Sequence[Any], ratings: Sequence[Any], timestamps: Sequence[Any],
     rating_min: float, rating_max: float,
@@ -871,6 +941,12 @@ class BatchResult:
     new_items: int
     n_replayed: int
     n_diverged: int
+    # The ranking model (modeler.core.ranking): implicit events learned, positives, and the
+    # prequential recall@10 counters (hits among probes, before the batch was learned).
+    n_implicit: int = 0
+    ranking_positives: int = 0
+    ranking_hits: int = 0
+    ranking_probes: int = 0
 
 
 class LocalStreamingALS:
@@ -893,13 +969,51 @@ class LocalStreamingALS:
         self.ratings_seen = 0
         self.batches = 0
         self.last_batch_size = 0
+        self.ranking: Any = None
+        if p.ranking:
+            from modeler.core.ranking import LocalRankingALS  # ranking builds on this module
+
+            self.ranking = LocalRankingALS(p)
 
     def train(self, batch: Iterable[tuple[Any, ...]]) -> BatchResult:
+        """Learn one batch of ``(user, item, rating[, timestamp])`` ratings and
+        ``(user, item, None, timestamp, weight)`` implicit events. Ratings train the explicit
+        model; ratings (through ``weighting``) and implicit events train the ranking model."""
         p = self.params
-        us, its, rs, ts, bad = split_records(batch)
+        (us, its, rs, ts), (ius, iis, iws, its_), bad = split_events(batch)
         users, items, rates, stamps, rejected = validate_arrays(us, its, rs, ts, p.rating_min,
                                                                 p.rating_max)
-        rejected += bad
+        iu, ii, iw, it_, irej = validate_implicit(ius, iis, iws, its_)
+        rejected += bad + irej
+        result = self._train_explicit(users, items, rates, stamps, rejected)
+        result.n_implicit = len(iw)
+        if self.ranking is not None:
+            rr = self.ranking.train(users + iu, items + ii,
+                                    np.concatenate([rates, np.full(len(iw), np.nan)]),
+                                    np.concatenate([np.full(len(rates), np.nan), iw]),
+                                    np.concatenate([stamps, it_]))
+            result.ranking_positives, result.ranking_hits, result.ranking_probes = (
+                rr.positives, rr.probe_hits, rr.probes)
+        return result
+
+    @property
+    def ranking_users(self) -> FactorTable:
+        """The ranking model's user rows (``.ids``, ``.vec``; bias unused)."""
+        return self._need_ranking().users
+
+    @property
+    def ranking_items(self) -> FactorTable:
+        """The ranking model's item rows (``.ids``, ``.vec``)."""
+        return self._need_ranking().items
+
+    def _need_ranking(self) -> Any:
+        if self.ranking is None:
+            raise RuntimeError("this model has no ranking model (ALSParams.ranking is False)")
+        return self.ranking
+
+    def _train_explicit(self, users: list[str], items: list[str], rates: np.ndarray,
+                        stamps: np.ndarray, rejected: int) -> BatchResult:
+        p = self.params
         n_new = len(rates)
         if n_new == 0:
             return BatchResult(0, rejected, 0.0, 0, 0, 0, 0)

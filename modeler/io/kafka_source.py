@@ -16,6 +16,7 @@ alone is not trusted for that (the local broker under-reports it).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import time
@@ -37,18 +38,23 @@ except ImportError:  # pragma: no cover - orjson is in the modeler group
     _JSONError = (ValueError,)
 
 MAX_ID_LENGTH = 128  # common.schema.MAX_ID_LENGTH; repeated here to keep the hot path flat
+DEFAULT_MAX_WEIGHT = 1_000_000.0  # common.schema.DEFAULT_MAX_WEIGHT (EVENT_MAX_WEIGHT)
+_TYPE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
 
 
 # --------------------------------------------------------------------------- parsing
 
 
-def fast_parse(value: bytes, rating_min: float, rating_max: float) -> tuple | None:
-    """``(user, item, rating, timestamp)`` for the common, plainly valid message; ``None``
-    when the message needs the full validator (:func:`common.schema.parse_rating`).
+def fast_parse(value: bytes, rating_min: float, rating_max: float,
+               max_weight: float = DEFAULT_MAX_WEIGHT) -> tuple | None:
+    """``(user, item, rating, timestamp)`` for the common, plainly valid rating, ``(user,
+    item, None, timestamp, weight)`` for a plainly valid implicit event; ``None`` when the
+    message needs the full validator (:func:`common.schema.parse_rating` /
+    :func:`common.schema.parse_event`).
 
-    Accepts only a subset of what ``parse_rating`` accepts, with the same result (ids
-    stripped, int ids as strings, rating as float); anything unusual defers to it, so the
-    two can never disagree on what is valid.
+    Accepts only a subset of what those accept, with the same result (ids stripped, int ids
+    as strings, rating or weight as float); anything unusual defers to them, so the two can
+    never disagree on what is valid.
     """
     try:
         d = _loads(value)
@@ -58,6 +64,11 @@ def fast_parse(value: bytes, rating_min: float, rating_max: float) -> tuple | No
         return None
     user = d.get("user")
     item = d.get("item")
+    kind = d.get("type")
+    if kind is not None and kind != "rating":
+        return _fast_implicit(d, user, item, kind, max_weight)
+    if "weight" in d:
+        return None
     rating = d.get("rating")
     ts = d.get("timestamp")
     tu, ti, tr = type(user), type(item), type(rating)
@@ -86,17 +97,75 @@ def fast_parse(value: bytes, rating_min: float, rating_max: float) -> tuple | No
     return user, item, rating, ts
 
 
-def parse_message(value: bytes | None, rating_min: float, rating_max: float) -> tuple[tuple | None, str]:
-    """``((user, item, rating, timestamp), "")`` or ``(None, reason)``; never raises."""
+def _fast_implicit(d: dict, user: Any, item: Any, kind: Any, max_weight: float) -> tuple | None:
+    """The implicit-event half of :func:`fast_parse`."""
+    if type(kind) is not str or not 0 < len(kind) <= 32 or not ("a" <= kind[0] <= "z") \
+            or not _TYPE_CHARS.issuperset(kind):
+        return None
+    if d.get("rating") is not None:
+        return None
+    weight = d.get("weight", 1.0)
+    ts = d.get("timestamp")
+    tu, ti, tw = type(user), type(item), type(weight)
+    if tu is str:
+        user = user.strip()
+    elif tu is int:
+        user = str(user)
+    else:
+        return None
+    if ti is str:
+        item = item.strip()
+    elif ti is int:
+        item = str(item)
+    else:
+        return None
+    if not (0 < len(user) <= MAX_ID_LENGTH and 0 < len(item) <= MAX_ID_LENGTH):
+        return None
+    if tw is float or tw is int:
+        weight = float(weight)
+    else:
+        return None
+    if not (math.isfinite(weight) and 0.0 <= weight <= max_weight):
+        return None
+    if type(ts) is not int or ts < 0:
+        return None
+    return user, item, None, ts, weight
+
+
+def _is_implicit(value: bytes) -> bool:
+    """Whether a message that failed the fast path should be validated as an implicit event
+    (it names a non-rating ``type`` or carries a ``weight``); ratings keep parse_rating."""
+    try:
+        d = _loads(value)
+    except _JSONError:
+        return False
+    return type(d) is dict and ((d.get("type") not in (None, "rating")) or "weight" in d)
+
+
+def parse_message(value: bytes | None, rating_min: float, rating_max: float,
+                  max_weight: float = DEFAULT_MAX_WEIGHT) -> tuple[tuple | None, str]:
+    """``((user, item, rating, timestamp), "")``, ``((user, item, None, timestamp, weight),
+    "")`` for an implicit event, or ``(None, reason)``; never raises."""
     if value is None:
         return None, "body: empty message (tombstone)"
-    row = fast_parse(value, rating_min, rating_max)
+    row = fast_parse(value, rating_min, rating_max, max_weight)
     if row is not None:
         return row, ""
-    from common.schema import InvalidRating, RatingScale, parse_rating
+    from common.schema import InvalidRating, RatingScale, parse_event, parse_rating
 
+    scale = RatingScale(min=rating_min, max=rating_max)
+    if _is_implicit(value):
+        try:
+            e = parse_event(value, scale, max_weight)
+        except InvalidRating as exc:
+            return None, exc.reason
+        except Exception as exc:
+            return None, f"body: cannot be parsed ({type(exc).__name__}: {exc})"[:500]
+        if e.is_rating:  # "type": "rating" with a weight is refused above; kept for safety
+            return (e.user, e.item, float(e.rating or 0.0), int(e.timestamp)), ""
+        return (e.user, e.item, None, int(e.timestamp), float(e.weight or 0.0)), ""
     try:
-        r = parse_rating(value, RatingScale(min=rating_min, max=rating_max))
+        r = parse_rating(value, scale)
     except InvalidRating as exc:
         return None, exc.reason
     except Exception as exc:
@@ -201,6 +270,11 @@ class Block:
     items: list[str] = field(default_factory=list)
     ratings: list[float] = field(default_factory=list)
     timestamps: list[int] = field(default_factory=list)
+    # Implicit events (type != "rating"), apart: the rating columns above stay ratings only.
+    i_users: list[str] = field(default_factory=list)
+    i_items: list[str] = field(default_factory=list)
+    i_weights: list[float] = field(default_factory=list)
+    i_timestamps: list[int] = field(default_factory=list)
     n_dlq: int = 0
     dlq_reasons: list[str] = field(default_factory=list)  # a few examples for the log
     read_seconds: float = 0.0
@@ -208,8 +282,15 @@ class Block:
     # deleted it): where the log begins now. Nothing was read.
     reset_to: int | None = None
 
-    def rows(self) -> Iterator[tuple[str, str, float, int]]:
-        return zip(self.users, self.items, self.ratings, self.timestamps, strict=True)
+    def rows(self) -> Iterator[tuple]:
+        """The ratings as ``(user, item, rating, timestamp)``, then the implicit events as
+        ``(user, item, None, timestamp, weight)`` (the model's input records)."""
+        if not self.i_users:
+            return zip(self.users, self.items, self.ratings, self.timestamps, strict=True)
+        return itertools.chain(
+            zip(self.users, self.items, self.ratings, self.timestamps, strict=True),
+            zip(self.i_users, self.i_items, itertools.repeat(None), self.i_timestamps, self.i_weights,
+                strict=False))
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -217,7 +298,8 @@ class Block:
             "start": self.start,
             "next_offset": self.next_offset,
             "highwater": self.highwater,
-            "n_valid": len(self.users),
+            "n_valid": len(self.users) + len(self.i_users),
+            "n_implicit": len(self.i_users),
             "n_dlq": self.n_dlq,
             "dlq_reasons": self.dlq_reasons,
             "read_seconds": self.read_seconds,
@@ -287,7 +369,7 @@ class _Ingest:
 
     def __init__(
         self, block: Block, rng: OffsetRange, bootstrap: str, dlq_topic: str | None,
-        rating_min: float, rating_max: float,
+        rating_min: float, rating_max: float, max_weight: float = DEFAULT_MAX_WEIGHT,
     ) -> None:
         self.block = block
         self.rng = rng
@@ -295,21 +377,27 @@ class _Ingest:
         self.dlq_topic = dlq_topic
         self.rating_min = rating_min
         self.rating_max = rating_max
+        self.max_weight = max_weight
         self.dlq_futures: list[Any] = []
 
     def __call__(self, offsets: list[int], values: list[bytes | None]) -> None:
-        block, lo, hi = self.block, self.rating_min, self.rating_max
+        block, lo, hi, cap = self.block, self.rating_min, self.rating_max, self.max_weight
         users, items = block.users.append, block.items.append
         ratings, timestamps = block.ratings.append, block.timestamps.append
         for offset, value in zip(offsets, values, strict=True):
-            row, reason = parse_message(value, lo, hi)
-            if row is not None:
+            row, reason = parse_message(value, lo, hi, cap)
+            if row is None:
+                self._dead(offset, value, reason)
+            elif len(row) == 4:
                 users(row[0])
                 items(row[1])
                 ratings(row[2])
                 timestamps(row[3])
             else:
-                self._dead(offset, value, reason)
+                block.i_users.append(row[0])
+                block.i_items.append(row[1])
+                block.i_timestamps.append(row[3])
+                block.i_weights.append(row[4])
 
     def _dead(self, offset: int, value: bytes | None, reason: str) -> None:
         block, rng = self.block, self.rng
@@ -396,6 +484,7 @@ def read_range(
     rating_max: float,
     idle_timeout_s: float = 2.0,
     fast: bool = True,
+    max_weight: float = DEFAULT_MAX_WEIGHT,
 ) -> Block:
     """Read one partition from ``rng.start`` until its high-water mark or ``rng.cap``.
 
@@ -412,7 +501,7 @@ def read_range(
 
     t0 = time.perf_counter()
     block = Block(rng.partition, rng.start, rng.start, None)
-    sink = _Ingest(block, rng, bootstrap, dlq_topic, rating_min, rating_max)
+    sink = _Ingest(block, rng, bootstrap, dlq_topic, rating_min, rating_max, max_weight)
     end = rng.start + rng.cap
     try:
         if fast:
@@ -438,6 +527,7 @@ def read_range(
             block.reset_to = reset_to
             block.next_offset = rng.start
             block.users, block.items, block.ratings, block.timestamps = [], [], [], []
+            block.i_users, block.i_items, block.i_weights, block.i_timestamps = [], [], [], []
         sink.flush()
     except Exception:
         _drop_clients(bootstrap)
@@ -452,20 +542,22 @@ def read_ranges(
     dlq_topic: str,
     rating_min: float,
     rating_max: float,
+    max_weight: float = DEFAULT_MAX_WEIGHT,
 ) -> Iterator[Block]:
     """``mapPartitions`` body: one Spark partition holds one (or a few) offset ranges."""
     for rng in ranges:
-        yield read_range(rng, bootstrap, dlq_topic, rating_min, rating_max)
+        yield read_range(rng, bootstrap, dlq_topic, rating_min, rating_max, max_weight=max_weight)
 
 
 def read_range_chunks(
-    rng: OffsetRange, bootstrap: str, rating_min: float, rating_max: float, chunk: int = 200_000
+    rng: OffsetRange, bootstrap: str, rating_min: float, rating_max: float, chunk: int = 200_000,
+    max_weight: float = DEFAULT_MAX_WEIGHT,
 ) -> Iterator[Block]:
     """The whole of ``rng`` as blocks of at most ``chunk`` records, read-only (no DLQ)."""
     pos, end = rng.start, rng.start + rng.cap
     while pos < end:
         block = read_range(OffsetRange(rng.topic, rng.partition, pos, min(end - pos, chunk)),
-                           bootstrap, None, rating_min, rating_max)
+                           bootstrap, None, rating_min, rating_max, max_weight=max_weight)
         yield block
         if block.next_offset <= pos:
             break
@@ -494,6 +586,7 @@ def batch_blocks(
     rating_min: float,
     rating_max: float,
     slices: int | None = None,
+    max_weight: float = DEFAULT_MAX_WEIGHT,
 ) -> tuple[Any, Any]:
     """A lazy, persisted ``RDD[Block]`` over ``ranges`` and an accumulator that receives each
     partition's summary when its block is computed. ``slices`` caps the Spark partitions
@@ -511,7 +604,7 @@ def batch_blocks(
     acc = sc.accumulator({}, param)
 
     def read(it: Iterable[OffsetRange]) -> Iterator[Block]:
-        for block in read_ranges(it, bootstrap, dlq_topic, rating_min, rating_max):
+        for block in read_ranges(it, bootstrap, dlq_topic, rating_min, rating_max, max_weight):
             acc.add({block.partition: block.summary()})
             yield block
 

@@ -20,6 +20,7 @@ and the offsets stored with a version are exactly the ratings its factors have l
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -35,7 +36,11 @@ log = logging.getLogger(__name__)
 
 # Tags of the records a publish job writes (see write_partition).
 USER, ITEM, RATED = "u", "i", "r"
-STATE_NAMES = ("user_counts", "item_counts")
+RANKING_USER, RANKING_ITEM = "ru", "ri"  # the ranking model's factor set
+STATE_NAMES = ("user_counts", "item_counts", "ranking_user_counts", "ranking_item_counts")
+# The value recorded in {p}:rated:{user} for an item the user only met through an implicit
+# event (not a number, so it is never read as a rating; an existing rating is kept).
+IMPLICIT_MARK = "implicit"
 
 _CLIENTS: dict[str, Any] = {}
 
@@ -70,26 +75,33 @@ def write_partition(
     segment: int,
     top_n: int = 100,
     chunk: int = 5000,
-) -> Iterator[tuple[int, list[tuple[str, int]]]]:
-    """``mapPartitions`` body writing columnar chunks; yields ``(rows written, top items)``.
+) -> Iterator[tuple[int, list[tuple[str, int]], list[tuple[str, int]]]]:
+    """``mapPartitions`` body writing columnar chunks; yields ``(rows written, top items,
+    top items of the ranking model)``.
 
     Chunks (one per model or batch partition, so Spark moves a few numpy arrays, not a
     tuple per row):
 
-    - ``("u"|"i", ids, biases (n,), vectors (n, rank), counts (n,))``: factor records into
-      segment ``segment``, rating counts into its state hash ``user_counts``/``item_counts``;
-    - ``("r", users, items, ratings)``: each user's rated items into ``{p}:rated:{user}``
-      (idempotent).
+    - ``("u"|"i"|"ru"|"ri", ids, biases (n,), vectors (n, rank), counts (n,))``: factor
+      records of the explicit (``u``/``i``) or ranking (``ru``/``ri``, bias 0.0) model into
+      segment ``segment``, counts into its state hash (``user_counts``, ``item_counts``,
+      ``ranking_user_counts``, ``ranking_item_counts``);
+    - ``("r", users, items, ratings[, implicit users, implicit items])``: each user's rated
+      items into ``{p}:rated:{user}``, and items met through implicit events (value
+      :data:`IMPLICIT_MARK`, never overwriting a rating); idempotent.
 
     The top ``top_n`` items by count among the item rows written come back for the
-    version's ``popular``.
+    version's ``popular`` (explicit and ranking counts apart).
     """
-    from common.keys import ITEMS, USERS, Keys
+    from common.keys import ITEMS, RANKING_ITEMS, RANKING_USERS, USERS, Keys
     from common.snapshot import write_segment
 
     keys = Keys(prefix)
-    counts_name = {USER: "user_counts", ITEM: "item_counts"}
+    counts_name = {USER: "user_counts", ITEM: "item_counts", RANKING_USER: "ranking_user_counts",
+                   RANKING_ITEM: "ranking_item_counts"}
+    kind_of = {USER: USERS, ITEM: ITEMS, RANKING_USER: RANKING_USERS, RANKING_ITEM: RANKING_ITEMS}
     top: list[tuple[str, int]] = []
+    rtop: list[tuple[str, int]] = []
     n = 0
     try:
         client = redis_client(redis_url)
@@ -102,7 +114,7 @@ def write_partition(
                 if not len(ids):
                     continue
                 ids = [str(i) for i in ids]
-                write_segment(pipe, keys, segment, USERS if tag == USER else ITEMS, ids,
+                write_segment(pipe, keys, segment, kind_of[tag], ids,
                               np.asarray(biases, dtype=np.float32), np.asarray(vectors, dtype=np.float32),
                               chunk=chunk)
                 counts = np.asarray(counts, dtype=np.int64)
@@ -111,13 +123,13 @@ def write_partition(
                 for start in range(0, len(ids), chunk):
                     pipe.hset(name, mapping=dict(zip(ids[start : start + chunk], text[start : start + chunk],
                                                      strict=True)))
-                if tag == ITEM and top_n > 0:
+                if tag in (ITEM, RANKING_ITEM) and top_n > 0:
                     best = np.argsort(-counts, kind="stable")[:top_n]
-                    top.extend((ids[j], int(counts[j])) for j in best)
+                    (top if tag == ITEM else rtop).extend((ids[j], int(counts[j])) for j in best)
                 n += len(ids)
                 pending += len(ids)
             elif tag == RATED:
-                _, users, items, ratings = rec
+                users, items, ratings = rec[1], rec[2], rec[3]
                 by_user: dict[str, dict[str, str]] = {}
                 for u, i, r in zip(users, items, ratings, strict=True):
                     by_user.setdefault(u, {})[i] = repr(float(r))
@@ -125,6 +137,13 @@ def write_partition(
                     pipe.hset(keys.rated(user), mapping=rated)
                 n += len(users)
                 pending += len(users)
+                if len(rec) > 4:
+                    # Implicit events: a rating of the same pair in this batch wins too.
+                    for u, i in zip(rec[4], rec[5], strict=True):
+                        if i not in by_user.get(u, ()):
+                            pipe.hsetnx(keys.rated(u), i, IMPLICIT_MARK)
+                    n += len(rec[4])
+                    pending += len(rec[4])
             else:
                 raise ValueError(f"unknown record tag {tag!r}")
             if pending >= 4 * chunk:
@@ -135,17 +154,24 @@ def write_partition(
         _drop_client(redis_url)
         raise
     top.sort(key=lambda kv: (-kv[1], kv[0]))
-    yield n, top[:top_n]
+    rtop.sort(key=lambda kv: (-kv[1], kv[0]))
+    yield n, top[:top_n], rtop[:top_n]
 
 
-def factor_chunks(users: Any, items: Any, only_touched: bool) -> list[tuple]:
-    """The ``("i"|"u", ids, biases, vectors, counts)`` chunks of :func:`write_partition` for
-    one model partition's tables (anything with ``ids``, ``bias``, ``vec``, ``count`` and
-    ``touched``): the rows the last batch changed, or all of them."""
+def factor_chunks(users: Any, items: Any, only_touched: bool, ranking_users: Any = None,
+                  ranking_items: Any = None) -> list[tuple]:
+    """The ``("i"|"u"|"ri"|"ru", ids, biases, vectors, counts)`` chunks of
+    :func:`write_partition` for one model partition's tables (anything with ``ids``,
+    ``bias``, ``vec``, ``count`` and ``touched``): the rows the last batch changed, or all
+    of them. Items first: a reader never sees a user vector before the items it ranks."""
     out = []
-    for tag, t in ((ITEM, items), (USER, users)):
+    tables = [(ITEM, items), (USER, users)]
+    if ranking_items is not None and ranking_users is not None:
+        tables = [(RANKING_ITEM, ranking_items), *tables[:1], (RANKING_USER, ranking_users), *tables[1:]]
+    for tag, t in tables:
         rows = np.flatnonzero(t.touched) if only_touched else np.arange(len(t.ids))
-        out.append((tag, [t.ids[j] for j in rows], t.bias[rows], t.vec[rows], t.count[rows]))
+        bias = t.bias[rows] if tag in (ITEM, USER) else np.zeros(len(rows), dtype=np.float32)
+        out.append((tag, [t.ids[j] for j in rows], bias, t.vec[rows], t.count[rows]))
     return out
 
 
@@ -165,16 +191,19 @@ class SegmentSink:
     top_n: int = 100
 
     def __call__(self, update: Any) -> dict[str, Any]:
-        chunks = factor_chunks(update.users, update.items, not self.full)
-        if len(update.batch_users):
+        chunks = factor_chunks(update.users, update.items, not self.full,
+                               getattr(update, "ranking_users", None), getattr(update, "ranking_items", None))
+        iu = getattr(update, "batch_implicit_users", ())
+        if len(update.batch_users) or len(iu):
             chunks.append((RATED, update.batch_users.tolist(), update.batch_items.tolist(),
-                           update.batch_ratings.tolist()))
+                           update.batch_ratings.tolist(), list(iu),
+                           list(getattr(update, "batch_implicit_items", ()))))
         try:
-            written, top = next(write_partition(chunks, self.redis_url, self.prefix, self.segment,
-                                                self.top_n))
+            written, top, rtop = next(write_partition(chunks, self.redis_url, self.prefix,
+                                                      self.segment, self.top_n))
         except Exception as exc:
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
-        return {"ok": True, "written": written, "top": top}
+        return {"ok": True, "written": written, "top": top, "rtop": rtop}
 
 
 def merge_popular(
@@ -207,6 +236,11 @@ class Restored:
     item_vectors: np.ndarray
     state: dict[str, dict[str, str]]
     model_state: dict[str, Any]
+    # The ranking model's rows (empty when the version has none).
+    ranking_user_ids: list[str] = dataclasses.field(default_factory=list)
+    ranking_user_vectors: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    ranking_item_ids: list[str] = dataclasses.field(default_factory=list)
+    ranking_item_vectors: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), np.float32))
 
 
 # Extra field of {p}:ver:{v}: JSON scalars the model needs to resume exactly (running
@@ -282,7 +316,7 @@ class Publisher:
 
     def restore(self) -> Restored | None:
         """The current version's factors, metadata and state, or ``None`` if there is none."""
-        from common.keys import ITEMS, USERS
+        from common.keys import ITEMS, RANKING_ITEMS, RANKING_USERS, USERS
         from common.snapshot import SnapshotChanged, read_all_factors, read_meta
 
         for _ in range(5):
@@ -292,9 +326,14 @@ class Publisher:
             meta = read_meta(self.client, self.keys, pointer.version)
             if meta is None:
                 continue
+            rr = max(1, meta.ranking_rank)
             try:
                 u_ids, u_b, u_v = read_all_factors(self.client, self.keys, pointer, USERS, meta.rank)
                 i_ids, i_b, i_v = read_all_factors(self.client, self.keys, pointer, ITEMS, meta.rank)
+                ru_ids, _, ru_v = ([], None, np.zeros((0, rr), np.float32)) if not meta.has_ranking \
+                    else read_all_factors(self.client, self.keys, pointer, RANKING_USERS, rr)
+                ri_ids, _, ri_v = ([], None, np.zeros((0, rr), np.float32)) if not meta.has_ranking \
+                    else read_all_factors(self.client, self.keys, pointer, RANKING_ITEMS, rr)
             except SnapshotChanged:
                 continue
             state: dict[str, dict[str, str]] = {}
@@ -306,7 +345,8 @@ class Publisher:
                 state[name] = merged
             raw = self.client.hget(self.keys.meta(pointer.version), MODEL_STATE_FIELD)
             model_state = json.loads(raw) if raw else {}
-            return Restored(meta, u_ids, u_b, u_v, i_ids, i_b, i_v, state, model_state)
+            return Restored(meta, u_ids, u_b, u_v, i_ids, i_b, i_v, state, model_state,
+                            ru_ids, ru_v, ri_ids, ri_v)
         raise RuntimeError("the current version kept changing while being restored")
 
     # ---------------------------------------------------------------- writing

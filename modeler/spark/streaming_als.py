@@ -30,16 +30,29 @@ Memory bound: factors ``(n_users + n_items) × (rank + 2) × 4`` bytes plus ids 
 ``"rls"`` vector step, ``(rank² + rank + 1) × 4`` bytes of statistics per key), and at most
 ``reservoir_size`` (expected, ±√R) replay ratings (ids as fixed-width strings + rating +
 priority, and an item-side copy of id + priority) - independent of the length of the stream. See docs/streaming_als.md.
+
+The ranking model (implicit-feedback ALS, :mod:`modeler.core.ranking`, docs/ranking_model.md)
+rides in the same partitions (``_Part.ranking``), messages and tasks: stage A also computes
+each event's weight and routes every valid event (ratings and implicit events) by user, B
+gathers the rows its positives and its own replay sample touch, C learns it beside the
+explicit model against the Gramians XᵀX / YᵀY the driver carries (rank² floats each, summed
+from the deltas C returns), D writes both back. Its memory: (rank² + rank + 2) × 4 bytes per
+key, its replay sample (≤ ``reservoir_size`` positives) and, with one partition only, the
+prequential probe's seen pairs (8 bytes per distinct pair).
+
+This module is long because the four stages of both layouts, their named messages and the
+model's persistence belong together: each stage function is the other side of a message.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -60,8 +73,21 @@ from modeler.core.als_math import (
     replay_fraction,
     second_moment,
     seed_statistics,
-    split_records,
+    split_events,
     validate_arrays,
+    validate_implicit,
+)
+from modeler.core.ranking import (
+    RESERVOIR_SALT,
+    SeenPairs,
+    event_weights,
+    gramian,
+    learn_ranking_batch,
+    ranking_init,
+    ranking_replay_fraction,
+    replay_solves_all,
+    run_probe,
+    seed_ranking_statistics,
 )
 
 log = logging.getLogger(__name__)
@@ -86,10 +112,28 @@ class TrainStats:
     seconds: float
     n_replayed: int = 0
     n_diverged: int = 0
+    # The ranking model: implicit events learned (ratings feed it too), positives, newcomer
+    # rows, and the prequential recall@10 counters (hits among probes, tested before the
+    # batch was learned; one-partition layout only, 0 probes otherwise).
+    n_implicit: int = 0
+    ranking_positives: int = 0
+    ranking_new_users: int = 0
+    ranking_new_items: int = 0
+    ranking_hits: int = 0
+    ranking_probes: int = 0
 
     @property
     def prequential_rmse(self) -> float:
         return float(np.sqrt(self.prequential_sse / self.n_ratings)) if self.n_ratings else float("nan")
+
+    @property
+    def n_events(self) -> int:
+        """Valid events learned: ratings and implicit events."""
+        return self.n_ratings + self.n_implicit
+
+    @property
+    def prequential_recall(self) -> float:
+        return self.ranking_hits / self.ranking_probes if self.ranking_probes else float("nan")
 
 
 @dataclass
@@ -101,13 +145,19 @@ class ModelState:
     ~reservoir_size ratings); factors, biases, μ and counts are kept exactly. Neither are the
     ``"rls"`` least-squares statistics: a restore seeds them from the counts
     (:func:`modeler.core.als_math.seed_statistics`), so each vector keeps a prior as strong as the
-    ratings it learned, but the partners' vectors behind it are approximated."""
+    ratings it learned, but the partners' vectors behind it are approximated. The ranking
+    model's rows come as two more RDDs (``ranking_users``/``ranking_items``, bias 0.0, count
+    = positives) and its counters in ``extra``."""
 
     users: Any
     items: Any
     mu: float
     ratings_seen: int
     extra: dict[str, Any] = field(default_factory=dict)
+    # The ranking model's rows, ``(id, (0.0, vector float32 (ranking_rank,), positives))``;
+    # None when it is off. Its Gramians are recomputed from them on restore.
+    ranking_users: Any = None
+    ranking_items: Any = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,9 +166,23 @@ class ModelState:
 
 
 @dataclass
+class _RankPart:
+    """The ranking model's share of partition p: its user and item rows, its replay sample
+    of positives (full, by user) and the sample's item ids (by item), and - in the
+    one-partition layout only - the seen (user, item) pairs of the prequential probe."""
+
+    users: FactorTable
+    items: FactorTable
+    replay: Reservoir
+    mirror: Reservoir
+    seen: SeenPairs | None = None
+
+
+@dataclass
 class _Part:
     """Partition p of the model: users and items whose id hashes to p, and the replay
-    sample's entries rated by those users (``replay``) / for those items (``mirror``).
+    sample's entries rated by those users (``replay``) / for those items (``mirror``);
+    ``ranking`` the same for the ranking model (``None`` when it is off).
     ``batch`` holds the last batch's valid ratings by those users (for a sink; replaced by
     every batch, so it stays batch-sized)."""
 
@@ -126,9 +190,11 @@ class _Part:
     items: FactorTable
     replay: Reservoir
     mirror: Reservoir
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
     batch: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-    learned: int = 0  # valid ratings the whole last batch learned (all partitions)
+    learned: int = 0  # valid events the whole last batch learned (all partitions)
+    ranking: _RankPart | None = None
+    implicit_batch: tuple[np.ndarray, np.ndarray] | None = None  # (users, items), for a sink
 
 
 @dataclass
@@ -136,8 +202,10 @@ class PartitionUpdate:
     """What a ``train(..., sink=...)`` callable sees of one model partition after the batch.
 
     ``users``/``items`` are the partition's tables (``touched`` marks the rows the batch
-    changed); ``batch_users``/``batch_items``/``batch_ratings`` are the batch's valid ratings
-    by this partition's users. Read-only: the tables belong to the cached model.
+    changed), ``ranking_users``/``ranking_items`` the ranking model's (``None`` when it is
+    off); ``batch_users``/``batch_items``/``batch_ratings`` are the batch's valid ratings
+    by this partition's users, ``batch_implicit_users``/``_items`` its implicit events.
+    Read-only: the tables belong to the cached model.
     """
 
     pid: int
@@ -146,10 +214,20 @@ class PartitionUpdate:
     batch_users: np.ndarray
     batch_items: np.ndarray
     batch_ratings: np.ndarray
+    ranking_users: FactorTable | None = None
+    ranking_items: FactorTable | None = None
+    batch_implicit_users: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=str))
+    batch_implicit_items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=str))
 
 
-def _empty_part(rank: int) -> _Part:
-    return _Part(FactorTable(rank), FactorTable(rank), Reservoir(False), Reservoir(True))
+def _empty_part(params: ALSParams) -> _Part:
+    ranking = None
+    if params.ranking:
+        r = params.ranking_rank
+        seen = SeenPairs() if params.num_partitions == 1 and params.ranking_probe_size > 0 else None
+        ranking = _RankPart(FactorTable(r), FactorTable(r), Reservoir(False), Reservoir(True), seen)
+    return _Part(FactorTable(params.rank), FactorTable(params.rank), Reservoir(False), Reservoir(True),
+                 ranking=ranking)
 
 
 def _zero(_: Any) -> int:
@@ -181,52 +259,245 @@ def _cat(arrays: list[np.ndarray], dtype: Any, width: int | None = None) -> np.n
 
 
 # ---------------------------------------------------------------------------------------------
+# Messages between the stages (named; pickled only between Spark's own processes)
+# ---------------------------------------------------------------------------------------------
+
+
+class Routed(NamedTuple):
+    """A -> B: one input partition's valid ratings by users of model partition p, the ids
+    of its items living in p, and (ranking model) every valid event by p's users with its
+    weight w (0: seen, not a positive) and the items of positives living in p."""
+
+    src: int
+    users: np.ndarray
+    items: np.ndarray
+    ratings: np.ndarray
+    stamps: np.ndarray
+    here_items: np.ndarray
+    rejected: int
+    ev_users: np.ndarray
+    ev_items: np.ndarray
+    ev_weights: np.ndarray
+    ev_stamps: np.ndarray
+    here_ritems: np.ndarray
+    n_implicit: int
+    ev_implicit: np.ndarray
+
+
+class RankGathered(NamedTuple):
+    """B -> C, ranking model: partition p's rows the batch's positives and its replay touch
+    (``known``: in the model, so in the carried Gramians), p's events, and the probe's
+    counters (one-partition layout)."""
+
+    u_ids: list[str]
+    u_vec: np.ndarray
+    u_known: np.ndarray
+    u_count: np.ndarray
+    u_stats: RowStats
+    i_ids: list[str]
+    i_vec: np.ndarray
+    i_known: np.ndarray
+    i_count: np.ndarray
+    i_stats: RowStats
+    ev_users: np.ndarray
+    ev_items: np.ndarray
+    ev_weights: np.ndarray
+    ev_stamps: np.ndarray
+    rep_u: np.ndarray
+    rep_i: np.ndarray
+    rep_c: np.ndarray
+    n_implicit: int
+    probes: int
+    hits: int
+    ev_implicit: np.ndarray
+
+
+class Gathered(NamedTuple):
+    """B -> C: partition p's rows that the batch (and its replay) touch, newcomers
+    initialised, with counts and statistics, and p's share of the batch."""
+
+    src: int
+    u_ids: list[str]
+    ub: np.ndarray
+    uv: np.ndarray
+    u_fresh: int
+    i_ids: list[str]
+    ib: np.ndarray
+    iv: np.ndarray
+    i_fresh: int
+    new_u: np.ndarray
+    new_i: np.ndarray
+    new_r: np.ndarray
+    new_t: np.ndarray
+    rep_u: np.ndarray
+    rep_i: np.ndarray
+    rep_r: np.ndarray
+    rejected: int
+    u_count: np.ndarray
+    i_count: np.ndarray
+    u_stats: RowStats
+    i_stats: RowStats
+    ranking: RankGathered | None
+
+
+class RankLearned(NamedTuple):
+    """C -> D, ranking model: partition p's learned rows, what its replay sample keeps, and
+    the batch's events by p's users (for the seen pairs)."""
+
+    u_ids: list[str]
+    u_vec: np.ndarray
+    u_inc: np.ndarray
+    u_stats: RowStats
+    i_ids: list[str]
+    i_vec: np.ndarray
+    i_inc: np.ndarray
+    i_stats: RowStats
+    replay_keep: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+    mirror_keep: tuple[np.ndarray, np.ndarray]
+    keep_frac: float
+    seen_users: np.ndarray
+    seen_items: np.ndarray
+    imp_users: np.ndarray
+    imp_items: np.ndarray
+
+
+class Learned(NamedTuple):
+    """C -> D: partition p's learned rows and count increments, what its replay sample
+    keeps, the batch statistics (partition 0 only) and the batch's ratings by p's users."""
+
+    src: int
+    u_ids: list[str]
+    ub: np.ndarray
+    uv: np.ndarray
+    u_inc: np.ndarray
+    i_ids: list[str]
+    ib: np.ndarray
+    iv: np.ndarray
+    i_inc: np.ndarray
+    replay_keep: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+    mirror_keep: tuple[np.ndarray, np.ndarray]
+    keep_frac: float
+    stats: dict[str, Any]
+    rated: tuple[np.ndarray, np.ndarray, np.ndarray]
+    learned: int
+    u_stats: RowStats
+    i_stats: RowStats
+    ranking: RankLearned | None
+
+
+# ---------------------------------------------------------------------------------------------
 # Stage functions (module level: closures capture plain values only)
 # ---------------------------------------------------------------------------------------------
 
 
-def _route_ratings(num_partitions: int, lo: float, hi: float):
-    """A: validate a partition of rating tuples; one block per model partition holding the
-    ratings whose USER lives there and the ids of the items that live there."""
+def _route_ratings(params: ALSParams):
+    """A: validate a partition of event tuples; one block per model partition holding the
+    ratings (and, for the ranking model, all events) whose USER lives there and the ids of
+    the items that live there."""
+    num_partitions, lo, hi = params.num_partitions, params.rating_min, params.rating_max
+    ranking, weighting = params.ranking, params.weighting
 
-    def route(index: int, it: Iterator[Any]) -> Iterator[tuple[int, tuple]]:
-        us, its, rs, ts, bad_shape = split_records(it)
+    def pids(keys: list[str]) -> np.ndarray:
+        return np.fromiter((partition_of(k, num_partitions) for k in keys), dtype=np.int64, count=len(keys))
+
+    def route(index: int, it: Iterator[Any]) -> Iterator[tuple[int, Routed]]:
+        (us, its, rs, ts), (ius, iis, iws, its_), bad_shape = split_events(it)
         users, items, rates, stamps, rejected = validate_arrays(us, its, rs, ts, lo, hi)
-        rejected += bad_shape
-        n = len(users)
-        upid = np.fromiter((partition_of(u, num_partitions) for u in users), dtype=np.int64, count=n)
-        ipid = np.fromiter((partition_of(i, num_partitions) for i in items), dtype=np.int64, count=n)
+        iu, ii, iw, it_, irej = validate_implicit(ius, iis, iws, its_)
+        rejected += bad_shape + irej
+        upid, ipid = pids(users), pids(items)
         u_arr = np.asarray(users, dtype=str)
         i_arr = np.asarray(items, dtype=str)
+        if ranking:
+            ev_u = np.asarray(users + iu, dtype=str)
+            ev_i = np.asarray(items + ii, dtype=str)
+            ev_w = event_weights(np.concatenate([rates, np.full(len(iw), np.nan)]),
+                                 np.concatenate([np.full(len(rates), np.nan), iw]), weighting, lo, hi)
+            ev_t = np.concatenate([stamps, it_])
+            ev_up = np.concatenate([upid, pids(iu)])
+            ev_ip = np.concatenate([ipid, pids(ii)])
+            ev_imp = np.r_[np.zeros(len(rates), dtype=bool), np.ones(len(iw), dtype=bool)]
+            n_imp = len(iw)
+        else:  # implicit events are validated and counted, and go nowhere
+            ev_u = ev_i = np.zeros(0, dtype=str)
+            ev_w, ev_t = np.zeros(0), np.zeros(0, dtype=np.int64)
+            ev_up = ev_ip = np.zeros(0, dtype=np.int64)
+            ev_imp = np.zeros(0, dtype=bool)
+            n_imp = 0
+        positive = ev_w > 0
         for p in range(num_partitions):
             su = np.flatnonzero(upid == p)
             si = np.flatnonzero(ipid == p)
+            se = np.flatnonzero(ev_up == p)
+            sr = np.flatnonzero((ev_ip == p) & positive)
             extra = rejected if p == 0 else 0  # rejections ride on partition 0's block
-            if len(su) or len(si) or extra:
-                yield p, (index, u_arr[su], i_arr[su], rates[su], stamps[su], i_arr[si], extra)
+            imp = n_imp if p == 0 else 0
+            if len(su) or len(si) or len(se) or len(sr) or extra or imp:
+                yield p, Routed(index, u_arr[su], i_arr[su], rates[su], stamps[su], i_arr[si], extra,
+                                ev_u[se], ev_i[se], ev_w[se], ev_t[se], ev_i[sr], imp, ev_imp[se])
 
     return route
 
 
-def _gather_stage(params: ALSParams, batch_no: int, fraction: float):
+def _rows_of(table: FactorTable, keys: np.ndarray):
+    """Sorted unique ids of ``keys`` and their rows in ``table`` (−1: not there yet)."""
+    ids = sorted(set(keys.tolist()))
+    return ids, table.lookup(ids)
+
+
+def _gather_ranking(params: ALSParams, part: _RankPart, blocks: list[Routed], batch_no: int,
+                    fraction: float) -> RankGathered:
+    ev_u = _cat([b.ev_users for b in blocks], str)
+    ev_i = _cat([b.ev_items for b in blocks], str)
+    ev_w = _cat([b.ev_weights for b in blocks], np.float64)
+    ev_t = _cat([b.ev_stamps for b in blocks], np.int64)
+    here_i = _cat([b.here_ritems for b in blocks], str)
+    sel = part.replay.selected(batch_no, fraction)
+    rep_u, rep_i, rep_c = part.replay.users[sel], part.replay.items[sel], part.replay.ratings[sel]
+    mirror_i = part.mirror.items[part.mirror.selected(batch_no, fraction)]
+    probes = hits = 0
+    if part.seen is not None and len(ev_u):
+        # One partition holds every row: recall@10 of a sample, before the batch is learned.
+        probes, hits = run_probe(part.users, part.items, part.seen, ev_u.tolist(), ev_i.tolist(),
+                                 ev_t, ev_w > 0, params.ranking_probe_size, params.seed)
+
+    def rows(table: FactorTable, keys: np.ndarray):
+        ids, r = _rows_of(table, keys)
+        known = r >= 0
+        vec = np.zeros((len(ids), table.rank), dtype=np.float32)
+        vec[known] = table.vec[r[known]]
+        fresh = np.flatnonzero(~known)
+        if len(fresh):
+            vec[fresh] = ranking_init([ids[j] for j in fresh], table.rank, params.seed, params.init_scale)
+        count = np.where(known, table.count[np.maximum(r, 0)] if len(table) else 0, 0)
+        return ids, vec, known, count, table.stats(r)
+
+    u_ids, uv, uk, uc, ust = rows(part.users, np.concatenate([ev_u[ev_w > 0], rep_u]))
+    i_ids, iv, ik, ic, ist = rows(part.items, np.concatenate([here_i, mirror_i]))
+    return RankGathered(u_ids, uv, uk, uc, ust, i_ids, iv, ik, ic, ist, ev_u, ev_i, ev_w, ev_t,
+                        rep_u, rep_i, rep_c, sum(b.n_implicit for b in blocks), probes, hits,
+                        _cat([b.ev_implicit for b in blocks], bool))
+
+
+def _gather_stage(params: ALSParams, batch_no: int, fraction: float, r_batch_no: int = 0,
+                  r_fraction: float = 0.0):
     """B: per partition, the rows the batch (and its replay) needs, newcomers initialised."""
 
-    def stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, tuple]]:
+    def stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Gathered]]:
         pid, part, blocks = _split(it)
-        new_u = _cat([b[1] for b in blocks], str)
-        new_i = _cat([b[2] for b in blocks], str)
-        new_r = _cat([b[3] for b in blocks], np.float64)
-        new_t = _cat([b[4] for b in blocks], np.int64)
-        here_i = _cat([b[5] for b in blocks], str)
-        rejected = sum(b[6] for b in blocks)
+        new_u = _cat([b.users for b in blocks], str)
+        new_i = _cat([b.items for b in blocks], str)
+        new_r = _cat([b.ratings for b in blocks], np.float64)
+        new_t = _cat([b.stamps for b in blocks], np.int64)
+        here_i = _cat([b.here_items for b in blocks], str)
+        rejected = sum(b.rejected for b in blocks)
 
         sel = part.replay.selected(batch_no, fraction)
         rep_u, rep_i, rep_r = part.replay.users[sel], part.replay.items[sel], part.replay.ratings[sel]
         mirror_i = part.mirror.items[part.mirror.selected(batch_no, fraction)]
 
         def rows_of(table: FactorTable, keys: np.ndarray):
-            ids = sorted(set(keys.tolist()))
-            rows = table.lookup(ids)
+            ids, rows = _rows_of(table, keys)
             bias, vec = gather(table, rows)
             count = np.where(rows >= 0, table.count[np.maximum(rows, 0)] if len(table) else 0, 0)
             fresh = np.flatnonzero(rows < 0)
@@ -239,40 +510,146 @@ def _gather_stage(params: ALSParams, batch_no: int, fraction: float):
 
         u_ids, ub, uv, u_fresh, u_count, u_st = rows_of(part.users, np.concatenate([new_u, rep_u]))
         i_ids, ib, iv, i_fresh, i_count, i_st = rows_of(part.items, np.concatenate([here_i, mirror_i]))
-        yield 0, (pid, u_ids, ub, uv, u_fresh, i_ids, ib, iv, i_fresh,
-                  new_u, new_i, new_r, new_t, rep_u, rep_i, rep_r, rejected, u_count, i_count,
-                  u_st, i_st)
+        ranking = None
+        if part.ranking is not None:
+            ranking = _gather_ranking(params, part.ranking, blocks, r_batch_no, r_fraction)
+        yield 0, Gathered(pid, u_ids, ub, uv, u_fresh, i_ids, ib, iv, i_fresh,
+                          new_u, new_i, new_r, new_t, rep_u, rep_i, rep_r, rejected, u_count, i_count,
+                          u_st, i_st, ranking)
 
     return stage
 
 
-def _learn_stage(params: ALSParams, rating_sum: float, ratings_seen: int):
-    """C: the batch's working set (ratings + the rows they touch) learned in one task;
-    updated rows go back to their partitions. The model itself never comes here."""
+@dataclass(frozen=True)
+class RankingCarry:
+    """What the driver hands the learning task about the ranking model: the carried
+    Gramians XᵀX / YᵀY and the positives learned so far."""
+
+    gram_users: np.ndarray
+    gram_items: np.ndarray
+    positives_seen: int
+    replay_fraction: float = 0.0
+
+
+def _learn_ranking(params: ALSParams, carry: RankingCarry, msgs: list[Gathered],
+                   stats: dict[str, Any]) -> list[RankLearned]:
+    """C, ranking model: the batch's positives (and replay) learned against the carried
+    Gramians (:func:`modeler.core.ranking.learn_ranking_batch`); rows back per partition."""
+    P = params.num_partitions
+    rk = [m.ranking for m in msgs if m.ranking is not None]
+    u_ids = [k for r in rk for k in r.u_ids]
+    i_ids = [k for r in rk for k in r.i_ids]
+    rank = params.ranking_rank
+    ev_u = _cat([r.ev_users for r in rk], str)
+    ev_i = _cat([r.ev_items for r in rk], str)
+    ev_w = _cat([r.ev_weights for r in rk], np.float64)
+    ev_t = _cat([r.ev_stamps for r in rk], np.int64)
+    ev_imp = _cat([r.ev_implicit for r in rk], bool)
+    rep_u = _cat([r.rep_u for r in rk], str)
+    rep_i = _cat([r.rep_i for r in rk], str)
+    rep_c = _cat([r.rep_c for r in rk], np.float32)
+    pos = np.flatnonzero(ev_w > 0)
+    pu, pi = ev_u[pos], ev_i[pos]
+    conf = 1.0 + params.ranking_alpha * ev_w[pos]
+    n_pos = len(pos)
+    keep_frac = keep_fraction(params.reservoir_size, carry.positives_seen + n_pos)
+    stats.update({
+        "r_positives": n_pos, "r_implicit": sum(r.n_implicit for r in rk),
+        "r_probes": sum(r.probes for r in rk), "r_hits": sum(r.hits for r in rk),
+        "r_new_users": 0, "r_new_items": 0, "r_replayed": len(rep_c), "r_refused": 0,
+        "r_conf_sum": float((conf - 1.0).sum()),
+        "r_d_gram_users": np.zeros((rank, rank)), "r_d_gram_items": np.zeros((rank, rank)),
+    })
+    if n_pos:
+        u_known = _cat([r.u_known for r in rk], bool)
+        i_known = _cat([r.i_known for r in rk], bool)
+        users = _work_table(rank, _cat([r.u_vec for r in rk], np.float32, rank),
+                            _cat([r.u_count for r in rk], np.int64),
+                            RowStats.concat([r.u_stats for r in rk], rank))
+        items = _work_table(rank, _cat([r.i_vec for r in rk], np.float32, rank),
+                            _cat([r.i_count for r in rk], np.int64),
+                            RowStats.concat([r.i_stats for r in rk], rank))
+        u_index = {k: j for j, k in enumerate(u_ids)}
+        i_index = {k: j for j, k in enumerate(i_ids)}
+        all_u = np.concatenate([pu, rep_u]).tolist()
+        all_i = np.concatenate([pi, rep_i]).tolist()
+        u_rows = np.fromiter((u_index[k] for k in all_u), dtype=np.int64, count=len(all_u))
+        i_rows = np.fromiter((i_index[k] for k in all_i), dtype=np.int64, count=len(all_i))
+        out = learn_ranking_batch(params, n_pos, np.concatenate([conf, rep_c.astype(np.float64)]),
+                                  u_rows, i_rows, users, items, u_known, i_known,
+                                  carry.gram_users, carry.gram_items,
+                                  replay_solves_all(params, carry.positives_seen, carry.replay_fraction))
+        stats.update({"r_new_users": int((~u_known).sum()), "r_new_items": int((~i_known).sum()),
+                      "r_refused": out.refused, "r_d_gram_users": out.d_gram_users,
+                      "r_d_gram_items": out.d_gram_items})
+        u_vec, i_vec, u_st, i_st = users.vec, items.vec, users.stats(np.arange(len(u_ids))), \
+            items.stats(np.arange(len(i_ids)))
+        u_inc = np.bincount(u_rows[:n_pos], minlength=len(u_ids))
+        i_inc = np.bincount(i_rows[:n_pos], minlength=len(i_ids))
+        prio = rating_priority(pu.tolist(), pi.tolist(), ev_t[pos], params.seed ^ RESERVOIR_SALT)
+        keep = keep_mask(prio, keep_frac)
+    else:  # no positive: no ranking row changes
+        u_ids, i_ids = [], []
+        u_vec = i_vec = np.zeros((0, rank), dtype=np.float32)
+        u_st = i_st = RowStats.zeros(0, rank)
+        u_inc = i_inc = np.zeros(0, dtype=np.int64)
+        prio, keep = np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=bool)
+    u_pid = _pids(u_ids, P)
+    i_pid = _pids(i_ids, P)
+    ku, ki, kc, kp = pu[keep], pi[keep], conf[keep].astype(np.float32), prio[keep]
+    ku_pid, ki_pid = _pids(ku.tolist(), P), _pids(ki.tolist(), P)
+    ev_pid = _pids(ev_u.tolist(), P)
+    u_arr, i_arr = np.asarray(u_ids, dtype=str), np.asarray(i_ids, dtype=str)
+    out_msgs = []
+    for p in range(P):
+        su, si, ru, ri, se = u_pid == p, i_pid == p, ku_pid == p, ki_pid == p, ev_pid == p
+        sim = se & ev_imp
+        out_msgs.append(RankLearned(u_arr[su].tolist(), u_vec[su], u_inc[su], u_st.select(su),
+                                    i_arr[si].tolist(), i_vec[si], i_inc[si], i_st.select(si),
+                                    (ku[ru], ki[ru], kc[ru], kp[ru]), (ki[ri], kp[ri]), keep_frac,
+                                    ev_u[se], ev_i[se], ev_u[sim], ev_i[sim]))
+    return out_msgs
+
+
+def _work_table(rank: int, vec: np.ndarray, count: np.ndarray, st: RowStats) -> FactorTable:
+    n = len(vec)
+    return FactorTable(rank, [""] * n, {}, np.zeros(n, dtype=np.float32), vec, count,
+                       np.zeros(n, dtype=bool), st.gram, st.moment, st.mass)
+
+
+def _pids(keys: list[str], num_partitions: int) -> np.ndarray:
+    return np.fromiter((partition_of(k, num_partitions) for k in keys), dtype=np.int64, count=len(keys))
+
+
+def _learn_stage(params: ALSParams, rating_sum: float, ratings_seen: int,
+                 carry: RankingCarry | None = None):
+    """C: the batch's working set (ratings + the rows they touch) learned in one task, the
+    ranking model's beside it; updated rows go back to their partitions. The model itself
+    never comes here."""
     P = params.num_partitions
     lo, hi = params.rating_min, params.rating_max
 
-    def stage(it: Iterator[tuple[int, tuple]]) -> Iterator[tuple[int, tuple]]:
-        msgs = sorted((m for _, m in it), key=lambda m: m[0])
-        u_ids = [k for m in msgs for k in m[1]]
-        i_ids = [k for m in msgs for k in m[5]]
-        ub = _cat([m[2] for m in msgs], np.float32)
-        uv = _cat([m[3] for m in msgs], np.float32, params.rank)
-        ib = _cat([m[6] for m in msgs], np.float32)
-        iv = _cat([m[7] for m in msgs], np.float32, params.rank)
-        new_u = _cat([m[9] for m in msgs], str)
-        new_i = _cat([m[10] for m in msgs], str)
-        new_r = _cat([m[11] for m in msgs], np.float64)
-        new_t = _cat([m[12] for m in msgs], np.int64)
-        rep_u = _cat([m[13] for m in msgs], str)
-        rep_i = _cat([m[14] for m in msgs], str)
-        rep_r = _cat([m[15] for m in msgs], np.float32)
-        u_st = RowStats.concat([m[19] for m in msgs], params.rank)
-        i_st = RowStats.concat([m[20] for m in msgs], params.rank)
+    def stage(it: Iterator[tuple[int, Gathered]]) -> Iterator[tuple[int, Learned]]:
+        msgs = sorted((m for _, m in it), key=lambda m: m.src)
+        u_ids = [k for m in msgs for k in m.u_ids]
+        i_ids = [k for m in msgs for k in m.i_ids]
+        ub = _cat([m.ub for m in msgs], np.float32)
+        uv = _cat([m.uv for m in msgs], np.float32, params.rank)
+        ib = _cat([m.ib for m in msgs], np.float32)
+        iv = _cat([m.iv for m in msgs], np.float32, params.rank)
+        new_u = _cat([m.new_u for m in msgs], str)
+        new_i = _cat([m.new_i for m in msgs], str)
+        new_r = _cat([m.new_r for m in msgs], np.float64)
+        new_t = _cat([m.new_t for m in msgs], np.int64)
+        rep_u = _cat([m.rep_u for m in msgs], str)
+        rep_i = _cat([m.rep_i for m in msgs], str)
+        rep_r = _cat([m.rep_r for m in msgs], np.float32)
+        u_st = RowStats.concat([m.u_stats for m in msgs], params.rank)
+        i_st = RowStats.concat([m.i_stats for m in msgs], params.rank)
         n_new = len(new_r)
-        stats: dict[str, float] = {
-            "n": n_new, "rejected": sum(m[16] for m in msgs), "sum": float(new_r.sum()),
-            "new_users": sum(m[4] for m in msgs), "new_items": sum(m[8] for m in msgs),
+        stats: dict[str, Any] = {
+            "n": n_new, "rejected": sum(m.rejected for m in msgs), "sum": float(new_r.sum()),
+            "new_users": sum(m.u_fresh for m in msgs), "new_items": sum(m.i_fresh for m in msgs),
             "replayed": len(rep_r), "preq_sse": 0.0, "refused": 0,
         }
         keep_frac = keep_fraction(params.reservoir_size, ratings_seen + n_new)
@@ -287,14 +664,14 @@ def _learn_stage(params: ALSParams, rating_sum: float, ratings_seen: int):
             i_rows = np.fromiter((i_index[k] for k in all_i), dtype=np.int64, count=len(all_i))
             rates = np.concatenate([new_r, rep_r.astype(np.float64)])
             preq, refused = learn_batch(params, mu, mu_before, n_new, rates, u_rows, i_rows,
-                                        ub, uv, ib, iv, _cat([m[17] for m in msgs], np.int64),
-                                        _cat([m[18] for m in msgs], np.int64), u_st, i_st)
+                                        ub, uv, ib, iv, _cat([m.u_count for m in msgs], np.int64),
+                                        _cat([m.i_count for m in msgs], np.int64), u_st, i_st)
             stats["preq_sse"], stats["refused"] = preq, refused
             u_inc = np.bincount(u_rows[:n_new], minlength=len(u_ids))
             i_inc = np.bincount(i_rows[:n_new], minlength=len(i_ids))
             prio = rating_priority(new_u.tolist(), new_i.tolist(), new_t, params.seed)
             keep = keep_mask(prio, keep_frac)
-        else:  # nothing valid: nothing learned, no row is written back (or marked changed)
+        else:  # no valid rating: no explicit row is written back (or marked changed)
             u_ids, i_ids = [], []
             ub, uv, ib, iv = ub[:0], uv[:0], ib[:0], iv[:0]
             u_st, i_st = RowStats.zeros(0, params.rank), RowStats.zeros(0, params.rank)
@@ -302,26 +679,45 @@ def _learn_stage(params: ALSParams, rating_sum: float, ratings_seen: int):
             i_inc = np.zeros(0, dtype=np.int64)
             prio = np.zeros(0, dtype=np.uint64)
             keep = np.zeros(0, dtype=bool)
-        u_pid = np.fromiter((partition_of(k, P) for k in u_ids), dtype=np.int64, count=len(u_ids))
-        i_pid = np.fromiter((partition_of(k, P) for k in i_ids), dtype=np.int64, count=len(i_ids))
+        ranked: list[RankLearned | None] = [None] * P
+        learned = n_new
+        if carry is not None:
+            ranked = list(_learn_ranking(params, carry, msgs, stats))
+            learned += sum(len(m.ranking.ev_weights) for m in msgs if m.ranking is not None)
+        u_pid = _pids(u_ids, P)
+        i_pid = _pids(i_ids, P)
         # The batch's ratings go back to their user's partition too (for a sink).
         r_pid = u_pid[u_rows[:n_new]] if n_new else np.zeros(0, dtype=np.int64)
         ku, ki, kr, kp = new_u[keep], new_i[keep], new_r[keep], prio[keep]
-        ku_pid = np.fromiter((partition_of(k, P) for k in ku), dtype=np.int64, count=len(ku))
-        ki_pid = np.fromiter((partition_of(k, P) for k in ki), dtype=np.int64, count=len(ki))
+        ku_pid = _pids(ku.tolist(), P)
+        ki_pid = _pids(ki.tolist(), P)
         u_arr, i_arr = np.asarray(u_ids, dtype=str), np.asarray(i_ids, dtype=str)
         for p in range(P):
             su, si = u_pid == p, i_pid == p
             ru, ri = ku_pid == p, ki_pid == p
             rb = r_pid == p
-            yield p, (-1, u_arr[su].tolist(), ub[su], uv[su], u_inc[su],
-                      i_arr[si].tolist(), ib[si], iv[si], i_inc[si],
-                      (ku[ru], ki[ru], kr[ru], kp[ru]), (ki[ri], kp[ri]),
-                      keep_frac, stats if p == 0 else {},
-                      (new_u[:n_new][rb], new_i[:n_new][rb], new_r[:n_new][rb]), n_new,
-                      u_st.select(su), i_st.select(si))
+            yield p, Learned(-1, u_arr[su].tolist(), ub[su], uv[su], u_inc[su],
+                             i_arr[si].tolist(), ib[si], iv[si], i_inc[si],
+                             (ku[ru], ki[ru], kr[ru], kp[ru]), (ki[ri], kp[ri]),
+                             keep_frac, stats if p == 0 else {},
+                             (new_u[:n_new][rb], new_i[:n_new][rb], new_r[:n_new][rb]), learned,
+                             u_st.select(su), i_st.select(si), ranked[p])
 
     return stage
+
+
+def _apply_ranking(part: _RankPart, msg: RankLearned | None) -> _RankPart:
+    users, items = part.users.copy(), part.items.copy()
+    users.touched[:] = False
+    items.touched[:] = False
+    if msg is None:
+        return _RankPart(users, items, part.replay, part.mirror, part.seen)
+    users.upsert(msg.u_ids, np.zeros(len(msg.u_ids), dtype=np.float32), msg.u_vec, msg.u_inc, msg.u_stats)
+    items.upsert(msg.i_ids, np.zeros(len(msg.i_ids), dtype=np.float32), msg.i_vec, msg.i_inc, msg.i_stats)
+    replay = part.replay.updated(msg.keep_frac, *msg.replay_keep)
+    mirror = part.mirror.updated(msg.keep_frac, None, msg.mirror_keep[0], None, msg.mirror_keep[1])
+    seen = part.seen.added(msg.seen_users.tolist(), msg.seen_items.tolist()) if part.seen is not None else None
+    return _RankPart(users, items, replay, mirror, seen)
 
 
 def _apply_stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, _Part]]:
@@ -332,23 +728,29 @@ def _apply_stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, _Part]]:
     users.touched[:] = False
     items.touched[:] = False
     replay, mirror, stats, batch, learned = part.replay, part.mirror, {}, None, 0
-    for (_, u_ids, ub, uv, u_inc, i_ids, ib, iv, i_inc, rep, mir, keep_frac, st, rated, n,
-         u_st, i_st) in msgs:
-        users.upsert(u_ids, ub, uv, u_inc, u_st)
-        items.upsert(i_ids, ib, iv, i_inc, i_st)
-        replay = replay.updated(keep_frac, *rep)
-        mirror = mirror.updated(keep_frac, None, mir[0], None, mir[1])
-        stats, batch, learned = st, rated, n
-    yield pid, _Part(users, items, replay, mirror, stats, batch, learned)
+    ranking = part.ranking
+    implicit = None
+    for m in msgs:
+        users.upsert(m.u_ids, m.ub, m.uv, m.u_inc, m.u_stats)
+        items.upsert(m.i_ids, m.ib, m.iv, m.i_inc, m.i_stats)
+        replay = replay.updated(m.keep_frac, *m.replay_keep)
+        mirror = mirror.updated(m.keep_frac, None, m.mirror_keep[0], None, m.mirror_keep[1])
+        stats, batch, learned = m.stats, m.rated, m.learned
+        if ranking is not None:
+            ranking = _apply_ranking(ranking, m.ranking)
+            if m.ranking is not None:
+                implicit = (m.ranking.imp_users, m.ranking.imp_items)
+    yield pid, _Part(users, items, replay, mirror, stats, batch, learned, ranking, implicit)
 
 
 def _fused_stage(params: ALSParams, batch_no: int, fraction: float, rating_sum: float,
-                 ratings_seen: int):
+                 ratings_seen: int, r_batch_no: int = 0, r_fraction: float = 0.0,
+                 carry: RankingCarry | None = None):
     """B+C+D in one task, for a model of ONE partition: gather, learn and write back without
     the two shuffles between them (each PySpark stage and task costs tens of ms, far more
     than the numpy work of a batch). The same functions as the four-stage plan, chained."""
-    gather = _gather_stage(params, batch_no, fraction)
-    learn = _learn_stage(params, rating_sum, ratings_seen)
+    gather = _gather_stage(params, batch_no, fraction, r_batch_no, r_fraction)
+    learn = _learn_stage(params, rating_sum, ratings_seen, carry)
 
     def stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, _Part]]:
         pid, part, blocks = _split(it)
@@ -362,13 +764,17 @@ def _fused_stage(params: ALSParams, batch_no: int, fraction: float, rating_sum: 
 def _finish(sink: Any):
     """The per-partition end of ``train()``: the batch statistics, and the sink's answer."""
 
-    def finish(kv: tuple[int, _Part]) -> tuple[dict[str, float], Any]:
+    def finish(kv: tuple[int, _Part]) -> tuple[dict[str, Any], Any]:
         pid, part = kv
         if sink is None or not part.learned:  # nothing learned: nothing to write
             return part.stats, None
         empty = np.zeros(0, dtype=str)
         bu, bi, br = part.batch if part.batch is not None else (empty, empty, np.zeros(0))
-        return part.stats, sink(PartitionUpdate(pid, part.users, part.items, bu, bi, br))
+        rk = part.ranking
+        iu, ii = part.implicit_batch if part.implicit_batch is not None else (empty, empty)
+        return part.stats, sink(PartitionUpdate(pid, part.users, part.items, bu, bi, br,
+                                                rk.users if rk is not None else None,
+                                                rk.items if rk is not None else None, iu, ii))
 
     return finish
 
@@ -428,6 +834,26 @@ def _records(table_of, only_touched: bool = False):
     return explode
 
 
+def _rank_vectors(users: bool, only_touched: bool):
+    def explode(kv: tuple[int, _Part]) -> list[tuple[str, np.ndarray]]:
+        rk = kv[1].ranking
+        if rk is None:
+            return []
+        t = rk.users if users else rk.items
+        sel = np.flatnonzero(t.touched) if only_touched else range(len(t.ids))
+        return [(t.ids[j], t.vec[j].copy()) for j in sel]
+
+    return explode
+
+
+def _ranking_users_of(part: _Part) -> FactorTable:
+    return part.ranking.users if part.ranking is not None else FactorTable(1)
+
+
+def _ranking_items_of(part: _Part) -> FactorTable:
+    return part.ranking.items if part.ranking is not None else FactorTable(1)
+
+
 def _users_of(part: _Part) -> FactorTable:
     return part.users
 
@@ -457,6 +883,8 @@ class StreamingALS:
     (bounded replay of past ratings), ``vector_step`` (``"rls"``: each vector is the ridge
     solution of the least-squares statistics of everything its key learned, an online Newton
     step; ``"sgd"``: the seeds' step), ``forgetting`` and ``maturity`` (of those statistics).
+    Any other :class:`~modeler.core.als_math.ALSParams` field (``ranking``, ``ranking_rank``,
+    ``ranking_alpha``, ``weighting``, ...) may be given as a keyword; its default lives there.
     ``checkpoint_interval``: batches between reliable checkpoints
     (when the SparkContext has a checkpoint directory; other batches cut lineage with
     ``localCheckpoint``).
@@ -484,8 +912,14 @@ class StreamingALS:
         maturity: float = 30.0,
         checkpoint_interval: int = 20,
         params: ALSParams | None = None,
+        **more: Any,
     ) -> None:
         scale = scale or RatingScale()
+        unknown = sorted(set(more) - {f.name for f in dataclasses.fields(ALSParams)})
+        if unknown:
+            raise TypeError(f"unknown StreamingALS arguments: {unknown}")
+        if params is not None and more:
+            params = dataclasses.replace(params, **more)
         if params is None:
             params = ALSParams(
                 rank=rank, iterations=iterations, reg_param=reg_param,
@@ -495,6 +929,7 @@ class StreamingALS:
                 reservoir_size=reservoir_size, replay_ratio=replay_ratio,
                 num_partitions=num_partitions, rating_min=scale.min, rating_max=scale.max,
                 vector_step=vector_step, forgetting=forgetting, maturity=maturity,
+                **more,  # the ranking model's parameters (ALSParams holds their defaults)
             )
         self.params = params
         self.scale = RatingScale(min=params.rating_min, max=params.rating_max)
@@ -506,6 +941,15 @@ class StreamingALS:
         self.last_batch_size = 0
         self.last_stats: TrainStats | None = None
         self.last_sink_results: list[Any] = []
+        # The ranking model's driver state: carried Gramians XᵀX / YᵀY (rank² floats each,
+        # summed from the learning task's deltas), positives learned, its replay counters.
+        r = params.ranking_rank
+        self.gram_users = np.zeros((r, r))
+        self.gram_items = np.zeros((r, r))
+        self.positives_seen = 0
+        self.conf_minus_1_sum = 0.0
+        self.ranking_batches = 0
+        self.ranking_last_batch_size = 0
         self._state: Any = None  # RDD[(pid, _Part)], num_partitions records
 
     # -- plain attributes ------------------------------------------------------------------
@@ -543,6 +987,51 @@ class StreamingALS:
     def changed_items(self):
         """Like :attr:`item_factors`, only items changed by the LAST ``train()`` (rated or replayed)."""
         return self._need().flatMap(_records(_items_of, True))
+
+    @property
+    def has_ranking(self) -> bool:
+        return self.params.ranking
+
+    @property
+    def events_seen(self) -> int:
+        """Ratings learned by the explicit model plus positives learned by the ranking model."""
+        return self.ratings_seen + self.positives_seen
+
+    @property
+    def ranking_user_factors(self):
+        """RDD[(user id, float32 vector (ranking_rank,))] of the ranking model."""
+        return self._need_ranking().flatMap(_rank_vectors(True, False))
+
+    @property
+    def ranking_item_factors(self):
+        """RDD[(item id, float32 vector (ranking_rank,))] of the ranking model."""
+        return self._need_ranking().flatMap(_rank_vectors(False, False))
+
+    @property
+    def changed_ranking_users(self):
+        """Like :attr:`ranking_user_factors`, only rows changed by the LAST ``train()``."""
+        return self._need_ranking().flatMap(_rank_vectors(True, True))
+
+    @property
+    def changed_ranking_items(self):
+        """Like :attr:`ranking_item_factors`, only rows changed by the LAST ``train()``."""
+        return self._need_ranking().flatMap(_rank_vectors(False, True))
+
+    @property
+    def ranking_item_counts(self):
+        """RDD[(item id, positives learned for it)]."""
+        return self._need_ranking().flatMap(
+            lambda kv: list(zip(kv[1].ranking.items.ids, kv[1].ranking.items.count.tolist())))
+
+    @property
+    def mean_conf_minus_1(self) -> float:
+        """Mean α·w over the positives learned (seeds restored statistics)."""
+        return self.conf_minus_1_sum / self.positives_seen if self.positives_seen else self.params.ranking_alpha
+
+    def _need_ranking(self):
+        if not self.params.ranking:
+            raise RuntimeError("this model has no ranking model (ALSParams.ranking is False)")
+        return self._need()
 
     @property
     def item_counts(self):
@@ -587,9 +1076,9 @@ class StreamingALS:
 
     def _empty_state(self, sc):
         """A model RDD of empty partitions under the model's partitioner."""
-        rank = self.params.rank
         P = self.num_partitions
-        return sc.parallelize(range(P), P).map(lambda k: (k, _empty_part(rank))).partitionBy(P, _identity)
+        params = self.params
+        return sc.parallelize(range(P), P).map(lambda k: (k, _empty_part(params))).partitionBy(P, _identity)
 
     def _ensure_state(self, sc) -> None:
         if self._state is None:
@@ -618,17 +1107,22 @@ class StreamingALS:
         self._ensure_state(sc)
         batch_no = self.batches + 1
         fraction = replay_fraction(p, self.last_batch_size, self.ratings_seen)
-        routed = self._keyed(rdd.mapPartitionsWithIndex(_route_ratings(P, p.rating_min, p.rating_max)))
+        r_batch_no = self.ranking_batches + 1
+        r_fraction = ranking_replay_fraction(p, self.ranking_last_batch_size, self.positives_seen)
+        carry = (RankingCarry(self.gram_users, self.gram_items, self.positives_seen, r_fraction)
+                 if p.ranking else None)
+        routed = self._keyed(rdd.mapPartitionsWithIndex(_route_ratings(p)))
         if P == 1:
             state = self._zip(self._state, routed).mapPartitions(
-                _fused_stage(p, batch_no, fraction, self.rating_sum, self.ratings_seen),
+                _fused_stage(p, batch_no, fraction, self.rating_sum, self.ratings_seen,
+                             r_batch_no, r_fraction, carry),
                 preservesPartitioning=True)
         else:
             gathered = self._zip(self._state, routed) \
-                .mapPartitions(_gather_stage(p, batch_no, fraction)) \
+                .mapPartitions(_gather_stage(p, batch_no, fraction, r_batch_no, r_fraction)) \
                 .partitionBy(1, _zero)
             learned = gathered.mapPartitions(
-                _learn_stage(p, self.rating_sum, self.ratings_seen)) \
+                _learn_stage(p, self.rating_sum, self.ratings_seen, carry)) \
                 .partitionBy(P, _identity)
             state = self._zip(self._state, learned).mapPartitions(_apply_stage, preservesPartitioning=True)
         if (self.checkpoint_interval > 0 and batch_no % self.checkpoint_interval == 0
@@ -653,6 +1147,14 @@ class StreamingALS:
             self.rating_sum += float(st["sum"])
             self.mu = self.rating_sum / self.ratings_seen
             self.last_batch_size = n_new
+        n_pos = int(st.get("r_positives", 0))
+        if n_pos:
+            self.ranking_batches = r_batch_no
+            self.positives_seen += n_pos
+            self.conf_minus_1_sum += float(st["r_conf_sum"])
+            self.ranking_last_batch_size = n_pos
+            self.gram_users = self.gram_users + st["r_d_gram_users"]
+            self.gram_items = self.gram_items + st["r_d_gram_items"]
         stats = TrainStats(
             n_ratings=n_new,
             n_rejected=int(st.get("rejected", 0)),
@@ -661,7 +1163,13 @@ class StreamingALS:
             new_items=int(st.get("new_items", 0)),
             seconds=time.perf_counter() - started,
             n_replayed=int(st.get("replayed", 0)),
-            n_diverged=int(st.get("refused", 0)),
+            n_diverged=int(st.get("refused", 0)) + int(st.get("r_refused", 0)),
+            n_implicit=int(st.get("r_implicit", 0)),
+            ranking_positives=n_pos,
+            ranking_new_users=int(st.get("r_new_users", 0)),
+            ranking_new_items=int(st.get("r_new_items", 0)),
+            ranking_hits=int(st.get("r_hits", 0)),
+            ranking_probes=int(st.get("r_probes", 0)),
         )
         if stats.n_diverged:
             log.warning("batch %d: %d factor rows refused a non-finite update", batch_no,
@@ -709,13 +1217,20 @@ class StreamingALS:
             return explode
 
         state = self._need()
+        ranking = self.params.ranking
         return ModelState(
             users=state.flatMap(rows(_users_of)),
             items=state.flatMap(rows(_items_of)),
             mu=self.mu,
             ratings_seen=self.ratings_seen,
             extra={"rating_sum": self.rating_sum, "batches": self.batches,
-                   "last_batch_size": self.last_batch_size, "params": self.params.to_dict()},
+                   "last_batch_size": self.last_batch_size, "params": self.params.to_dict(),
+                   "positives_seen": self.positives_seen,
+                   "conf_minus_1_sum": self.conf_minus_1_sum,
+                   "ranking_batches": self.ranking_batches,
+                   "ranking_last_batch_size": self.ranking_last_batch_size},
+            ranking_users=state.flatMap(rows(_ranking_users_of)) if ranking else None,
+            ranking_items=state.flatMap(rows(_ranking_items_of)) if ranking else None,
         )
 
     state_rdds = state
@@ -729,9 +1244,18 @@ class StreamingALS:
         mu: float,
         ratings_seen: int,
         extra: dict[str, Any] | None = None,
+        *,
+        ranking_user_rdd: Any = None,
+        ranking_item_rdd: Any = None,
         **kwargs: Any,
     ) -> StreamingALS:
         """Rebuild a model from RDDs of ``(id, (bias, vector[, count]))`` and scalars.
+
+        ``ranking_user_rdd``/``ranking_item_rdd`` (same shape, bias ignored, count = the
+        key's positives) restore the ranking model; its Gramians are recomputed from them
+        and its statistics seeded from the counts
+        (:func:`modeler.core.ranking.seed_ranking_statistics`). Its replay sample and the
+        probe's seen pairs start empty.
 
         ``kwargs`` are constructor arguments (rank, learning_rate, ...); without them
         ``extra["params"]`` (as written by :meth:`state`) is used. ``extra["rating_sum"]``
@@ -747,20 +1271,32 @@ class StreamingALS:
         model.rating_sum = float(extra.get("rating_sum", mu * ratings_seen))
         model.batches = int(extra.get("batches", 0))
         model.last_batch_size = int(extra.get("last_batch_size", 0))
+        model.positives_seen = int(extra.get("positives_seen", 0))
+        model.conf_minus_1_sum = float(extra.get("conf_minus_1_sum", 0.0))
+        model.ranking_batches = int(extra.get("ranking_batches", 0))
+        model.ranking_last_batch_size = int(extra.get("ranking_last_batch_size", 0))
         p = model.params
         P = p.num_partitions
         rank = p.rank
-        tagged = model._keyed(user_rdd.map(lambda rec: (0, rec)).union(item_rdd.map(lambda rec: (1, rec)))
-                              .map(lambda t: (partition_of(str(t[1][0]), P), t)))
-        state = model._zip(model._empty_state(sc), tagged).mapPartitions(_build_part(rank),
-                                                                          preservesPartitioning=True)
+        sides = user_rdd.map(lambda rec: (0, rec)).union(item_rdd.map(lambda rec: (1, rec)))
+        if p.ranking and ranking_user_rdd is not None:
+            sides = sides.union(ranking_user_rdd.map(lambda rec: (2, rec)))
+        if p.ranking and ranking_item_rdd is not None:
+            sides = sides.union(ranking_item_rdd.map(lambda rec: (3, rec)))
+        tagged = model._keyed(sides.map(lambda t: (partition_of(str(t[1][0]), P), t)))
+        state = model._zip(model._empty_state(sc), tagged).mapPartitions(
+            _build_part(rank, p.ranking_rank), preservesPartitioning=True)
         built = None
-        if p.vector_step == "rls":
+        if p.vector_step == "rls" or p.ranking:
             # Factors and counts carry no least-squares statistics: seed them from the counts
-            # (als_math.seed_statistics) with each side's count-weighted second moment.
+            # (als_math.seed_statistics) with each side's count-weighted second moment; the
+            # ranking model's Gramians are the sums of v vᵀ over all rows.
             built = state.persist()
             moments = built.map(_moments).reduce(_add_moments)
-            state = built.mapPartitions(_seed_part(moments, p.reg_param), preservesPartitioning=True)
+            if p.ranking:
+                model.gram_users, model.gram_items = moments[4][0], moments[5][0]
+            state = built.mapPartitions(_seed_part(moments, p, model.mean_conf_minus_1),
+                                        preservesPartitioning=True)
         state.persist()
         state.localCheckpoint()
         state.count()
@@ -776,42 +1312,65 @@ class StreamingALS:
         return cls.restore(sc, user_rdd, item_rdd, mu, ratings_seen, None, **kwargs)
 
 
-def _moments(kv: tuple[int, _Part]) -> tuple[tuple[np.ndarray, float], tuple[np.ndarray, float]]:
+def _moments(kv: tuple[int, _Part]) -> tuple[tuple[np.ndarray, float], ...]:
+    """Per partition: count-weighted second moments of the four tables, and the ranking
+    model's plain Gramians (sums over partitions: :func:`_add_moments`)."""
     part = kv[1]
+    rk = part.ranking
+    ru = rk.users if rk is not None else FactorTable(1)
+    ri = rk.items if rk is not None else FactorTable(1)
     return (second_moment(part.users.vec, part.users.count),
-            second_moment(part.items.vec, part.items.count))
+            second_moment(part.items.vec, part.items.count),
+            second_moment(ru.vec, ru.count), second_moment(ri.vec, ri.count),
+            (gramian(ru.vec), float(len(ru))), (gramian(ri.vec), float(len(ri))))
 
 
 def _add_moments(a, b):
     return tuple((x[0] + y[0], x[1] + y[1]) for x, y in zip(a, b, strict=True))
 
 
-def _seed_part(moments, reg_param: float):
-    (user_sum, user_n), (item_sum, item_n) = moments
-    users_c = user_sum / user_n if user_n else user_sum
-    items_c = item_sum / item_n if item_n else item_sum
+def _seed_part(moments, params: ALSParams, mean_conf_minus_1: float):
+    def mean(m):
+        return m[0] / m[1] if m[1] else m[0]
+
+    users_c, items_c = mean(moments[0]), mean(moments[1])
+    r_users_c, r_items_c = mean(moments[2]), mean(moments[3])
+    g_users, g_items = moments[4][0], moments[5][0]
+    rls = params.vector_step == "rls"
 
     def seed(it: Iterator[tuple[int, _Part]]) -> Iterator[tuple[int, _Part]]:
         for pid, part in it:
             users, items = part.users.copy(), part.items.copy()
-            seed_statistics(users, items_c, reg_param)
-            seed_statistics(items, users_c, reg_param)
-            yield pid, _Part(users, items, part.replay, part.mirror)
+            if rls:
+                seed_statistics(users, items_c, params.reg_param)
+                seed_statistics(items, users_c, params.reg_param)
+            rk = part.ranking
+            if rk is not None:
+                ru, ri = rk.users.copy(), rk.items.copy()
+                seed_ranking_statistics(ru, r_items_c, g_items, mean_conf_minus_1,
+                                        params.ranking_reg_param, params.ranking_reg_scaling)
+                seed_ranking_statistics(ri, r_users_c, g_users, mean_conf_minus_1,
+                                        params.ranking_reg_param, params.ranking_reg_scaling)
+                rk = _RankPart(ru, ri, rk.replay, rk.mirror, rk.seen)
+            yield pid, _Part(users, items, part.replay, part.mirror, ranking=rk)
 
     return seed
 
 
-def _build_part(rank: int):
+def _build_part(rank: int, ranking_rank: int):
     def build(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, _Part]]:
         pid, part, recs = _split(it)
-        for side, table in ((0, part.users), (1, part.items)):
+        tables = [(0, part.users, rank), (1, part.items, rank)]
+        if part.ranking is not None:
+            tables += [(2, part.ranking.users, ranking_rank), (3, part.ranking.items, ranking_rank)]
+        for side, table, rank_ in tables:
             chosen = sorted((r for s, r in recs if s == side), key=lambda r: str(r[0]))
             if not chosen:
                 continue
             ids = [str(r[0]) for r in chosen]
             vecs = np.asarray([np.asarray(r[1][1], dtype=np.float32).reshape(-1) for r in chosen])
-            if vecs.shape[1] != rank:
-                raise ValueError(f"factors have rank {vecs.shape[1]}, the model rank {rank}")
+            if vecs.shape[1] != rank_:
+                raise ValueError(f"factors have rank {vecs.shape[1]}, the model rank {rank_}")
             table.add_rows(ids, np.asarray([float(r[1][0]) for r in chosen]), vecs,
                            np.asarray([int(r[1][2]) if len(r[1]) > 2 else 0 for r in chosen]))
         yield pid, part

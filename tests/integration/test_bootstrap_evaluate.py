@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 
+from common.datasets import EventRow, RatingRow
+from common.schema import RatingScale
 from common.synthetic import generate, write_movielens
 from modeler import bootstrap as boot
 from modeler import evaluate as ev
@@ -52,11 +55,38 @@ def test_bootstrap_starts_the_stream_from_batch_als_and_keeps_learning(spark, pl
     assert np.sqrt(stats.prequential_sse / stats.n_ratings) == pytest.approx(warm, rel=0.05)
 
 
+SMALL_GRID = {"ranks": (3,), "regs": (0.1,), "alphas": (1.0, 10.0)}
+BLOCKS = ("popular", "batch_implicit_als", "streaming", "explicit_order")
+
+
+def _popular_ndcg_by_hand(train, test, threshold, k=10):
+    """Most-popular lists and NDCG@k written out plainly (no shared code with the module)."""
+    counts = {}
+    for r in train:
+        counts[r[1]] = counts.get(r[1], 0) + 1
+    order = sorted(counts, key=lambda i: (-counts[i], list(counts).index(i)))
+    seen = {}
+    for r in train:
+        seen.setdefault(r[0], set()).add(r[1])
+    liked = {}
+    for r in test:
+        if r[0] in seen and r[2] >= threshold:
+            liked.setdefault(r[0], set()).add(r[1])
+    scores = []
+    for user, rel in liked.items():
+        top = [i for i in order if i not in seen[user]][:k]
+        dcg = sum(1 / math.log2(j + 2) for j, i in enumerate(top) if i in rel)
+        idcg = sum(1 / math.log2(j + 2) for j in range(min(k, len(rel))))
+        scores.append(dcg / idcg)
+    return float(np.mean(scores)), len(liked)
+
+
 def test_evaluate_writes_report_and_plot(spark, planted, tmp_path):
     rows, _ = planted
     report = ev.evaluate(spark, rows, "planted", train_fraction=0.8, seed=3, batch_size=400,
                          curve_every=2, ranks=(3,), regs=(0.1,), show_progress=False,
-                         params={"rank": 3, "num_partitions": 2})
+                         params={"rank": 3, "num_partitions": 2}, implicit_grid=SMALL_GRID,
+                         ranking_every=3)
     assert report["n_train"] + report["n_test"] == len(rows)
     train, test = ev.split_rows(rows, 0.8, 3)
     assert report["n_test"] == len(test)
@@ -77,7 +107,82 @@ def test_evaluate_writes_report_and_plot(spark, planted, tmp_path):
 
     ev.plot(report, tmp_path / "convergence.png")
     assert (tmp_path / "convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Top-10 lists: every row is there with the five figures.
+    r = report["ranking"]
+    assert r["k"] == 10 and r["threshold"] == pytest.approx(4.0)
+    for name in BLOCKS:
+        assert {"precision", "recall", "ndcg", "map", "coverage"} <= set(r[name]), name
+    # The popular row agrees with a plain re-implementation on the same split.
+    ndcg, n_users = _popular_ndcg_by_hand(train, test, 4.0)
+    assert r["users_evaluated"] == n_users and r["popular"]["users"] == n_users
+    assert r["popular"]["ndcg"] == pytest.approx(ndcg)
+    # Batch implicit ALS: the whole grid (2 points) plus the weights input at the best one,
+    # chosen by validation NDCG, never by the test split.
+    b = r["batch_implicit_als"]
+    assert [(g["confidence"], g["alpha"]) for g in b["grid"]] == [("raw", 1.0), ("raw", 10.0),
+                                                                   ("weights", b["grid"][-1]["alpha"])]
+    best = max(b["grid"], key=lambda g: g["validation_ndcg"])
+    assert (b["params"]["confidence"], b["params"]["alpha"]) == (best["confidence"], best["alpha"])
+    assert b["params"]["rank"] == 3 and 0.0 <= b["ndcg"] <= 1.0
+    # The explicit model's order, measured along the stream (every 3rd batch and the last).
+    e = r["explicit_order"]
+    assert [p[0] for p in e["curve"]] == sorted({min(k * 1200, len(train)) for k in range(1, n_batches // 3 + 1)}
+                                               | {len(train)})
+    assert e["curve"][-1][1] == e["ndcg"] and e["users"] == n_users
+    st = r["streaming"]
+    if ev.ranking_available():
+        assert st["curve"][-1][1] == st["ndcg"] and 0.0 <= st["prequential_recall"] <= 1.0
+    else:
+        assert st["available"] is False and st["ndcg"] is None and st["prequential_recall"] is None
+    sim = r["similar_items"]
+    assert sim["pairs"] > 0 and 0.0 <= sim["cooccurrence"] <= 1.0 and 0.0 <= sim["explicit"] <= 1.0
+    ev.plot_ranking(report, tmp_path / "ranking.png")
+    assert (tmp_path / "ranking.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     json.dumps(report)  # the report is plain JSON
+
+
+def test_evaluate_an_implicit_file_has_ranking_rows_only(spark, planted, tmp_path):
+    rows, _ = planted
+    # Plays: every rating becomes an event whose weight grows with the rating.
+    events = [EventRow(r.user, r.item, float(round(r.rating * 3)), r.timestamp, "play") for r in rows]
+    report = ev.evaluate(spark, events, "plays", seed=3, batch_size=400, show_progress=False,
+                         params={"rank": 3, "num_partitions": 1}, implicit_grid=SMALL_GRID)
+    assert report["implicit"] and "batch_als" not in report and "no ratings" in report["explicit"]
+    r = report["ranking"]
+    assert r["threshold"] is None and r["relevance"] == "held-out events of positive weight"
+    assert r["explicit_order"]["available"] is False
+    assert r["batch_implicit_als"]["ndcg"] > 0 and r["popular"]["ndcg"] > 0
+    # Every held-out event of a training user (weights here are all > 0) is relevant.
+    train, test = ev.split_rows(events, 0.8, 3)
+    users = {e.user for e in train}
+    assert r["relevant_items"] == len({(e.user, e.item) for e in test if e.user in users})
+    if not ev.ranking_available():
+        assert "streaming" not in report and r["streaming"]["reason"] == ev.NOT_IN_BUILD
+
+
+def test_ranking_data_scales_the_threshold_and_keeps_string_ids():
+    scale = RatingScale(min=1, max=10)
+    train = [RatingRow("0007", "a", 9, 1), RatingRow("0007", "b", 3, 2), RatingRow("u-2", "c", 8, 3)]
+    test = [RatingRow("0007", "c", 8, 4), RatingRow("0007", "d", 7.5, 5), RatingRow("u-2", "x", 10, 6),
+            RatingRow("u-3", "a", 10, 7)]
+    data = ev.ranking_data(train, test, scale, implicit=False)
+    assert data.threshold == pytest.approx(8.0)
+    assert data.users == ["0007", "u-2"] and data.items == ["a", "b", "c"]
+    # 0007 likes c (8 >= 8), not d (7.5); u-2 likes x, an item no training row has; u-3 is
+    # not a training user.
+    assert data.relevant.of(0).tolist() == [2] and data.relevant.of(1).tolist() == [3]
+    assert (data.relevant_unscorable, data.test_users_unseen) == (1, 1)
+    assert data.train.of(0).tolist() == [0, 1] and data.popularity.tolist() == [1, 1, 1]
+    assert data.eval_users.tolist() == [0, 1] and data.describe()["users_with_relevant_items"] == 2
+    # Many users: a seeded sample of them is scored, the same on every run.
+    many = [RatingRow(f"u{n}", "a", 9, n) for n in range(50)]
+    liked = [RatingRow(f"u{n}", "b", 9, n) for n in range(50)]
+    sample = ev.ranking_data(many, liked, scale, implicit=False, max_users=10)
+    assert len(sample.eval_users) == 10 and sample.users_with_relevant == 50
+    assert sample.eval_users.tolist() == sorted(set(sample.eval_users.tolist()))
+    assert np.array_equal(sample.eval_users,
+                          ev.ranking_data(many, liked, scale, implicit=False, max_users=10).eval_users)
 
 
 def test_evaluate_cli_rejects_bad_input_before_starting_spark(tmp_path, capsys):
@@ -89,3 +194,15 @@ def test_evaluate_cli_rejects_bad_input_before_starting_spark(tmp_path, capsys):
     path, _ = write_movielens(tmp_path / "d", rows, movies)
     with pytest.raises(SystemExit):
         ev.main(["--ratings", str(path), "--train-fraction", "1.5"])
+    # A file on a 0-10 scale read with the default 0.5-5: an error naming the range and the
+    # settings, before Spark starts - not a silent loss of every rating above 5.
+    ten = tmp_path / "ten.csv"
+    ten.write_text("userId,movieId,rating,timestamp\n" + "".join(f"{u % 9},{u},{u % 11},{u}\n" for u in range(200)))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        ev.main(["--ratings", str(ten), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "span 0..10" in err and "RATING_MIN=0 RATING_MAX=10" in err
+    with pytest.raises(SystemExit):
+        ev.main(["--ratings", str(ten), "--rating-min", "5", "--rating-max", "1"])
+    assert "--rating-min must be below --rating-max" in capsys.readouterr().err

@@ -140,3 +140,14 @@ def test_kill_9_twice_then_every_rating_counts_once(
     rmse_ref = float(np.sqrt(np.mean([(ref_pred[(u, i)] - r) ** 2 for u, i, r in pairs])))
     rmse_crash = float(np.sqrt(np.mean([(plain_predict(snap, u, i) - r) ** 2 for u, i, r in pairs])))
     assert abs(rmse_crash - rmse_ref) < 0.05, (rmse_crash, rmse_ref)
+
+    # The ranking model survived both kills too: every liked rating (>= 4 on 0.5-5, the
+    # default weighting) learned exactly once, its factor set complete in the version.
+    from tests.integration.test_modeler_ranking import plain_ranking
+
+    assert json.loads(meta["models"]) == ["explicit", "ranking"]
+    liked = [r for r in train if r[2] >= 4.0]
+    state = json.loads(client.hget(f"{redis_prefix}:ver:{meta['version']}", "model_state"))
+    assert state["positives_seen"] == len(liked)
+    ranking_users, ranking_items = plain_ranking(client, redis_prefix)
+    assert set(ranking_users) == {r[0] for r in liked} and set(ranking_items) == {r[1] for r in liked}

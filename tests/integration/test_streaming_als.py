@@ -195,3 +195,109 @@ def test_a_sink_sees_each_partitions_changed_rows_and_the_batchs_valid_ratings(s
     # A batch with nothing valid does not call the sink.
     model.train(sc.parallelize(BAD, 1), sink=_recorder())
     assert model.last_sink_results == [None, None, None]
+
+
+def _mixed_stream(n: int, seed: int = 21) -> list[tuple]:
+    """Ratings and implicit events (plays) of the same users and items, in one stream."""
+    rows = _stream(n, seed)
+    rng = np.random.default_rng(seed)
+    out: list[tuple] = []
+    for j, r in enumerate(rows):
+        if j % 3 == 0:  # a play instead of a rating
+            out.append((r[0], r[1], None, r[3], float(rng.integers(0, 9))))
+        else:
+            out.append(tuple(r))
+    return out
+
+
+def _ranking_table(rdd) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in rdd.collect()}
+
+
+# 3 partitions: the four-stage plan; 1: the fused one-task plan (with the probe)
+@pytest.mark.parametrize("partitions", [3, 1])
+def test_the_ranking_model_matches_the_numpy_reference_in_both_layouts(spark, partitions):
+    sc = spark.sparkContext
+    model = StreamingALS(rank=3, iterations=2, seed=5, num_partitions=partitions,
+                         reservoir_size=300, params=None)
+    from dataclasses import replace
+
+    model = StreamingALS(params=replace(model.params, ranking_rank=4, ranking_alpha=3.0,
+                                        ranking_probe_size=40))
+    ref = LocalStreamingALS(model.params)
+    rows = _mixed_stream(1200)
+    hits = probes = 0
+    for start in range(0, len(rows), 300):
+        batch = rows[start:start + 300] + BAD + [("u1", "i1", None, 1, -2.0)]
+        got = model.train(sc.parallelize(batch, 2))
+        want = ref.train(batch)
+        assert (got.n_ratings, got.n_implicit, got.n_rejected, got.ranking_positives) == (
+            want.n_ratings, want.n_implicit, want.n_rejected, want.ranking_positives)
+        if partitions == 1:
+            assert (got.ranking_hits, got.ranking_probes) == (want.ranking_hits, want.ranking_probes)
+            hits, probes = hits + got.ranking_hits, probes + got.ranking_probes
+        else:
+            assert got.ranking_probes == 0  # no partition holds every item
+    if partitions == 1:
+        assert probes > 0
+    ranking = ref.ranking
+    assert model.positives_seen == ranking.positives_seen > 0
+    for rdd, table in ((model.ranking_user_factors, ranking.users),
+                       (model.ranking_item_factors, ranking.items)):
+        got_t = _ranking_table(rdd)
+        assert sorted(got_t) == sorted(table.ids)
+        for key, vec in got_t.items():
+            assert vec.dtype == np.float32 and vec.shape == (4,)
+            np.testing.assert_allclose(vec, table.vec[table.index[key]], atol=2e-5, err_msg=key)
+    np.testing.assert_allclose(model.gram_users, ranking.gram_users, atol=1e-6)
+    np.testing.assert_allclose(model.gram_items, ranking.gram_items, atol=1e-6)
+    touched = {k for k, t in zip(ranking.items.ids, ranking.items.touched) if t}
+    assert {k for k, _ in model.changed_ranking_items.collect()} == touched
+    # The explicit model never saw the plays.
+    assert model.ratings_seen == ref.ratings_seen == sum(1 for r in rows if len(r) == 4)
+    _assert_tables_equal(_table(model.item_factors), ref.items)
+
+
+def test_the_ranking_model_survives_a_state_round_trip_and_trains_on(spark):
+    sc = spark.sparkContext
+    rows = _mixed_stream(900, seed=4)
+    model = StreamingALS(rank=3, iterations=2, seed=2, num_partitions=2, reservoir_size=0)
+    for start in range(0, 600, 300):
+        model.train(sc.parallelize(rows[start:start + 300], 2))
+    state = model.state()
+
+    def collected(rdd):
+        return [(k, (b, np.asarray(v, dtype=np.float32), c)) for k, (b, v, c) in rdd.collect()]
+
+    restored = StreamingALS.restore(
+        sc, sc.parallelize(collected(state.users), 2), sc.parallelize(collected(state.items), 2),
+        state.mu, state.ratings_seen, state.extra,
+        ranking_user_rdd=sc.parallelize(collected(state.ranking_users), 2),
+        ranking_item_rdd=sc.parallelize(collected(state.ranking_items), 2))
+    assert restored.positives_seen == model.positives_seen > 0
+    assert _ranking_table(restored.ranking_item_factors).keys() == _ranking_table(model.ranking_item_factors).keys()
+    for k, v in _ranking_table(restored.ranking_user_factors).items():
+        np.testing.assert_allclose(v, _ranking_table(model.ranking_user_factors)[k], atol=1e-6)
+    # Gramians are recomputed from the rows: equal to the carried ones.
+    np.testing.assert_allclose(restored.gram_items, model.gram_items, atol=1e-6)
+    np.testing.assert_allclose(restored.gram_users, model.gram_users, atol=1e-6)
+    assert dict(restored.ranking_item_counts.collect()) == dict(model.ranking_item_counts.collect())
+
+    nxt = sc.parallelize(rows[600:900], 2)
+    a, b = model.train(nxt), restored.train(nxt)
+    assert a.ranking_positives == b.ranking_positives > 0 and b.n_diverged == 0
+    # Statistics are seeded, not persisted: close to the uninterrupted model, not identical.
+    got, want = _ranking_table(restored.ranking_item_factors), _ranking_table(model.ranking_item_factors)
+    cos = [float(got[k] @ want[k] / (np.linalg.norm(got[k]) * np.linalg.norm(want[k]) + 1e-12)) for k in want]
+    assert np.median(cos) > 0.8
+
+
+def test_an_implicit_only_stream_trains_the_ranking_model_alone(spark):
+    sc = spark.sparkContext
+    rows = [(r[0], r[1], None, r[3], 2.0) for r in _stream(300, seed=9)]
+    model = StreamingALS(rank=3, num_partitions=1, reservoir_size=100)
+    stats = model.train(sc.parallelize(rows, 2))
+    assert (stats.n_ratings, stats.n_implicit, stats.ranking_positives) == (0, 300, 300)
+    assert model.ratings_seen == 0 and model.user_factors.count() == 0
+    assert model.ranking_user_factors.count() == len({r[0] for r in rows})
+    assert model.events_seen == 300

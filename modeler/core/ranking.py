@@ -1,0 +1,586 @@
+"""Streaming implicit-feedback ALS (the ranking model): the maths, in numpy only.
+
+Model (Hu, Koren & Volinsky, ICDM 2008): every observed (user, item) pair with weight w > 0
+(:mod:`common.feedback`: a liked rating, a play count) is a positive, p_ui = 1, with
+confidence c_ui = 1 + α·w; every other cell is p_ui = 0 with confidence 1. The score of an
+item for a user is x_u · y_i (a ranking score, not a rating). Minimising
+Σ_{u,i} c_ui (p_ui − x_u·y_i)² + λ-terms over ALL cells gives, for a user, the closed form::
+
+    x_u = (YᵀY + Σ_{i∈I_u} (c_ui − 1) y_i y_iᵀ + λ_u I)⁻¹ Σ_{i∈I_u} c_ui y_i
+
+where YᵀY (rank × rank, the item Gramian) stands for the unobserved cells, which are never
+materialised; items are solved symmetrically against XᵀX. λ_u = λ·n_u (n_u: the key's
+positives, the ALS-WR / Spark ML scaling) with ``reg_scaling="count"``, λ_u = λ with
+``"constant"``.
+
+Streaming (one pass over micro-batches, the explicit model's structure, see
+:mod:`modeler.core.als_math`):
+
+* Each key keeps least-squares statistics of the positives it has learned:
+  A_k = Σ m (c − 1) q qᵀ, b_k = Σ m c q, N_k = Σ m (q: the partner's vector as it was when
+  the positive was folded in, m a maturity weight, below). A pass solves every key with
+  positives in the batch or in its replay::
+
+      x_k = (G_other + A_k + Σ_pass (c − 1) q qᵀ + λ_k I)⁻¹ (b_k + Σ_pass c q)
+
+  users first (against the item Gramian), then items (against the user Gramian updated
+  with the users' new rows); ``iterations`` passes. The batch's own positives are folded
+  into (A, b, N) once the batch is learned; replayed ones are not (they were folded when
+  first seen).
+* The Gramians G_X = XᵀX, G_Y = YᵀY over every row of the model are kept incrementally:
+  after a batch, G += Σ_rows (x_new x_newᵀ − x_old x_oldᵀ) over the rows the batch changed
+  (a newcomer's old row is 0): O(changed rows · rank²), never O(model). In Spark they are
+  carried by the driver (rank² floats each) and handed to the one task that learns a batch.
+* Stale statistics: A_k, b_k hold partner vectors as they were when folded in, and early
+  vectors are mostly their random start. Two things bound the damage: a user's statistics
+  weigh each positive by the item's maturity m = N_i / (N_i + c) (N_i: the item's positives
+  learned before the batch), and a bounded uniform replay sample of past positives
+  re-enters every pass with today's vectors (it is what keeps re-solving a key against
+  current partners). Measured choices: docs/ranking_model.md.
+
+Memory: per key (rank² + rank + 2) × 4 bytes (vector, statistics, count), two rank × rank
+float64 Gramians, the replay sample (≤ ``reservoir_size`` expected positives) and, in the
+one-partition layout only, the seen (user, item) pairs for the prequential probe
+(8 bytes per distinct pair, see :class:`SeenPairs`).
+
+The module holds the maths, the prequential probe and the single-process reference
+(:class:`LocalRankingALS`) together: the Spark stages call exactly these functions, and the
+reference is what their tests compare against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from common.feedback import Weighting
+from modeler.core.als_math import (
+    FactorTable,
+    Groups,
+    Reservoir,
+    hash_ids,
+    init_factors,
+    keep_fraction,
+    rating_priority,
+    solve_rows,
+)
+
+REG_SCALINGS = ("count", "constant")
+INIT_SALT = 0x5A17  # ranking vectors start from other draws than the explicit ones
+
+
+# ---------------------------------------------------------------------------------------------
+# Events -> weights
+# ---------------------------------------------------------------------------------------------
+
+
+def event_weights(ratings: np.ndarray, implicit: np.ndarray, weighting: Weighting, lo: float,
+                  hi: float) -> np.ndarray:
+    """w per event, vectorised :class:`common.feedback.Weighting`: a rating r (not NaN) maps
+    through t = (r − lo)/(hi − lo), w = 1 + slope·(t − liked) if t ≥ liked else low_weight;
+    an implicit event (rating NaN) of weight v has w = log1p(v) ("log") or v ("linear")."""
+    r = np.asarray(ratings, dtype=np.float64)
+    v = np.asarray(implicit, dtype=np.float64)
+    is_rating = ~np.isnan(r)
+    span = hi - lo
+    with np.errstate(invalid="ignore"):
+        t = (r - lo) / span if span > 0 else np.ones_like(r)
+        rated = np.where(t + 1e-9 >= weighting.liked, 1.0 + weighting.slope * (t - weighting.liked),
+                         weighting.low_weight)
+        imp = np.log1p(np.maximum(v, 0.0)) if weighting.implicit == "log" else v
+    return np.where(is_rating, rated, np.nan_to_num(imp, nan=0.0))
+
+
+def ranking_init(ids: Sequence[str], rank: int, seed: int, init_scale: float) -> np.ndarray:
+    """Initial ranking vectors (n, rank) float32: :func:`als_math.init_factors` of a salted seed."""
+    return init_factors(ids, rank, seed ^ INIT_SALT, init_scale)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sums, solves, statistics, Gramians
+# ---------------------------------------------------------------------------------------------
+
+
+def implicit_sums(rows: np.ndarray, q: np.ndarray, gram_w: np.ndarray, rhs_w: np.ndarray,
+                  mass_w: np.ndarray, groups: Groups | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per row with events: (rows ascending, n = Σ mass_w, G = Σ gram_w q qᵀ, h = Σ rhs_w q),
+    float64. Sorted once (or ``groups`` of the same rows), summed with ``reduceat``."""
+    rank = q.shape[1]
+    if not len(rows):
+        return np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros((0, rank, rank)), np.zeros((0, rank))
+    g = groups or Groups.of(rows)
+    qs = np.asarray(q, dtype=np.float64)[g.order]
+    h = np.add.reduceat(qs * np.asarray(rhs_w, dtype=np.float64)[g.order][:, None], g.starts, axis=0)
+    n = np.add.reduceat(np.asarray(mass_w, dtype=np.float64)[g.order], g.starts)
+    gram = grouped_gram(qs, np.asarray(gram_w, dtype=np.float64)[g.order], g.starts,
+                        g.n.astype(np.int64))
+    return g.keys, n, gram, h
+
+
+def grouped_gram(qs: np.ndarray, w: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """G_g = Σ_{e∈g} w_e q_e q_eᵀ for contiguous groups of rows of ``qs`` (float64).
+
+    Groups are bucketed by size (next power of two) and padded with zero-weight rows, so
+    each bucket is ONE batched matrix product (n_groups, rank, S) @ (n_groups, S, rank):
+    no Python loop per group and at most twice the events' memory per bucket.
+    """
+    rank = qs.shape[1]
+    out = np.empty((len(starts), rank, rank))
+    if not len(starts):
+        return out
+    bucket = np.ceil(np.log2(np.maximum(sizes, 1))).astype(np.int64)
+    for b in np.unique(bucket).tolist():
+        gi = np.flatnonzero(bucket == b)
+        width = 1 << b
+        offs = np.arange(width)
+        valid = offs[None, :] < sizes[gi][:, None]
+        idx = np.where(valid, starts[gi][:, None] + offs[None, :], 0)
+        qb = qs[idx]  # (groups, width, rank)
+        wq = qb * np.where(valid, w[idx], 0.0)[:, :, None]
+        out[gi] = np.matmul(qb.transpose(0, 2, 1), wq)
+    return out
+
+
+def gramian(vec: np.ndarray) -> np.ndarray:
+    """VᵀV (rank × rank, float64) of some rows."""
+    v = np.asarray(vec, dtype=np.float64)
+    return v.T @ v
+
+
+def gramian_delta(old: np.ndarray, old_known: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Σ new newᵀ − Σ_known old oldᵀ over the same rows: what replacing them does to VᵀV."""
+    return gramian(new) - gramian(np.asarray(old)[np.asarray(old_known, dtype=bool)])
+
+
+def implicit_half_step(rows: np.ndarray, table: FactorTable, other_rows: np.ndarray,
+                       other: FactorTable, conf: np.ndarray, gram_other: np.ndarray,
+                       reg_param: float, reg_scaling: str, groups: Groups | None = None,
+                       forgetting: float = 1.0) -> int:
+    """Solve every row of ``table`` with events in the pass (module docstring):
+    x_k = (G_other + A_k + Σ (c−1) q qᵀ + λ_k I)⁻¹ (b_k + Σ c q), with c = ``conf`` per event.
+    Rows whose solution is not finite keep their vectors; returns how many."""
+    g = groups or Groups.of(rows)
+    if not len(g.keys):
+        return 0
+    q = other.vec[other_rows]
+    conf = np.asarray(conf, dtype=np.float64)
+    keys, n_k, gram, h = implicit_sums(rows, q, conf - 1.0, conf, np.ones(len(rows)), g)
+    # β (``forgetting``) < 1 discounts the statistics: β A_k, β b_k, β N_k.
+    beta = forgetting
+    lhs = gram + beta * table.gram[keys].astype(np.float64) + np.asarray(gram_other, dtype=np.float64)[None]
+    if reg_scaling == "count":
+        diag = reg_param * (beta * table.mass[keys].astype(np.float64) + n_k)
+    else:
+        diag = np.full(len(keys), float(reg_param))
+    lhs[:, np.arange(table.rank), np.arange(table.rank)] += (diag + 1e-9)[:, None]
+    with np.errstate(over="ignore", invalid="ignore"):
+        new_v = solve_rows(lhs, beta * table.moment[keys].astype(np.float64) + h).astype(np.float32)
+    ok = np.isfinite(new_v).all(axis=1)
+    table.vec[keys[ok]] = new_v[ok]
+    table.touched[keys] = True
+    return int((~ok).sum())
+
+
+def fold_implicit(rows: np.ndarray, table: FactorTable, other_rows: np.ndarray,
+                  other: FactorTable, conf: np.ndarray, maturity: float = 0.0,
+                  partner_count: np.ndarray | None = None, forgetting: float = 1.0) -> None:
+    """Add a learned batch's own positives to its rows' statistics, with the vectors as the
+    batch left them: A += Σ m (c−1) q qᵀ, b += Σ m c q, N += Σ m; m = N_p / (N_p + c_mat)
+    with N_p the partner's positives before the batch (``partner_count``) when
+    ``maturity`` c_mat > 0, else 1."""
+    conf = np.asarray(conf, dtype=np.float64)
+    m = np.ones(len(rows))
+    if maturity > 0 and partner_count is not None:
+        pn = np.asarray(partner_count, dtype=np.float64)
+        m = pn / (pn + maturity)
+    keys, n, gram, h = implicit_sums(rows, other.vec[other_rows], m * (conf - 1.0), m * conf, m)
+    if not len(keys):
+        return
+    beta = forgetting  # A ← β A + ΔA (likewise b, N): old, staler terms fade with each touch
+    table.gram[keys] = (beta * table.gram[keys].astype(np.float64) + gram).astype(np.float32)
+    table.moment[keys] = (beta * table.moment[keys].astype(np.float64) + h).astype(np.float32)
+    table.mass[keys] = (beta * table.mass[keys].astype(np.float64) + n).astype(np.float32)
+
+
+@dataclass
+class RankingOutcome:
+    """What :func:`learn_ranking_batch` did: the Gramian changes (to add to the carried
+    ones), rows refused as non-finite, and the batch's positives."""
+
+    d_gram_users: np.ndarray
+    d_gram_items: np.ndarray
+    refused: int
+    positives: int
+
+
+def replay_solves_all(params: Any, positives_seen_before: int, fraction: float) -> bool:
+    """Whether replayed positives re-solve every key they touch (see
+    :func:`learn_ranking_batch`): always with ``ranking_replay_scope="all"``, never with
+    ``"batch"``, and with ``"auto"`` while the batch replays EVERY positive learned so far
+    (the sample still holds them all and ``fraction`` is 1): a re-solve then sees each
+    key's whole history with today's vectors. Measured: re-solving with only part of the
+    history replayed collapses on long streams (docs/ranking_model.md)."""
+    scope = params.ranking_replay_scope
+    if scope == "all":
+        return True
+    if scope == "batch":
+        return False
+    return positives_seen_before <= params.reservoir_size and fraction >= 1.0
+
+
+def learn_ranking_batch(params: Any, n_new: int, conf: np.ndarray, u_rows: np.ndarray,
+                        i_rows: np.ndarray, users: FactorTable, items: FactorTable,
+                        user_known: np.ndarray, item_known: np.ndarray,
+                        gram_users: np.ndarray, gram_items: np.ndarray,
+                        replay_all: bool = True) -> RankingOutcome:
+    """``params.ranking_iterations`` passes over one batch's working set of positives, in place.
+
+    ``users``/``items`` hold the working set's rows (vectors, counts = positives learned
+    before the batch, statistics); ``*_known`` marks rows already in the model (their vectors
+    are in the carried Gramians ``gram_users`` = XᵀX and ``gram_items`` = YᵀY; a newcomer's
+    row enters with its initial vector). Event k is a positive of user row ``u_rows[k]``
+    for item row ``i_rows[k]`` with confidence ``conf[k]``; the first ``n_new`` are the
+    batch's own, the rest replayed. Returns the Gramians' deltas (model before -> after).
+    """
+    old_u, old_i = users.vec.copy(), items.vec.copy()
+    refused = 0
+    if len(conf):
+        # ``replay_all``: every key with positives in the batch or its replay is solved.
+        # Otherwise only keys with positives in the batch are, and a replayed positive takes
+        # part in the solve of its user if that user is in the batch, of its item if that
+        # item is. (Re-solving every replayed key was measured to collapse once the replay
+        # sample holds a small share of a long history: keys without new data are then
+        # re-solved against their stale statistics every batch. See replay_solves_all.)
+        if replay_all:
+            su = si = np.ones(len(conf), dtype=bool)
+        else:
+            in_u = np.zeros(len(users), dtype=bool)
+            in_i = np.zeros(len(items), dtype=bool)
+            in_u[u_rows[:n_new]] = True
+            in_i[i_rows[:n_new]] = True
+            su, si = in_u[u_rows], in_i[i_rows]
+        uu, ui, uc = u_rows[su], i_rows[su], conf[su]
+        iu, ii, ic = u_rows[si], i_rows[si], conf[si]
+        u_groups, i_groups = Groups.of(uu), Groups.of(ii)
+        g_items = gram_items + gramian_delta(old_i, item_known, items.vec)
+        for _ in range(params.ranking_iterations):
+            refused += implicit_half_step(uu, users, ui, items, uc, g_items,
+                                          params.ranking_reg_param, params.ranking_reg_scaling,
+                                          u_groups, params.ranking_forgetting)
+            g_users = gram_users + gramian_delta(old_u, user_known, users.vec)
+            refused += implicit_half_step(ii, items, iu, users, ic, g_users,
+                                          params.ranking_reg_param, params.ranking_reg_scaling,
+                                          i_groups, params.ranking_forgetting)
+            g_items = gram_items + gramian_delta(old_i, item_known, items.vec)
+        new_c, new_u, new_i = conf[:n_new], u_rows[:n_new], i_rows[:n_new]
+        # As the explicit model: users weigh items by maturity, items take users at full
+        # weight (a user's vector has just been solved from this very batch).
+        fold_implicit(new_u, users, new_i, items, new_c, params.maturity, items.count[new_i],
+                      params.ranking_forgetting)
+        fold_implicit(new_i, items, new_u, users, new_c, forgetting=params.ranking_forgetting)
+    return RankingOutcome(gramian_delta(old_u, user_known, users.vec),
+                          gramian_delta(old_i, item_known, items.vec), refused, int(n_new))
+
+
+def seed_ranking_statistics(table: FactorTable, partner_moment: np.ndarray, gram_other: np.ndarray,
+                            mean_conf_minus_1: float, reg_param: float, reg_scaling: str) -> None:
+    """Statistics for rows with positives but none stored (a restored model): A = N (c̄−1) C
+    with C the count-weighted mean q qᵀ of the partner side, and b = (G_other + A + λ_k I) x,
+    so a row's solution is its current vector until new positives arrive."""
+    need = np.flatnonzero((table.mass == 0) & (table.count > 0))
+    if not len(need):
+        return
+    count = table.count[need].astype(np.float64)
+    a = (count * mean_conf_minus_1)[:, None, None] * np.asarray(partner_moment, dtype=np.float64)[None]
+    lhs = a + np.asarray(gram_other, dtype=np.float64)[None]
+    diag = reg_param * count if reg_scaling == "count" else np.full(len(need), float(reg_param))
+    lhs[:, np.arange(table.rank), np.arange(table.rank)] += (diag + 1e-9)[:, None]
+    table.gram[need] = a.astype(np.float32)
+    table.moment[need] = (lhs @ table.vec[need].astype(np.float64)[:, :, None])[:, :, 0].astype(np.float32)
+    table.mass[need] = count.astype(np.float32)
+
+
+def reference_implicit_solve(p: np.ndarray, c: np.ndarray, other: np.ndarray, reg: np.ndarray) -> np.ndarray:
+    """The dense textbook solve, every cell materialised (tests only): for each row u,
+    x_u = (Yᵀ C_u Y + reg_u I)⁻¹ Yᵀ C_u p_u with C_u = diag(c_u) over ALL columns."""
+    rank = other.shape[1]
+    out = np.zeros((p.shape[0], rank))
+    for u in range(p.shape[0]):
+        cu = c[u]
+        lhs = other.T @ (cu[:, None] * other) + reg[u] * np.eye(rank)
+        out[u] = np.linalg.solve(lhs, other.T @ (cu * p[u]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Seen pairs and the prequential probe
+# ---------------------------------------------------------------------------------------------
+
+
+def pair_keys(users: Sequence[str], items: Sequence[str]) -> np.ndarray:
+    """uint64 key of (user, item): crc32(user) in the high half, crc32(item) in the low.
+    (Two users with the same crc32 would share their seen sets: harmless for a metric.)"""
+    return (hash_ids(users) << np.uint64(32)) | hash_ids(items)
+
+
+@dataclass
+class SeenPairs:
+    """The (user, item) pairs seen so far, as sorted unique uint64 keys (:func:`pair_keys`);
+    8 bytes per distinct pair. Only kept where the prequential probe runs."""
+
+    keys: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def added(self, users: Sequence[str], items: Sequence[str]) -> SeenPairs:
+        if not len(users):
+            return self
+        return SeenPairs(np.union1d(self.keys, pair_keys(users, items)))
+
+    def contains(self, users: Sequence[str], items: Sequence[str]) -> np.ndarray:
+        k = pair_keys(users, items)
+        pos = np.searchsorted(self.keys, k)
+        return (pos < len(self.keys)) & (self.keys[np.minimum(pos, len(self.keys) - 1)] == k) \
+            if len(self.keys) else np.zeros(len(k), dtype=bool)
+
+    def items_of(self, user: str) -> np.ndarray:
+        """crc32 of the items ``user`` has seen (uint64)."""
+        hi = hash_ids([user])[0] << np.uint64(32)
+        lo = np.searchsorted(self.keys, hi)
+        up = np.searchsorted(self.keys, hi | np.uint64(0xFFFFFFFF), side="right")
+        return self.keys[lo:up] & np.uint64(0xFFFFFFFF)
+
+
+def probe_sample(users: Sequence[str], items: Sequence[str], stamps: np.ndarray, eligible: np.ndarray,
+                 size: int, seed: int) -> np.ndarray:
+    """Indices of at most ``size`` eligible events: the smallest priorities of a hash of
+    (seed, user, item, timestamp), so the sample is the same in every layout."""
+    idx = np.flatnonzero(eligible)
+    if len(idx) <= size:
+        return idx
+    picked = idx.tolist()
+    prio = rating_priority([users[j] for j in picked], [items[j] for j in picked], stamps[idx], seed ^ 0x9B0E)
+    return np.sort(idx[np.argsort(prio, kind="stable")[:size]])
+
+
+def probe_hits(user_vecs: np.ndarray, item_vec: np.ndarray, item_hash: np.ndarray,
+               target_rows: np.ndarray, seen_hashes: list[np.ndarray], k: int = 10) -> int:
+    """How many probes hit: target item (row ``target_rows[j]``, −1 if not in the model) is
+    among the top ``k`` of x_u·Y over the items not in ``seen_hashes[j]`` (crc32 of the
+    user's seen items). Ties count against the target."""
+    if not len(target_rows) or not len(item_vec):
+        return 0
+    scores = np.asarray(user_vecs, dtype=np.float64) @ np.asarray(item_vec, dtype=np.float64).T
+    order = np.argsort(item_hash, kind="stable")
+    sorted_hash = item_hash[order]
+    hits = 0
+    for j, t in enumerate(target_rows.tolist()):
+        if t < 0:
+            continue
+        s = scores[j]
+        # Rows of the seen items: binary search in the sorted item hashes (should two items
+        # share a crc32, only one of them is excluded: harmless for a metric).
+        pos = np.minimum(np.searchsorted(sorted_hash, seen_hashes[j]), len(sorted_hash) - 1)
+        found = sorted_hash[pos] == seen_hashes[j]
+        excluded = np.zeros(len(s), dtype=bool)
+        excluded[order[pos[found]]] = True
+        if excluded[t]:
+            continue
+        better = (s >= s[t]) & ~excluded
+        better[t] = False
+        hits += int(better.sum() < k)
+    return hits
+
+
+# ---------------------------------------------------------------------------------------------
+# The single-process reference of the streaming ranking model
+# ---------------------------------------------------------------------------------------------
+
+RESERVOIR_SALT = 0x3C1A  # the ranking replay sample draws other priorities than the explicit one
+
+
+@dataclass
+class RankingResult:
+    """What one batch did to the ranking model; ``probe_hits``/``probes`` are the prequential
+    recall@10 counters (measured before the batch was learned)."""
+
+    positives: int = 0
+    new_users: int = 0
+    new_items: int = 0
+    replayed: int = 0
+    refused: int = 0
+    probe_hits: int = 0
+    probes: int = 0
+
+
+class LocalRankingALS:
+    """The streaming ranking model in one process (module docstring): the reference for the
+    Spark path, which calls the same functions on the same working sets.
+
+    ``train(users, items, ratings, implicit, stamps)`` takes one batch's VALID events as
+    columns (``ratings`` NaN marks an implicit event of weight ``implicit``). ``params`` is
+    an :class:`modeler.core.als_math.ALSParams`.
+    """
+
+    def __init__(self, params: Any) -> None:
+        self.params = params
+        rank = params.ranking_rank
+        self.users = FactorTable(rank)
+        self.items = FactorTable(rank)
+        self.reservoir = Reservoir()
+        self.gram_users = np.zeros((rank, rank))
+        self.gram_items = np.zeros((rank, rank))
+        self.seen = SeenPairs()
+        self.positives_seen = 0
+        self.conf_minus_1_sum = 0.0
+        self.batches = 0
+        self.last_batch_size = 0
+
+    def train(self, users: list[str], items: list[str], ratings: np.ndarray, implicit: np.ndarray,
+              stamps: np.ndarray) -> RankingResult:
+        p = self.params
+        out = RankingResult()
+        if not len(users):
+            return out
+        w = event_weights(ratings, implicit, p.weighting, p.rating_min, p.rating_max)
+        pos = np.flatnonzero(w > 0)
+        out.probes, out.probe_hits = self._probe(users, items, stamps, w > 0)
+        self.seen = self.seen.added(users, items) if p.ranking_probe_size > 0 else self.seen
+        if not len(pos):
+            return out
+        pu = [users[j] for j in pos]
+        pi = [items[j] for j in pos]
+        conf = 1.0 + p.ranking_alpha * w[pos]
+        self.batches += 1
+        frac = ranking_replay_fraction(p, self.last_batch_size, self.positives_seen)
+        sel = self.reservoir.selected(self.batches, frac)
+        rep_u, rep_i, rep_c = self.reservoir.users[sel], self.reservoir.items[sel], self.reservoir.ratings[sel]
+        self.positives_seen += len(pos)
+        self.conf_minus_1_sum += float((conf - 1.0).sum())
+        self.last_batch_size = len(pos)
+
+        self.users.touched[:] = False
+        self.items.touched[:] = False
+        u_before, i_before = len(self.users), len(self.items)
+        out.new_users = ensure_ranking_rows(self.users, pu, p)
+        out.new_items = ensure_ranking_rows(self.items, pi, p)
+        ur = self.users.rows(pu + rep_u.tolist())
+        ir = self.items.rows(pi + rep_i.tolist())
+        uniq_u, u_local = np.unique(ur, return_inverse=True)
+        uniq_i, i_local = np.unique(ir, return_inverse=True)
+        wu = sub_table(self.users, uniq_u)
+        wi = sub_table(self.items, uniq_i)
+        all_c = np.concatenate([conf, rep_c.astype(np.float64)])
+        res = learn_ranking_batch(p, len(pos), all_c, u_local, i_local, wu, wi, uniq_u < u_before,
+                                  uniq_i < i_before, self.gram_users, self.gram_items,
+                                  replay_solves_all(p, self.positives_seen - len(pos), frac))
+        for table, rows, sub in ((self.users, uniq_u, wu), (self.items, uniq_i, wi)):
+            table.vec[rows] = sub.vec
+            table.gram[rows], table.moment[rows], table.mass[rows] = sub.gram, sub.moment, sub.mass
+            table.touched[rows] = True
+        np.add.at(self.users.count, ur[:len(pos)], 1)
+        np.add.at(self.items.count, ir[:len(pos)], 1)
+        self.gram_users = self.gram_users + res.d_gram_users
+        self.gram_items = self.gram_items + res.d_gram_items
+        prio = rating_priority(pu, pi, stamps[pos], p.seed ^ RESERVOIR_SALT)
+        self.reservoir = self.reservoir.updated(keep_fraction(p.reservoir_size, self.positives_seen),
+                                                pu, pi, conf, prio)
+        out.positives, out.replayed, out.refused = len(pos), len(rep_c), res.refused
+        return out
+
+    def _probe(self, users: list[str], items: list[str], stamps: np.ndarray,
+               positive: np.ndarray) -> tuple[int, int]:
+        """Prequential recall@10 counters of a sample of the batch (before learning it)."""
+        size = self.params.ranking_probe_size
+        if size <= 0 or not len(self.users):
+            return 0, 0
+        return run_probe(self.users, self.items, self.seen, users, items, stamps, positive, size,
+                         self.params.seed)
+
+    def recommend(self, user: str, n: int = 10, exclude_seen: bool = True) -> list[str]:
+        """Top ``n`` item ids by x_u·y_i (unseen ones only, by default); [] for an unknown user."""
+        row = self.users.index.get(user)
+        if row is None or not len(self.items):
+            return []
+        s = self.items.vec.astype(np.float64) @ self.users.vec[row].astype(np.float64)
+        if exclude_seen:
+            s[np.isin(hash_ids(self.items.ids), self.seen.items_of(user))] = -np.inf
+        best = np.argsort(-s, kind="stable")[:n]
+        return [self.items.ids[j] for j in best if np.isfinite(s[j])]
+
+
+def run_probe(users_t: FactorTable, items_t: FactorTable, seen: SeenPairs, users: Sequence[str],
+              items: Sequence[str], stamps: np.ndarray, positive: np.ndarray, size: int,
+              seed: int) -> tuple[int, int]:
+    """(probes, hits) over a sample of the positive events of users already in the model
+    (with positives) for items they had not seen: is the item in the user's top 10 over all
+    items of the model the user has not seen?"""
+    rows = users_t.lookup(list(users))
+    known = rows >= 0
+    known[known] = users_t.count[rows[known]] > 0
+    eligible = positive & known & ~seen.contains(users, items)
+    pick = probe_sample(users, items, stamps, eligible, size, seed)
+    if not len(pick):
+        return 0, 0
+    item_hash = hash_ids(items_t.ids)
+    target = items_t.lookup([items[j] for j in pick])
+    seen_h = [seen.items_of(users[j]) for j in pick]
+    hits = probe_hits(users_t.vec[rows[pick]], items_t.vec, item_hash, target, seen_h)
+    return len(pick), hits
+
+
+def ranking_replay_fraction(params: Any, expected_new: int, seen_before: int) -> float:
+    """Share of the ranking replay sample replayed with a batch of ~``expected_new`` positives."""
+    held = min(params.reservoir_size, seen_before)
+    if held <= 0 or params.ranking_replay_ratio <= 0 or expected_new <= 0:
+        return 0.0
+    return min(1.0, params.ranking_replay_ratio * expected_new / held)
+
+
+def ensure_ranking_rows(table: FactorTable, keys: Sequence[str], params: Any) -> int:
+    """Append rows for keys never seen (first-seen order), bias 0, initial ranking vectors."""
+    new: list[str] = []
+    seen: set[str] = set()
+    for k in keys:
+        if k not in table.index and k not in seen:
+            seen.add(k)
+            new.append(k)
+    if new:
+        table.add_rows(new, np.zeros(len(new), dtype=np.float32),
+                       ranking_init(new, table.rank, params.seed, params.init_scale))
+    return len(new)
+
+
+def sub_table(table: FactorTable, rows: np.ndarray) -> FactorTable:
+    """A working copy of some rows (vectors, counts, statistics) of ``table``."""
+    st = table.stats(rows)
+    n = len(rows)
+    return FactorTable(table.rank, [""] * n, {}, np.zeros(n, dtype=np.float32), table.vec[rows].copy(),
+                       table.count[rows].copy(), np.zeros(n, dtype=bool), st.gram, st.moment, st.mass)
+
+
+__all__ = [
+    "REG_SCALINGS",
+    "LocalRankingALS",
+    "RankingOutcome",
+    "RankingResult",
+    "SeenPairs",
+    "event_weights",
+    "fold_implicit",
+    "gramian",
+    "gramian_delta",
+    "implicit_half_step",
+    "implicit_sums",
+    "learn_ranking_batch",
+    "pair_keys",
+    "probe_hits",
+    "probe_sample",
+    "ranking_init",
+    "reference_implicit_solve",
+    "seed_ranking_statistics",
+]
