@@ -78,6 +78,9 @@ PARAM_SPACE: dict[str, ParamSpec] = {
     "ranking_rank": ParamSpec(True, 1, 512),
     "ranking_reg_param": ParamSpec(False, 0.0, 100.0),
     "ranking_alpha": ParamSpec(False, 0.0, 1e4),
+    "ranking_iterations": ParamSpec(True, 1, 50),
+    "ranking_forgetting": ParamSpec(False, 0.5, 1.0, log=False),
+    "ranking_replay_ratio": ParamSpec(False, 0.0, 100.0),
 }
 
 Params = dict[str, float | int]

@@ -215,3 +215,28 @@ def test_history_is_bounded_and_spans_the_stream():
     h = st.get("c0").history
     assert len(h) <= 16
     assert h[0][0] == 10.0 and h[-1][0] == 5000.0
+
+
+# --------------------------------------------------------------------------- Prometheus gauges
+
+
+def test_prometheus_gauges_per_candidate():
+    from prometheus_client import generate_latest
+
+    from modeler.metrics import ModelerMetrics
+
+    st = SearchState(GRID[:4], SearchSettings(metric="rmse", fading=1.0, respawn=False, min_events=500,
+                                              patience=1, schedule=HalvingSchedule(budget=1000)))
+    quality = {"c0": 1.3, "c1": 1.0, "c2": 1.2, "c3": 1.5}
+    switched = False
+    for d in _feed(st, 1000, quality):
+        switched = switched or d.switch is not None
+    m = ModelerMetrics()
+    m.observe_candidates(st.summary(), switched=switched)
+    text = generate_latest(m.registry).decode()
+    assert 'modeler_search_candidate_score{candidate="c1",metric="rmse"} 1.0' in text
+    assert 'modeler_search_candidate_served{candidate="c1"} 1.0' in text
+    assert 'modeler_search_candidate_served{candidate="c0"} 0.0' in text
+    assert 'modeler_search_candidate_live{candidate="c3"} 0.0' in text  # pruned at the rung
+    assert 'modeler_search_candidate_live{candidate="c2"} 1.0' in text
+    assert "modeler_search_leader_switches_total 1.0" in text
