@@ -32,7 +32,15 @@ import numpy as np
 
 from common.datasets import RatingRow, read_ratings
 from modeler.core.als_math import ALSParams, LocalStreamingALS, rmse
-from modeler.core.search import BatchLoss, HalvingSchedule, Params, SearchSettings, SearchState, ranking_gains
+from modeler.core.search import (
+    BatchLoss,
+    HalvingSchedule,
+    Params,
+    SearchSettings,
+    SearchState,
+    probe_target_ranks,
+    ranking_gains,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,35 +105,9 @@ class RankingArm:
         return np.asarray(self._weights(ratings, np.zeros_like(ratings), p.weighting, p.rating_min, p.rating_max))
 
     def _target_ranks(self, batch: Sequence[RatingRow]) -> list[int]:
-        from modeler.core.als_math import hash_ids, rating_priority
-
-        m = self.model
-        if not len(m.users) or not len(m.items):
-            return []
-        users = [r.user for r in batch]
-        items = [r.item for r in batch]
         w = self._weights_of(np.array([r.rating for r in batch], dtype=np.float64))
-        urows = m.users.lookup(users)
-        irows = m.items.lookup(items)
-        ok = (w > 0) & (urows >= 0) & (irows >= 0) & ~m.seen.contains(users, items)
-        idx = np.flatnonzero(ok)
-        if not len(idx):
-            return []
-        # A fixed-size sample, chosen by a hash of the event (not by the candidate): every
-        # candidate is probed on the same events.
-        prio = rating_priority([users[j] for j in idx], [items[j] for j in idx],
-                               np.array([batch[int(j)].timestamp for j in idx]), 7)
-        idx = idx[np.argsort(prio, kind="stable")[: self.probe]]
-        item_hash = hash_ids(m.items.ids)
-        iv = m.items.vec.astype(np.float64)
-        ranks = []
-        for j in idx:
-            s = iv @ m.users.vec[urows[j]].astype(np.float64)
-            target = s[irows[j]]
-            s[np.isin(item_hash, m.seen.items_of(users[j]))] = -np.inf
-            # 0-based rank among the unseen items: how many score strictly higher.
-            ranks.append(int((s > target).sum()))
-        return ranks
+        return probe_target_ranks(self.model, [r.user for r in batch], [r.item for r in batch], w > 0,
+                                  np.array([r.timestamp for r in batch], dtype=np.int64), self.probe)
 
     def step(self, batch: Sequence[RatingRow]) -> BatchLoss:
         ranks = self._target_ranks(batch)

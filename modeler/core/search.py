@@ -41,6 +41,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from common.errors import StreamrecError
 
 
@@ -643,3 +645,38 @@ def ranking_gains(rank_of_target: Sequence[int], k: int = 10) -> tuple[float, fl
             ndcg += 1.0 / math.log2(r + 2.0)
             hits += 1.0
     return ndcg, hits
+
+
+def probe_target_ranks(model: Any, users: Sequence[str], items: Sequence[str], positive: np.ndarray,
+                       stamps: np.ndarray, size: int, seed: int = 7) -> list[int]:
+    """Before a ranking model (``modeler.core.ranking.LocalRankingALS``) learns a batch: for a
+    sample of the batch's positives whose user and item it knows and whose pair it has not
+    seen, the 0-based rank of the item among the user's unseen items by x_u·y_i (the count of
+    unseen items scoring strictly higher). Feed them to :func:`ranking_gains`.
+
+    The sample is a hash of the event (the ``rating_priority`` of user, item, time), not of
+    the model: candidates sharing a stream and a weighting are probed on the same events.
+    The model must keep its seen pairs (``ranking_probe_size > 0``), or none are excluded.
+    """
+    from modeler.core.als_math import hash_ids, rating_priority
+
+    if size <= 0 or not len(model.users) or not len(model.items):
+        return []
+    urows = model.users.lookup(list(users))
+    irows = model.items.lookup(list(items))
+    ok = np.asarray(positive, bool) & (urows >= 0) & (irows >= 0) & ~model.seen.contains(users, items)
+    idx = np.flatnonzero(ok)
+    if not len(idx):
+        return []
+    prio = rating_priority([users[int(j)] for j in idx], [items[int(j)] for j in idx],
+                           np.asarray(stamps, np.int64)[idx], seed)
+    idx = idx[np.argsort(prio, kind="stable")[:size]]
+    item_hash = hash_ids(model.items.ids)
+    iv = model.items.vec.astype(np.float64)
+    ranks = []
+    for j in idx:
+        s = iv @ model.users.vec[urows[j]].astype(np.float64)
+        target = s[irows[j]]
+        s[np.isin(item_hash, model.seen.items_of(users[int(j)]))] = -np.inf
+        ranks.append(int((s > target).sum()))
+    return ranks

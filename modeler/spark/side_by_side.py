@@ -2,9 +2,10 @@
 every candidate is scored on it (prequentially) and then learns it.
 
 Layout: the K models live in ONE cached RDD of one partition whose single record is
-``{candidate id: model}`` (each model a :class:`modeler.core.als_math.LocalStreamingALS`, the
-numpy reference the partitioned :class:`modeler.spark.streaming_als.StreamingALS` is tested
-against). ``train()`` brings the batch and the models into one task with a narrow
+``{candidate id: model}`` (each model a :class:`modeler.core.als_math.LocalStreamingALS` for
+the explicit model, or a :class:`modeler.core.ranking.LocalRankingALS` for the ranking one:
+the numpy references the partitioned :class:`modeler.spark.streaming_als.StreamingALS` is
+tested against). ``train()`` brings the batch and the models into one task with a narrow
 ``union(...).coalesce(1)`` (no shuffle), validates the batch's records once, and runs each
 candidate's ``train`` on the same list: one pass over the batch, K updates. The task returns
 the new models (kept on the executor, cached; lineage cut by ``localCheckpoint`` each batch)
@@ -21,12 +22,16 @@ This is the one-partition layout (the default on a local master). The multi-part
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from modeler.core.als_math import ALSParams, LocalStreamingALS, split_records, validate_arrays
-from modeler.core.search import BatchLoss, Params
+from modeler.core.ranking import LocalRankingALS, event_weights
+from modeler.core.search import BatchLoss, Params, SearchConfigError, probe_target_ranks, ranking_gains
 
 _MODELS = "models"
 _BATCH = "batch"
@@ -41,9 +46,45 @@ class CandidateOutcome(NamedTuple):
     refused: int
 
 
-def _build(base: ALSParams, params: Params) -> LocalStreamingALS:
+EXPLICIT = "explicit"
+RANKING = "ranking"
+
+
+def _build(kind: str, base: ALSParams, params: Params) -> Any:
     kw: dict[str, Any] = dict(params)
-    return LocalStreamingALS(dataclasses.replace(base, **kw))
+    p = dataclasses.replace(base, **kw)
+    return LocalStreamingALS(p) if kind == EXPLICIT else LocalRankingALS(p)
+
+
+class _Batch(NamedTuple):
+    """A batch's valid ratings as columns, validated once for every candidate."""
+
+    users: list[str]
+    items: list[str]
+    ratings: np.ndarray
+    stamps: np.ndarray
+
+    def records(self) -> list[tuple[str, str, float, int]]:
+        return list(zip(self.users, self.items, self.ratings.tolist(), self.stamps.tolist()))
+
+
+def _step(kind: str, model: Any, batch: _Batch, probe: int) -> CandidateOutcome:
+    """Score one candidate on the batch (before it learns it), then let it learn the batch.
+
+    Explicit: Σ squared errors of the batch's ratings. Ranking: Σ NDCG@10 over a probe sample
+    of the batch's positives (:func:`modeler.core.search.probe_target_ranks`)."""
+    if kind == EXPLICIT:
+        first = model.batches == 0
+        res = model.train(batch.records())
+        # A candidate's first batch is learned, not scored: it had no model to be judged.
+        loss = BatchLoss(0.0, 0) if first else BatchLoss(float(res.prequential_sse), int(res.n_ratings))
+        return CandidateOutcome(loss, int(res.n_ratings), int(res.n_diverged))
+    p = model.params
+    w = event_weights(batch.ratings, np.zeros_like(batch.ratings), p.weighting, p.rating_min, p.rating_max)
+    ranks = probe_target_ranks(model, batch.users, batch.items, w > 0, batch.stamps, probe)
+    rres = model.train(batch.users, batch.items, batch.ratings, np.zeros_like(batch.ratings), batch.stamps)
+    ndcg, _ = ranking_gains(ranks)
+    return CandidateOutcome(BatchLoss(ndcg, len(ranks)), int(rres.positives), int(rres.refused))
 
 
 def _tag(kind: str):
@@ -53,14 +94,15 @@ def _tag(kind: str):
     return tag
 
 
-def _side_by_side_stage(base: ALSParams, spawn: Mapping[str, Params], drop: Sequence[str]):
+def _side_by_side_stage(kind: str, base: ALSParams, spawn: Mapping[str, Params], drop: Sequence[str],
+                        probe: int):
     """The one task: the models' record and the batch's records meet here."""
 
     def stage(it: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
-        models: dict[str, LocalStreamingALS] = {}
+        models: dict[str, Any] = {}
         records: list[Any] = []
-        for kind, x in it:
-            if kind == _MODELS:
+        for tag, x in it:
+            if tag == _MODELS:
                 # A cached partition may be read again (task retry): never mutate it in place.
                 models = dict(x)
             else:
@@ -68,21 +110,17 @@ def _side_by_side_stage(base: ALSParams, spawn: Mapping[str, Params], drop: Sequ
         for cid in drop:
             models.pop(cid, None)
         for cid, params in spawn.items():
-            models[cid] = _build(base, params)
+            models[cid] = _build(kind, base, params)
         # Validate once for all candidates (they share the scale): every model then sees the
         # same valid ratings in the same order.
         us, its, rs, ts, _bad = split_records(records)
         users, items, rates, stamps, _rej = validate_arrays(us, its, rs, ts, base.rating_min, base.rating_max)
-        batch = list(zip(users, items, rates.tolist(), stamps.tolist()))
+        batch = _Batch(users, items, rates, stamps)
         outcomes: dict[str, CandidateOutcome] = {}
-        new_models: dict[str, LocalStreamingALS] = {}
+        new_models: dict[str, Any] = {}
         for cid in sorted(models):
             m = _copy(models[cid])
-            first = m.batches == 0
-            res = m.train(batch)
-            # A candidate's first batch is learned, not scored: it had no model to be judged.
-            loss = BatchLoss(0.0, 0) if first else BatchLoss(float(res.prequential_sse), int(res.n_ratings))
-            outcomes[cid] = CandidateOutcome(loss, int(res.n_ratings), int(res.n_diverged))
+            outcomes[cid] = _step(kind, m, batch, probe)
             new_models[cid] = m
         yield (_MODELS, new_models)
         yield (_BATCH, outcomes)
@@ -90,24 +128,30 @@ def _side_by_side_stage(base: ALSParams, spawn: Mapping[str, Params], drop: Sequ
     return stage
 
 
-def _copy(m: LocalStreamingALS) -> LocalStreamingALS:
-    """A copy whose arrays can be updated without touching the cached original."""
-    out = LocalStreamingALS.__new__(LocalStreamingALS)
-    out.__dict__.update(m.__dict__)
+def _copy(m: Any) -> Any:
+    """A copy whose arrays can be updated without touching the cached original (the tables;
+    the reservoir, Gramians and seen pairs are replaced, never updated, by ``train``)."""
+    out = copy.copy(m)
     out.users = m.users.copy()
     out.items = m.items.copy()
     return out
 
 
 class SideBySideALS:
-    """K explicit-model candidates in one Spark task per batch (module docstring).
+    """K candidates of one model kind (``"explicit"`` or ``"ranking"``) in one Spark task per
+    batch (module docstring).
 
     ``train(rdd, spawn=..., drop=...)`` adds the candidates of ``spawn`` (cold, from this
     batch on) and removes those of ``drop`` in the same task, then every model steps on the
     batch; it returns ``{candidate id: CandidateOutcome}``.
     """
 
-    def __init__(self, candidates: Mapping[str, Params], base: ALSParams | None = None) -> None:
+    def __init__(self, candidates: Mapping[str, Params], base: ALSParams | None = None,
+                 kind: str = EXPLICIT, probe: int = 256) -> None:
+        if kind not in (EXPLICIT, RANKING):
+            raise SearchConfigError(f"kind: must be {EXPLICIT!r} or {RANKING!r}, got {kind!r}")
+        self.kind = kind
+        self.probe = probe
         self.base = base or ALSParams(num_partitions=1)
         self._state = None
         self._pending: dict[str, Params] = dict(candidates)
@@ -126,7 +170,7 @@ class SideBySideALS:
         merged = models.union(rdd.mapPartitions(_tag("r"))).coalesce(1)
         # The state RDD holds the models' record and this batch's outcomes (small): cached,
         # its lineage cut, so the DAG stays bounded however long the stream runs.
-        state = merged.mapPartitions(_side_by_side_stage(self.base, add, list(drop)))
+        state = merged.mapPartitions(_side_by_side_stage(self.kind, self.base, add, list(drop), self.probe))
         state.persist()
         state.localCheckpoint()
         outcomes: dict[str, CandidateOutcome] = state.filter(lambda kv: kv[0] == _BATCH).map(lambda kv: kv[1]).first()
@@ -148,3 +192,9 @@ class SideBySideALS:
         got = self._state.filter(lambda kv: kv[0] == _MODELS) \
             .map(lambda kv: kv[1][cid].predict(users, items).tolist()).first()
         return [float(x) for x in got]
+
+    def recommend(self, cid: str, user: str, n: int = 10) -> list[str]:
+        """A ranking candidate's top ``n`` for ``user`` (a Spark job; for tests)."""
+        if self._state is None:
+            raise RuntimeError("nothing trained yet")
+        return self._state.filter(lambda kv: kv[0] == _MODELS).map(lambda kv: kv[1][cid].recommend(user, n)).first()

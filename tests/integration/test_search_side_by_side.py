@@ -71,3 +71,28 @@ def test_k_candidates_in_one_task_equal_k_separate_runs(spark) -> None:
         solo = alone.train(sc.parallelize(b, 2))
     assert solo["c0"].loss == got["c0"][-1]
     np.testing.assert_allclose(alone.predict("c0", pairs), sbs.predict("c0", pairs), atol=0)
+
+
+def test_ranking_candidates_in_one_task_equal_separate_runs(spark) -> None:
+    from common.datasets import RatingRow
+    from modeler.search_eval import RankingArm
+
+    sc = spark.sparkContext
+    batches = _batches(5, 400)
+    grid = {"c0": {"ranking_rank": 4, "ranking_alpha": 1.0}, "c1": {"ranking_rank": 8, "ranking_alpha": 8.0}}
+    sbs = SideBySideALS(grid, BASE, kind="ranking", probe=64)
+    got: dict[str, list[BatchLoss]] = {"c0": [], "c1": []}
+    for b in batches:
+        for cid, o in sbs.train(sc.parallelize(b, 2)).items():
+            got[cid].append(o.loss)
+    import dataclasses
+
+    for cid, params in grid.items():
+        arm = RankingArm(dataclasses.replace(BASE, **params), probe=64)
+        want = [arm.step([RatingRow(*r) for r in b if r[1]]) for b in batches]
+        assert [g.n for g in got[cid]] == [w.n for w in want], cid
+        np.testing.assert_allclose([g.total for g in got[cid]], [w.total for w in want], rtol=1e-9)
+        assert sum(w.n for w in want) > 0  # the probe did score something
+        user = batches[-1][0][0]
+        assert sbs.recommend(cid, user) == arm.model.recommend(user, 10)
+    assert [g.total for g in got["c0"]] != [g.total for g in got["c1"]]

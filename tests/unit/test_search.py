@@ -240,3 +240,33 @@ def test_prometheus_gauges_per_candidate():
     assert 'modeler_search_candidate_live{candidate="c3"} 0.0' in text  # pruned at the rung
     assert 'modeler_search_candidate_live{candidate="c2"} 1.0' in text
     assert "modeler_search_leader_switches_total 1.0" in text
+
+
+def test_probe_ranks_are_the_brute_force_ranks():
+    import numpy as np
+
+    from modeler.core.als_math import ALSParams
+    from modeler.core.ranking import LocalRankingALS
+    from modeler.core.search import probe_target_ranks
+
+    rng = np.random.default_rng(3)
+    users = [f"u{j % 20}" for j in range(400)]
+    items = [f"m{int(x)}" for x in rng.integers(0, 60, 400)]
+    ratings = rng.choice([1.0, 4.0, 5.0], 400)
+    stamps = np.arange(400, dtype=np.int64)
+    model = LocalRankingALS(ALSParams(ranking_rank=4))  # keeps its seen pairs (probe size > 0)
+    model.train(users[:300], items[:300], ratings[:300], np.zeros(300), stamps[:300])
+    u2, i2, r2, t2 = users[300:], items[300:], ratings[300:], stamps[300:]
+    positive = r2 >= 4.0
+    ranks = probe_target_ranks(model, u2, i2, positive, t2, size=1000)
+    # Brute force: every probed event is a known user, known item, unseen pair, positive.
+    seen = {(u, i) for u, i in zip(users[:300], items[:300])}
+    expected = []
+    for u, i, pos in zip(u2, i2, positive):
+        if not pos or u not in model.users.index or i not in model.items.index or (u, i) in seen:
+            continue
+        x = model.users.vec[model.users.index[u]].astype(np.float64)
+        scores = {it: float(model.items.vec[r].astype(np.float64) @ x) for it, r in model.items.index.items()
+                  if (u, it) not in seen}
+        expected.append(sum(s > scores[i] for s in scores.values()))
+    assert sorted(ranks) == sorted(expected) and len(ranks) > 10
