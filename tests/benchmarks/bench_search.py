@@ -41,6 +41,35 @@ def default_files() -> list[Path]:
     return [f for f in files if f.exists()]
 
 
+def spark_throughput(path: Path, batch_size: int = 5000, batches: int = 10) -> dict[str, Any]:
+    """Ratings/s of :class:`modeler.spark.side_by_side.SideBySideALS` in Spark ``local[2]``
+    with 8 candidates against 1 (the same code path), explicit model, time-ordered batches of
+    ``path``; the first two batches (worker start-up) are not counted."""
+    from common.datasets import read_ratings
+    from modeler.core.als_math import ALSParams
+    from modeler.search_eval import EXPLICIT_GRID, batches_of, time_split
+    from modeler.spark import get_spark
+    from modeler.spark.side_by_side import SideBySideALS
+
+    spark = get_spark("local[2]", app_name="bench-search")
+    sc = spark.sparkContext
+    train, _ = time_split(read_ratings(path), 0.2)
+    bs = [[tuple(r) for r in b] for b in batches_of(train, batch_size)[:batches]]
+    out: dict[str, Any] = {"batch_size": batch_size, "batches": len(bs), "loadavg_before": os.getloadavg()}
+    for k in (1, 8):
+        sbs = SideBySideALS({f"c{j}": p for j, p in enumerate(EXPLICIT_GRID[:k])}, ALSParams(num_partitions=1))
+        seconds = []
+        for b in bs:
+            t0 = time.perf_counter()
+            sbs.train(sc.parallelize(b, 2))
+            seconds.append(time.perf_counter() - t0)
+        counted = seconds[2:] or seconds
+        out[f"ratings_per_second_{k}"] = len(counted) * batch_size / sum(counted)
+    out["ratio_8_to_1"] = out["ratings_per_second_8"] / out["ratings_per_second_1"]
+    out["loadavg_after"] = os.getloadavg()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from modeler.search_eval import dataset_experiment, drift_experiment
 
@@ -49,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--skip-drift", action="store_true")
+    parser.add_argument("--spark", action="store_true", help="also the Spark side-by-side throughput")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     files = args.ratings if args.ratings is not None else default_files()
@@ -73,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"drift: leader at change {dr['leader_at_change']} {dr['leader_at_change_params']}, "
               f"switch {dr['events_to_switch_after_change']} events after the change; "
               f"control: {figures['drift']['control_no_drift']['switches_after_change']} switches", flush=True)
+    if args.spark and files:
+        figures["spark_side_by_side"] = sp = spark_throughput(files[0])
+        print(f"spark side by side: {sp['ratings_per_second_1']:.0f} ratings/s with 1 candidate, "
+              f"{sp['ratings_per_second_8']:.0f} with 8 (ratio {sp['ratio_8_to_1']:.2f})", flush=True)
     figures["loadavg_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(figures, indent=2, default=str))
