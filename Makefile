@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help bootstrap up test test-fast lint bench bench-core bench-modeler bench-predictor bench-kafka bench-batch eval batch-demo clean
+.PHONY: help bootstrap up test test-fast lint bench bench-core bench-modeler bench-predictor bench-kafka bench-batch bench-search eval batch-demo clean
 
 help:
 	@echo "make up      start broker, Redis, modeler, predictor, frontend; stream MovieLens in"
@@ -40,7 +40,7 @@ lint: bootstrap
 	$(VENV)/bin/ruff check common modeler predictor frontend devstack tests
 	$(VENV)/bin/mypy common modeler predictor frontend devstack
 
-bench: bench-core bench-modeler bench-predictor bench-kafka bench-batch
+bench: bench-core bench-modeler bench-predictor bench-kafka bench-batch bench-search
 
 bench-core: bootstrap
 	$(PY) -m tests.benchmarks.bench_core
@@ -57,6 +57,9 @@ bench-kafka: bootstrap
 # BENCH_BATCH_ARGS=--skip-full skips the full ML-25M-sized recommend-for-all (CPU heavy).
 bench-batch: bootstrap
 	$(PY) -m tests.benchmarks.bench_batch $(BENCH_BATCH_ARGS)
+
+bench-search: bootstrap
+	$(PY) -m tests.benchmarks.bench_search
 
 eval: bootstrap
 	$(PY) -m modeler.evaluate --ratings $(or $(RATINGS_FILE),../shared/data/ml-latest-small/ratings.csv) --out build/eval

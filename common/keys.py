@@ -98,6 +98,10 @@ META_FIELDS = (
     "ranking_reg_param",  # float: λ of the ranking model, used by the iALS fold-in
     "ranking_alpha",  # float: confidence scale α (c = 1 + α·w), used by the iALS fold-in
     "ranking_weighting",  # JSON common.feedback.Weighting: event -> w, for the same fold-in
+    # JSON list, the online hyper-parameter search's candidates (default []): per candidate
+    # {"id", "params": {...}, "metric", "score", "events", "state": "live"|"pruned",
+    #  "served": bool, "parent", "history": [[events, score], ...] (bounded)}
+    "candidates",
 )
 
 

@@ -56,6 +56,10 @@ class Meta:
     ranking_reg_param: float = 0.0
     ranking_alpha: float = 0.0
     ranking_weighting: dict[str, Any] = field(default_factory=dict)
+    # The online hyper-parameter search (modeler.core.search.SearchState.summary): one entry
+    # per candidate {"id", "params", "metric", "score", "events", "state", "served", "parent",
+    # "history": [[events, score], ...]}; empty when no search runs.
+    candidates: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def has_explicit(self) -> bool:
@@ -90,6 +94,7 @@ class Meta:
             "ranking_reg_param": repr(float(self.ranking_reg_param)),
             "ranking_alpha": repr(float(self.ranking_alpha)),
             "ranking_weighting": json.dumps(self.ranking_weighting, sort_keys=True),
+            "candidates": json.dumps(self.candidates, sort_keys=True),
         }
 
     @classmethod
@@ -115,7 +120,18 @@ class Meta:
             ranking_reg_param=float(d.get("ranking_reg_param", 0.0)),
             ranking_alpha=float(d.get("ranking_alpha", 0.0)),
             ranking_weighting=json.loads(d.get("ranking_weighting", "{}")),
+            candidates=_candidates(d.get("candidates", "[]")),
         )
+
+
+def _candidates(raw: str) -> list[dict[str, Any]]:
+    """The ``candidates`` field: a JSON list of objects; anything else reads as [] (it is
+    informational, a malformed one must not make the version unreadable)."""
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return []
+    return [c for c in value if isinstance(c, dict)] if isinstance(value, list) else []
 
 
 def _s(value: bytes | str) -> str:

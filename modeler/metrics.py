@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -47,11 +48,41 @@ class ModelerMetrics:
         self.retries = Counter(
             "modeler_retries", "Retries after infrastructure errors", ["component"], registry=r
         )
+        # The online hyper-parameter search (modeler.core.search): one series per candidate.
+        self.candidate_score = Gauge(
+            "modeler_search_candidate_score",
+            "Fading-window prequential score of a search candidate (see the metric label)",
+            ["candidate", "metric"], registry=r,
+        )
+        self.candidate_live = Gauge(
+            "modeler_search_candidate_live", "1 while a search candidate is trained, 0 once pruned",
+            ["candidate"], registry=r,
+        )
+        self.candidate_served = Gauge(
+            "modeler_search_candidate_served", "1 for the candidate the published version serves",
+            ["candidate"], registry=r,
+        )
+        self.leader_switches = Counter(
+            "modeler_search_leader_switches", "Changes of the served search candidate", registry=r
+        )
 
     def serve(self, port: int) -> None:
         if port:
             start_http_server(port, addr="0.0.0.0", registry=self.registry)
             log.info("metrics on :%d/metrics", port)
+
+    def observe_candidates(self, candidates: Sequence[Mapping[str, Any]], switched: bool = False) -> None:
+        """Gauges from :meth:`modeler.core.search.SearchState.summary`. A pruned candidate
+        keeps its last score and reads live 0 (its series stays, so a dashboard shows when
+        it went); a candidate not scored yet has no score series."""
+        for c in candidates:
+            cid = str(c["id"])
+            if c.get("score") is not None:
+                self.candidate_score.labels(candidate=cid, metric=str(c.get("metric", ""))).set(float(c["score"]))
+            self.candidate_live.labels(candidate=cid).set(1.0 if c.get("state") == "live" else 0.0)
+            self.candidate_served.labels(candidate=cid).set(1.0 if c.get("served") else 0.0)
+        if switched:
+            self.leader_switches.inc()
 
     def observe_lag(self, lag: Mapping[int, int]) -> None:
         for partition, value in lag.items():

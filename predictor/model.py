@@ -145,6 +145,8 @@ class FactorModel:
     # False for a version of an implicit-only stream: no rating model, item_aug is zeros.
     has_explicit: bool = True
     ranking: RankingSet | None = None
+    # The online search's candidates as published in the version metadata (informational).
+    candidates: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def n_items(self) -> int:
@@ -187,6 +189,7 @@ class FactorModel:
         index: dict[str, int] | None = None,
         has_explicit: bool = True,
         ranking: RankingSet | None = None,
+        candidates: list[dict[str, Any]] | None = None,
     ) -> FactorModel:
         """``index`` (item id -> row of ``item_ids``) is built here unless given; ``ranking``
         must have one row per item of ``item_ids``."""
@@ -216,6 +219,7 @@ class FactorModel:
             popular=popular or [],
             has_explicit=has_explicit,
             ranking=ranking,
+            candidates=candidates or [],
         )
 
     def with_item_delta(
@@ -276,7 +280,7 @@ class FactorModel:
             "ratings_seen": self.ratings_seen, "created": self.created,
             "segments": self.segments, "rating_min": self.rating_min,
             "rating_max": self.rating_max, "metrics": self.metrics, "popular": self.popular,
-            "has_explicit": self.has_explicit, "ranking": ranking,
+            "has_explicit": self.has_explicit, "ranking": ranking, "candidates": self.candidates,
         }
         fields.update(meta)
         # The index is already up to date: rebuilding it is a 62k-step Python loop (13 ms)

@@ -180,6 +180,21 @@ class Genres(Out):
     genres: list[GenreCount]
 
 
+class SearchCandidate(Out):
+    """One configuration of the modeler's online hyper-parameter search."""
+
+    id: str
+    params: dict[str, float] = Field(description="Hyper-parameters, e.g. rank, reg_param, ranking_alpha.")
+    metric: str = Field(description="What score is: rmse (lower is better), ndcg@10, recall@10.")
+    score: float | None = Field(description="Fading-window prequential score; null before scored.")
+    events: int = Field(description="Events the candidate has been scored on.")
+    state: Literal["live", "pruned"]
+    served: bool = Field(description="True for the one candidate the version serves (the leader).")
+    parent: str | None = Field(default=None, description="Candidate it was respawned around, if any.")
+    history: list[tuple[float, float]] = Field(
+        default_factory=list, description="[events, score] points over time, oldest first (bounded).")
+
+
 class ModelInfo(Out):
     version: int
     models: list[str] = Field(description='Factor sets served: "explicit" (ratings), "ranking".')
@@ -196,6 +211,8 @@ class ModelInfo(Out):
     segments: list[int]
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
+    candidates: list[SearchCandidate] = Field(
+        default_factory=list, description="The online search's candidates; empty when no search runs.")
 
 
 class Health(Out):

@@ -167,6 +167,7 @@ def load_model(
         "rating_max": meta.rating_max,
         "metrics": meta.metrics,
         "popular": list(meta.popular),
+        "candidates": meta.candidates,
     }
     has_explicit, has_ranking = meta.has_explicit, meta.has_ranking
     k = len(base.segments) if base is not None else 0

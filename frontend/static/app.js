@@ -354,7 +354,78 @@ async function refreshModel() {
   badge.textContent = `model v${m.version}`;
   badge.className = "badge model";
   drawChart(history.filter((h) => h.prequential_rmse != null));
+  renderCandidates(m.candidates || []);
   if (changed) refreshRecs();
+}
+
+// ---- the online hyper-parameter search: candidates and their scores over time ---------------
+
+const CAND_COLOURS = ["#b5562b", "#2b6cb5", "#3f8f3a", "#8a4fb5", "#b58f2b", "#2b9fa8", "#b52b6c", "#6b6b6b"];
+
+function fmtParams(params) {
+  return Object.entries(params).map(([k, v]) => `${k}=${Number.isInteger(v) ? v : Number(v).toPrecision(3)}`).join(", ");
+}
+
+function renderCandidates(cands) {
+  const panel = $("hp-panel");
+  panel.hidden = cands.length === 0;
+  if (!cands.length) return;
+  const metric = cands[0].metric || "score";
+  const live = cands.filter((c) => c.state === "live").length;
+  const leader = cands.find((c) => c.served);
+  $("hp-status").textContent = `${cands.length} candidates, ${live} live; serving ${leader ? leader.id : "–"} `
+    + `(by ${metric}, ${metric === "rmse" ? "lower" : "higher"} is better).`;
+  $("cand-metric").textContent = metric;
+  const body = $("cand-table").tBodies[0];
+  body.replaceChildren(...cands.map((c, j) => {
+    const row = el("tr", { className: `cand ${c.state}${c.served ? " served" : ""}`, "data-cid": c.id },
+      el("th", { scope: "row" }, el("span", { className: "swatch", style: `background:${CAND_COLOURS[j % CAND_COLOURS.length]}` }), ` ${c.id}`),
+      el("td", {}, fmtParams(c.params)),
+      el("td", {}, c.score == null ? "–" : Number(c.score).toFixed(4)),
+      el("td", {}, c.served ? "served" : c.state));
+    return row;
+  }));
+  drawCandidateChart(cands, metric);
+}
+
+function drawCandidateChart(cands, metric) {
+  const chart = $("cand-chart");
+  const title = $("cand-title"), desc = $("cand-desc");
+  chart.replaceChildren(title, desc);
+  const W = 360, H = 170, L = 44, R = 10, T = 10, B = 30;
+  chart.append(svg("line", { class: "axis", x1: L, y1: T, x2: L, y2: H - B }),
+               svg("line", { class: "axis", x1: L, y1: H - B, x2: W - R, y2: H - B }));
+  const all = cands.flatMap((c) => c.history || []);
+  if (!all.length) {
+    desc.textContent = "No candidate scored yet.";
+    return;
+  }
+  let x0 = Math.min(...all.map((p) => p[0])), x1 = Math.max(...all.map((p) => p[0]));
+  if (x1 === x0) { x0 -= 1; x1 += 1; }
+  let y0 = Math.min(...all.map((p) => p[1])), y1 = Math.max(...all.map((p) => p[1]));
+  const pad = Math.max((y1 - y0) * 0.1, 0.005);
+  y0 -= pad; y1 += pad;
+  const sx = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
+  const sy = (y) => H - B - ((y - y0) / (y1 - y0)) * (H - T - B);
+  cands.forEach((c, j) => {
+    const h = c.history || [];
+    if (!h.length) return;
+    const line = svg("polyline", {
+      class: `cline${c.served ? " served" : ""}${c.state === "pruned" ? " pruned" : ""}`,
+      points: h.map((p) => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" "),
+      stroke: CAND_COLOURS[j % CAND_COLOURS.length], "data-cid": c.id,
+    });
+    line.append(svg("title", {}, `${c.id} (${fmtParams(c.params)}): ${metric} ${h[h.length - 1][1].toFixed(4)}`));
+    chart.append(line);
+  });
+  chart.append(svg("text", { x: L - 4, y: T + 8, "text-anchor": "end" }, y1.toFixed(3)),
+               svg("text", { x: L - 4, y: H - B, "text-anchor": "end" }, y0.toFixed(3)),
+               svg("text", { x: L, y: H - B + 14 }, fmt(x0)),
+               svg("text", { x: W - R, y: H - B + 14, "text-anchor": "end" }, fmt(x1)),
+               svg("text", { x: (L + W) / 2, y: H - 4, "text-anchor": "middle" }, "events"));
+  const leader = cands.find((c) => c.served);
+  desc.textContent = `${metric} of ${cands.length} candidates over time` + (leader && leader.score != null
+    ? `; the served ${leader.id} is at ${Number(leader.score).toFixed(4)}.` : ".");
 }
 
 const SVG = "http://www.w3.org/2000/svg";

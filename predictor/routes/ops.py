@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Query
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
 
 from predictor.deps import Svc
 from predictor.errors import NOT_READY, ApiError
 from predictor.routes import errors
-from predictor.schemas import Health, ModelInfo, Ready
+from predictor.schemas import Health, ModelInfo, Ready, SearchCandidate
 from predictor.store import REDIS_ERRORS
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["ops"])
 
 
@@ -72,4 +75,17 @@ async def model_info(svc: Svc, history: Annotated[int, Query(ge=0, le=1000)] = 2
         created=model.created, reg_param=model.reg_param, mu=model.mu,
         rating_min=model.rating_min, rating_max=model.rating_max,
         segments=list(model.segments), metrics=model.metrics, history=recent,
+        candidates=_candidates(model.candidates),
     )
+
+
+def _candidates(raw: list[dict[str, Any]]) -> list[SearchCandidate]:
+    """The version's search candidates; an entry the modeler wrote malformed is left out
+    (and logged) rather than turning the whole description into a 500."""
+    out = []
+    for entry in raw:
+        try:
+            out.append(SearchCandidate.model_validate(entry))
+        except ValidationError as exc:
+            log.warning("ignoring malformed search candidate %r: %s", entry.get("id"), exc.errors()[:1])
+    return out

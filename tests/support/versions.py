@@ -84,7 +84,8 @@ def plant(seed: int = 11, scale: float = 3.0) -> Both:
 
 
 def publish(client, keys: Keys, b: Both, version: int, models=(EXPLICIT, RANKING),
-            segments: tuple[int, ...] | None = None, ranking_items: list[int] | None = None) -> None:
+            segments: tuple[int, ...] | None = None, ranking_items: list[int] | None = None,
+            candidates: list[dict] | None = None) -> None:
     if EXPLICIT in models and ranking_items is None:
         write_segment(client, keys, version, "items", b.items, b.item_bias, b.p)
         write_segment(client, keys, version, "users", b.users, b.user_bias, b.u)
@@ -99,7 +100,7 @@ def publish(client, keys: Keys, b: Both, version: int, models=(EXPLICIT, RANKING
                 n_users=N_USERS, n_items=N_ITEMS, ratings_seen=750, created=time.time(),
                 segments=segments or (version,), popular=[(b.items[i], 30 - i) for i in range(20)],
                 models=tuple(models), ranking_rank=R_RANK, ranking_reg_param=REG, ranking_alpha=ALPHA,
-                ranking_weighting=WEIGHTING.to_dict())
+                ranking_weighting=WEIGHTING.to_dict(), candidates=candidates or [])
     publish_version(client, keys, meta)
 
 

@@ -1,0 +1,118 @@
+"""Benchmark of the online hyper-parameter search (numpy reference) -> build/bench/search.json.
+
+``python -m tests.benchmarks.bench_search [--ratings FILE ...] [--batch-size 1000] [--skip-drift]``
+
+* Per rating file (default: ml-latest-small, and ml-100k / ml-1m when present under
+  /work/extra or given with ``--ratings``/``BENCH_EXTRA_RATINGS``): 8 candidates replayed in
+  time order side by side, pruned by halving, the leader served
+  (:func:`modeler.search_eval.dataset_experiment`); the served leader's final test score
+  against the best single candidate in hindsight. Goal: within 2% (NDCG@10 of the ranking
+  model; RMSE of the explicit one reported too).
+* Drift: a synthetic stream whose planted model changes halfway; events from the change to
+  the leader switch, and a no-drift control's switches (false alarms).
+
+The machine's load average is written next to the figures: the timings are taken on a
+shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+OUT = ROOT / "build" / "bench" / "search.json"
+ML_SMALL = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")) / "ml-latest-small" / "ratings.csv"
+EXTRA_DIR = Path(os.environ.get("EXTRA_DATA", ROOT.parent / "extra"))
+
+
+def default_files() -> list[Path]:
+    files = [ML_SMALL, EXTRA_DIR / "ml-100k.tsv"]
+    files += [Path(p) for p in os.environ.get("BENCH_EXTRA_RATINGS", "").split(":") if p]
+    return [f for f in files if f.exists()]
+
+
+def spark_throughput(path: Path, batch_size: int = 5000, batches: int = 10) -> dict[str, Any]:
+    """Ratings/s of :class:`modeler.spark.side_by_side.SideBySideALS` in Spark ``local[2]``
+    with 8 candidates against 1 (the same code path), explicit model, time-ordered batches of
+    ``path``; the first two batches (worker start-up) are not counted."""
+    from common.datasets import read_ratings
+    from modeler.core.als_math import ALSParams
+    from modeler.search_eval import EXPLICIT_GRID, batches_of, time_split
+    from modeler.spark import get_spark
+    from modeler.spark.side_by_side import SideBySideALS
+
+    spark = get_spark("local[2]", app_name="bench-search")
+    sc = spark.sparkContext
+    train, _ = time_split(read_ratings(path), 0.2)
+    bs = [[tuple(r) for r in b] for b in batches_of(train, batch_size)[:batches]]
+    out: dict[str, Any] = {"batch_size": batch_size, "batches": len(bs), "loadavg_before": os.getloadavg()}
+    for k in (1, 8):
+        sbs = SideBySideALS({f"c{j}": p for j, p in enumerate(EXPLICIT_GRID[:k])}, ALSParams(num_partitions=1))
+        seconds = []
+        for b in bs:
+            t0 = time.perf_counter()
+            sbs.train(sc.parallelize(b, 2))
+            seconds.append(time.perf_counter() - t0)
+        counted = seconds[2:] or seconds
+        out[f"ratings_per_second_{k}"] = len(counted) * batch_size / sum(counted)
+    out["ratio_8_to_1"] = out["ratings_per_second_8"] / out["ratings_per_second_1"]
+    out["loadavg_after"] = os.getloadavg()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from modeler.search_eval import dataset_experiment, drift_experiment
+
+    parser = argparse.ArgumentParser(prog="bench_search", description=__doc__.splitlines()[0])
+    parser.add_argument("--ratings", nargs="*", type=Path, default=None)
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument("--skip-drift", action="store_true")
+    parser.add_argument("--spark", action="store_true", help="also the Spark side-by-side throughput")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    files = args.ratings if args.ratings is not None else default_files()
+    figures: dict[str, Any] = {"host": platform.node(), "python": platform.python_version(),
+                               "loadavg_before": os.getloadavg(), "started": time.time(), "datasets": []}
+    for f in files:
+        t0 = time.perf_counter()
+        d = dataset_experiment(str(f), args.batch_size, args.test_fraction)
+        d["seconds"] = time.perf_counter() - t0
+        figures["datasets"].append(d)
+        for model in ("explicit", "ranking"):
+            m = d.get(model, {})
+            if "leader_test" in m:
+                print(f"{f.name} {model}: leader {m['leader']} {m['leader_params']} test {m['metric']} "
+                      f"{m['leader_test']:.4f}, best single {m['best_single_test']:.4f} "
+                      f"{m['best_single_params']}, gap {100 * m['relative_gap']:+.2f}%", flush=True)
+            elif m:
+                print(f"{f.name} {model}: {m}", flush=True)
+    if not args.skip_drift:
+        figures["drift"] = drift_experiment()
+        dr = figures["drift"]["drift"]
+        print(f"drift: leader at change {dr['leader_at_change']} {dr['leader_at_change_params']}, "
+              f"switch {dr['events_to_switch_after_change']} events after the change; "
+              f"control: {figures['drift']['control_no_drift']['switches_after_change']} switches", flush=True)
+    if args.spark and files:
+        figures["spark_side_by_side"] = sp = spark_throughput(files[0])
+        print(f"spark side by side: {sp['ratings_per_second_1']:.0f} ratings/s with 1 candidate, "
+              f"{sp['ratings_per_second_8']:.0f} with 8 (ratio {sp['ratio_8_to_1']:.2f})", flush=True)
+    figures["loadavg_after"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(figures, indent=2, default=str))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

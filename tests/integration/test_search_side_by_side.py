@@ -1,0 +1,98 @@
+"""K search candidates trained side by side in ONE Spark task equal K separate runs (the
+numpy reference, and a Spark run of one candidate alone), including a respawn and a prune
+in the middle of the stream."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.synthetic import generate
+from modeler.core.als_math import ALSParams, LocalStreamingALS
+from modeler.core.search import BatchLoss
+from modeler.spark.side_by_side import SideBySideALS
+
+pytestmark = pytest.mark.spark
+
+GRID = {"c0": {"rank": 3, "reg_param": 0.05}, "c1": {"rank": 6, "reg_param": 0.5},
+        "c2": {"rank": 4, "reg_param": 0.1, "iterations": 1}}
+BASE = ALSParams(num_partitions=1, reservoir_size=2000)
+
+
+def _batches(n_batches: int = 6, size: int = 400) -> list[list[tuple]]:
+    rows = generate(n_users=120, n_items=200, n_ratings=n_batches * size, seed=5)[0]
+    stream = [tuple(r) for r in rows]
+    stream[7] = ("u1", "", 3.0, 0)  # invalid (empty item): rejected by every candidate alike
+    return [stream[b * size:(b + 1) * size] for b in range(n_batches)]
+
+
+def _reference(params: dict, batches: list[list[tuple]]) -> tuple[LocalStreamingALS, list[BatchLoss]]:
+    import dataclasses
+
+    m = LocalStreamingALS(dataclasses.replace(BASE, **params))
+    losses = []
+    for j, b in enumerate(batches):
+        res = m.train(b)
+        losses.append(BatchLoss(0.0, 0) if j == 0 else BatchLoss(res.prequential_sse, res.n_ratings))
+    return m, losses
+
+
+def test_k_candidates_in_one_task_equal_k_separate_runs(spark) -> None:
+    sc = spark.sparkContext
+    batches = _batches()
+    sbs = SideBySideALS({"c0": GRID["c0"], "c1": GRID["c1"]}, BASE)
+    got: dict[str, list[BatchLoss]] = {"c0": [], "c1": [], "c2": []}
+    for j, b in enumerate(batches):
+        # c2 respawns at batch 2; c1 is pruned after batch 4.
+        out = sbs.train(sc.parallelize(b, 3), spawn={"c2": GRID["c2"]} if j == 2 else None,
+                        drop=["c1"] if j == 5 else [])
+        for cid, o in out.items():
+            got[cid].append(o.loss)
+        assert set(out) == ({"c0", "c1"} | ({"c2"} if j >= 2 else set())) - ({"c1"} if j == 5 else set())
+    assert set(sbs.live) == {"c0", "c2"}
+
+    pairs = [(r[0], r[1]) for r in batches[-1][:50]] + [("nobody", "m1")]
+    ref0, loss0 = _reference(GRID["c0"], batches)
+    _ref1, loss1 = _reference(GRID["c1"], batches[:5])
+    ref2, loss2 = _reference(GRID["c2"], batches[2:])
+    for cid, want in (("c0", loss0), ("c1", loss1), ("c2", loss2)):
+        assert [g.n for g in got[cid]] == [w.n for w in want], cid
+        np.testing.assert_allclose([g.total for g in got[cid]], [w.total for w in want], rtol=1e-9, atol=1e-9)
+    assert got["c0"][0] == BatchLoss(0.0, 0) and got["c0"][1].n == 400  # first batch teaches only
+    users, items = [u for u, _ in pairs], [i for _, i in pairs]
+    np.testing.assert_allclose(sbs.predict("c0", pairs), ref0.predict(users, items), atol=1e-6)
+    np.testing.assert_allclose(sbs.predict("c2", pairs), ref2.predict(users, items), atol=1e-6)
+    # The candidates differ from one another (the comparison above could not pass by accident).
+    assert not np.allclose(sbs.predict("c0", pairs), sbs.predict("c2", pairs), atol=1e-3)
+
+    # ...and equal a Spark run of that candidate alone.
+    alone = SideBySideALS({"c0": GRID["c0"]}, BASE)
+    for b in batches:
+        solo = alone.train(sc.parallelize(b, 2))
+    assert solo["c0"].loss == got["c0"][-1]
+    np.testing.assert_allclose(alone.predict("c0", pairs), sbs.predict("c0", pairs), atol=0)
+
+
+def test_ranking_candidates_in_one_task_equal_separate_runs(spark) -> None:
+    from common.datasets import RatingRow
+    from modeler.search_eval import RankingArm
+
+    sc = spark.sparkContext
+    batches = _batches(5, 400)
+    grid = {"c0": {"ranking_rank": 4, "ranking_alpha": 1.0}, "c1": {"ranking_rank": 8, "ranking_alpha": 8.0}}
+    sbs = SideBySideALS(grid, BASE, kind="ranking", probe=64)
+    got: dict[str, list[BatchLoss]] = {"c0": [], "c1": []}
+    for b in batches:
+        for cid, o in sbs.train(sc.parallelize(b, 2)).items():
+            got[cid].append(o.loss)
+    import dataclasses
+
+    for cid, params in grid.items():
+        arm = RankingArm(dataclasses.replace(BASE, **params), probe=64)
+        want = [arm.step([RatingRow(*r) for r in b if r[1]]) for b in batches]
+        assert [g.n for g in got[cid]] == [w.n for w in want], cid
+        np.testing.assert_allclose([g.total for g in got[cid]], [w.total for w in want], rtol=1e-9)
+        assert sum(w.n for w in want) > 0  # the probe did score something
+        user = batches[-1][0][0]
+        assert sbs.recommend(cid, user) == arm.model.recommend(user, 10)
+    assert [g.total for g in got["c0"]] != [g.total for g in got["c1"]]
