@@ -20,6 +20,9 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
 QUIET = {"kafka": logging.WARNING, "py4j": logging.WARNING}
 
 
+_OURS = "_streamrec_handler"
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, process, message (and the exception)."""
 
@@ -43,8 +46,11 @@ def setup_logging(level: str = "INFO", fmt: str = "text", quiet: Mapping[str, in
         raise ValueError(f"LOG_FORMAT must be 'text' or 'json', not {fmt!r}")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    setattr(handler, _OURS, True)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    # Replace a handler of an earlier call, and only that: handlers someone else attached
+    # (a test's log capture, an embedding application's) stay.
+    root.handlers[:] = [h for h in root.handlers if not getattr(h, _OURS, False)] + [handler]
     root.setLevel(level.upper())
     for name, lvl in (QUIET if quiet is None else quiet).items():
         logging.getLogger(name).setLevel(lvl)

@@ -255,7 +255,7 @@ def test_publish_explicit_model_the_predictor_serves(spark, tmp_path: Path, redi
 
 def test_publish_refused_while_a_modeler_holds_the_lease(spark, events_file: Path, tmp_path: Path, redis_url,
                                                          redis_client, keys, capsys) -> None:
-    redis_client.set(keys.lease, "modeler-abc", px=60_000)
+    redis_client.set(keys.lease, "modeler-abc", px=900_000)  # outlives three Spark runs on a busy machine
     out = tmp_path / "out"
     argv = ["--input", str(events_file), "--out", str(out), "--publish", "--redis-url", redis_url,
             "--redis-prefix", keys.prefix, "--ranks", "2", "--regs", "0.1", "--alphas", "1", "--iterations", "2"]
