@@ -33,6 +33,7 @@ import numpy as np
 from common.datasets import RatingRow, read_ratings
 from modeler.core.als_math import ALSParams, LocalStreamingALS, rmse
 from modeler.core.search import (
+    WARM_USER_POSITIVES,
     BatchLoss,
     HalvingSchedule,
     Params,
@@ -92,12 +93,13 @@ class RankingArm:
 
     metric = "ndcg@10"
 
-    def __init__(self, params: Any, probe: int = 256) -> None:
+    def __init__(self, params: Any, probe: int = 256, min_user_positives: int = WARM_USER_POSITIVES) -> None:
         from modeler.core.ranking import LocalRankingALS, event_weights
 
         self.model = LocalRankingALS(params)
         self.params = params
         self.probe = probe
+        self.min_user_positives = min_user_positives
         self._weights = event_weights
 
     def _weights_of(self, ratings: np.ndarray) -> np.ndarray:
@@ -107,7 +109,8 @@ class RankingArm:
     def _target_ranks(self, batch: Sequence[RatingRow]) -> list[int]:
         w = self._weights_of(np.array([r.rating for r in batch], dtype=np.float64))
         return probe_target_ranks(self.model, [r.user for r in batch], [r.item for r in batch], w > 0,
-                                  np.array([r.timestamp for r in batch], dtype=np.int64), self.probe)
+                                  np.array([r.timestamp for r in batch], dtype=np.int64), self.probe,
+                                  min_user_positives=self.min_user_positives)
 
     def step(self, batch: Sequence[RatingRow]) -> BatchLoss:
         ranks = self._target_ranks(batch)

@@ -31,7 +31,14 @@ import numpy as np
 
 from modeler.core.als_math import ALSParams, LocalStreamingALS, split_records, validate_arrays
 from modeler.core.ranking import LocalRankingALS, event_weights
-from modeler.core.search import BatchLoss, Params, SearchConfigError, probe_target_ranks, ranking_gains
+from modeler.core.search import (
+    WARM_USER_POSITIVES,
+    BatchLoss,
+    Params,
+    SearchConfigError,
+    probe_target_ranks,
+    ranking_gains,
+)
 
 _MODELS = "models"
 _BATCH = "batch"
@@ -68,7 +75,7 @@ class _Batch(NamedTuple):
         return list(zip(self.users, self.items, self.ratings.tolist(), self.stamps.tolist()))
 
 
-def _step(kind: str, model: Any, batch: _Batch, probe: int) -> CandidateOutcome:
+def _step(kind: str, model: Any, batch: _Batch, probe: int, warm: int) -> CandidateOutcome:
     """Score one candidate on the batch (before it learns it), then let it learn the batch.
 
     Explicit: Σ squared errors of the batch's ratings. Ranking: Σ NDCG@10 over a probe sample
@@ -81,7 +88,8 @@ def _step(kind: str, model: Any, batch: _Batch, probe: int) -> CandidateOutcome:
         return CandidateOutcome(loss, int(res.n_ratings), int(res.n_diverged))
     p = model.params
     w = event_weights(batch.ratings, np.zeros_like(batch.ratings), p.weighting, p.rating_min, p.rating_max)
-    ranks = probe_target_ranks(model, batch.users, batch.items, w > 0, batch.stamps, probe)
+    ranks = probe_target_ranks(model, batch.users, batch.items, w > 0, batch.stamps, probe,
+                               min_user_positives=warm)
     rres = model.train(batch.users, batch.items, batch.ratings, np.zeros_like(batch.ratings), batch.stamps)
     ndcg, _ = ranking_gains(ranks)
     return CandidateOutcome(BatchLoss(ndcg, len(ranks)), int(rres.positives), int(rres.refused))
@@ -95,7 +103,7 @@ def _tag(kind: str):
 
 
 def _side_by_side_stage(kind: str, base: ALSParams, spawn: Mapping[str, Params], drop: Sequence[str],
-                        probe: int):
+                        probe: int, warm: int):
     """The one task: the models' record and the batch's records meet here."""
 
     def stage(it: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
@@ -120,7 +128,7 @@ def _side_by_side_stage(kind: str, base: ALSParams, spawn: Mapping[str, Params],
         new_models: dict[str, Any] = {}
         for cid in sorted(models):
             m = _copy(models[cid])
-            outcomes[cid] = _step(kind, m, batch, probe)
+            outcomes[cid] = _step(kind, m, batch, probe, warm)
             new_models[cid] = m
         yield (_MODELS, new_models)
         yield (_BATCH, outcomes)
@@ -147,11 +155,12 @@ class SideBySideALS:
     """
 
     def __init__(self, candidates: Mapping[str, Params], base: ALSParams | None = None,
-                 kind: str = EXPLICIT, probe: int = 256) -> None:
+                 kind: str = EXPLICIT, probe: int = 256, min_user_positives: int = WARM_USER_POSITIVES) -> None:
         if kind not in (EXPLICIT, RANKING):
             raise SearchConfigError(f"kind: must be {EXPLICIT!r} or {RANKING!r}, got {kind!r}")
         self.kind = kind
         self.probe = probe
+        self.warm = min_user_positives
         self.base = base or ALSParams(num_partitions=1)
         self._state = None
         self._pending: dict[str, Params] = dict(candidates)
@@ -170,7 +179,8 @@ class SideBySideALS:
         merged = models.union(rdd.mapPartitions(_tag("r"))).coalesce(1)
         # The state RDD holds the models' record and this batch's outcomes (small): cached,
         # its lineage cut, so the DAG stays bounded however long the stream runs.
-        state = merged.mapPartitions(_side_by_side_stage(self.kind, self.base, add, list(drop), self.probe))
+        state = merged.mapPartitions(_side_by_side_stage(self.kind, self.base, add, list(drop), self.probe,
+                                                         self.warm))
         state.persist()
         state.localCheckpoint()
         outcomes: dict[str, CandidateOutcome] = state.filter(lambda kv: kv[0] == _BATCH).map(lambda kv: kv[1]).first()

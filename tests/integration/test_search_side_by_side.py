@@ -80,7 +80,8 @@ def test_ranking_candidates_in_one_task_equal_separate_runs(spark) -> None:
     sc = spark.sparkContext
     batches = _batches(5, 400)
     grid = {"c0": {"ranking_rank": 4, "ranking_alpha": 1.0}, "c1": {"ranking_rank": 8, "ranking_alpha": 8.0}}
-    sbs = SideBySideALS(grid, BASE, kind="ranking", probe=64)
+    # Small data: every known user is probed here (min_user_positives=1).
+    sbs = SideBySideALS(grid, BASE, kind="ranking", probe=64, min_user_positives=1)
     got: dict[str, list[BatchLoss]] = {"c0": [], "c1": []}
     for b in batches:
         for cid, o in sbs.train(sc.parallelize(b, 2)).items():
@@ -88,7 +89,7 @@ def test_ranking_candidates_in_one_task_equal_separate_runs(spark) -> None:
     import dataclasses
 
     for cid, params in grid.items():
-        arm = RankingArm(dataclasses.replace(BASE, **params), probe=64)
+        arm = RankingArm(dataclasses.replace(BASE, **params), probe=64, min_user_positives=1)
         want = [arm.step([RatingRow(*r) for r in b if r[1]]) for b in batches]
         assert [g.n for g in got[cid]] == [w.n for w in want], cid
         np.testing.assert_allclose([g.total for g in got[cid]], [w.total for w in want], rtol=1e-9)

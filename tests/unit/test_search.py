@@ -270,3 +270,23 @@ def test_probe_ranks_are_the_brute_force_ranks():
                   if (u, it) not in seen}
         expected.append(sum(s > scores[i] for s in scores.values()))
     assert sorted(ranks) == sorted(expected) and len(ranks) > 10
+
+
+def test_probe_skips_users_with_few_positives():
+    import numpy as np
+
+    from modeler.core.als_math import ALSParams
+    from modeler.core.ranking import LocalRankingALS
+    from modeler.core.search import probe_target_ranks
+
+    users = ["heavy"] * 30 + ["light"] * 3 + ["heavy", "light"]
+    items = [f"m{j}" for j in range(30)] + ["m0", "m1", "m2"] + ["m40", "m41"]
+    ratings = np.full(len(users), 5.0)
+    stamps = np.arange(len(users), dtype=np.int64)
+    model = LocalRankingALS(ALSParams(ranking_rank=3))
+    model.train(users[:33], items[:33], ratings[:33], np.zeros(33), stamps[:33])
+    model.train(["x"] * 2, ["m40", "m41"], np.full(2, 5.0), np.zeros(2), stamps[:2])  # items known
+    both = probe_target_ranks(model, users[33:], items[33:], np.ones(2, bool), stamps[33:], 10)
+    warm = probe_target_ranks(model, users[33:], items[33:], np.ones(2, bool), stamps[33:], 10,
+                              min_user_positives=20)
+    assert len(both) == 2 and len(warm) == 1
