@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -165,13 +165,7 @@ def describe_errors(exc: ValidationError) -> str:
 
 def parse_rating(data: dict[str, Any] | bytes | str, scale: RatingScale | None = None) -> Rating:
     """Validate a dict or raw JSON into a :class:`Rating`; raise :class:`InvalidRating`."""
-    context = {"scale": scale or RatingScale()}
-    try:
-        if isinstance(data, (bytes, str)):
-            return Rating.model_validate_json(data, context=context)
-        return Rating.model_validate(data, context=context)
-    except ValidationError as exc:
-        raise InvalidRating(describe_errors(exc)) from exc
+    return _validated(Rating, data, {"scale": scale or RatingScale()})
 
 
 def parse_event(
@@ -179,10 +173,18 @@ def parse_event(
 ) -> Event:
     """Validate a dict or raw JSON into an :class:`Event` (rating or implicit); raise
     :class:`InvalidRating` naming the field."""
-    context = {"scale": scale or RatingScale(), "max_weight": max_weight or DEFAULT_MAX_WEIGHT}
+    return _validated(Event, data, {"scale": scale or RatingScale(),
+                                    "max_weight": max_weight or DEFAULT_MAX_WEIGHT})
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _validated(model: type[_M], data: dict[str, Any] | bytes | str, context: dict[str, Any]) -> _M:
+    """``model`` from a dict or raw JSON; a validation error becomes :class:`InvalidRating`."""
     try:
         if isinstance(data, (bytes, str)):
-            return Event.model_validate_json(data, context=context)
-        return Event.model_validate(data, context=context)
+            return model.model_validate_json(data, context=context)
+        return model.model_validate(data, context=context)
     except ValidationError as exc:
         raise InvalidRating(describe_errors(exc)) from exc

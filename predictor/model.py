@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from common.feedback import Weighting
+from common.schema import RatingScale
 
 F32 = np.float32
 
@@ -104,8 +105,6 @@ class RankingSet:
         """w of each ``{p}:rated:{user}`` value: a rating (decimal) through the version's
         :class:`~common.feedback.Weighting`, or ``implicit:<w>`` as the modeler recorded it
         (a bare ``implicit``, from older modelers, weighs as one event)."""
-        from common.schema import RatingScale
-
         scale = RatingScale(min=scale_min, max=scale_max)
         out = np.zeros(len(values))
         for k, v in enumerate(values):

@@ -73,21 +73,11 @@ def fast_parse(value: bytes, rating_min: float, rating_max: float,
         return None
     rating: Any = d.get("rating")
     ts = d.get("timestamp")
-    tu, ti, tr = type(user), type(item), type(rating)
-    if tu is str:
-        user = user.strip()
-    elif tu is int:
-        user = str(user)
-    else:
+    ids = _fast_ids(user, item)
+    if ids is None:
         return None
-    if ti is str:
-        item = item.strip()
-    elif ti is int:
-        item = str(item)
-    else:
-        return None
-    if not (0 < len(user) <= MAX_ID_LENGTH and 0 < len(item) <= MAX_ID_LENGTH):
-        return None
+    user, item = ids
+    tr = type(rating)
     if tr is float or tr is int:
         rating = float(rating)
     else:
@@ -99,16 +89,10 @@ def fast_parse(value: bytes, rating_min: float, rating_max: float,
     return user, item, rating, ts
 
 
-def _fast_implicit(d: dict, user: Any, item: Any, kind: Any, max_weight: float) -> tuple | None:
-    """The implicit-event half of :func:`fast_parse`."""
-    if type(kind) is not str or not 0 < len(kind) <= 32 or not ("a" <= kind[0] <= "z") \
-            or not _TYPE_CHARS.issuperset(kind):
-        return None
-    if d.get("rating") is not None:
-        return None
-    weight = d.get("weight", 1.0)
-    ts = d.get("timestamp")
-    tu, ti, tw = type(user), type(item), type(weight)
+def _fast_ids(user: Any, item: Any) -> tuple[str, str] | None:
+    """Both ids as :func:`common.schema.parse_event` would give them (stripped strings, int
+    ids as strings), or None when the message needs the full validator."""
+    tu, ti = type(user), type(item)
     if tu is str:
         user = user.strip()
     elif tu is int:
@@ -123,6 +107,23 @@ def _fast_implicit(d: dict, user: Any, item: Any, kind: Any, max_weight: float) 
         return None
     if not (0 < len(user) <= MAX_ID_LENGTH and 0 < len(item) <= MAX_ID_LENGTH):
         return None
+    return user, item
+
+
+def _fast_implicit(d: dict, user: Any, item: Any, kind: Any, max_weight: float) -> tuple | None:
+    """The implicit-event half of :func:`fast_parse`."""
+    if type(kind) is not str or not 0 < len(kind) <= 32 or not ("a" <= kind[0] <= "z") \
+            or not _TYPE_CHARS.issuperset(kind):
+        return None
+    if d.get("rating") is not None:
+        return None
+    weight = d.get("weight", 1.0)
+    ts = d.get("timestamp")
+    ids = _fast_ids(user, item)
+    if ids is None:
+        return None
+    user, item = ids
+    tw = type(weight)
     if tw is float or tw is int:
         weight = float(weight)
     else:
