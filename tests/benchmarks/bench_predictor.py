@@ -53,9 +53,13 @@ from devstack.services import stop_process_group
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from common.feedback import Weighting  # noqa: E402
 from common.keys import Keys  # noqa: E402
+from common.schema import RatingScale  # noqa: E402
 from common.snapshot import Meta, collect_garbage, publish_version, write_rated, write_segment  # noqa: E402
 
+# The synthetic versions' ranking hyper-parameters (their Meta, and the refit check).
+RANKING_REG, RANKING_ALPHA = 0.05, 1.0
 ML_SMALL = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")) / "ml-latest-small"
 
 
@@ -164,8 +168,8 @@ def meta_for(f: Factors, version: int, segments: tuple[int, ...], ratings_seen: 
     return Meta(version=version, rank=f.rank, mu=f.mu, reg_param=f.reg_param, n_users=len(f.users),
                 n_items=len(f.items), ratings_seen=ratings_seen, created=time.time(), segments=segments,
                 models=("explicit", "ranking") if ranking else ("explicit",),
-                ranking_rank=f.rank if ranking else 0, ranking_reg_param=0.05 if ranking else 0.0,
-                ranking_alpha=1.0 if ranking else 0.0)
+                ranking_rank=f.rank if ranking else 0, ranking_reg_param=RANKING_REG if ranking else 0.0,
+                ranking_alpha=RANKING_ALPHA if ranking else 0.0)
 
 
 def write_ranking(client: Any, keys: Keys, f: Factors, version: int, rows: np.ndarray | None = None,
@@ -197,9 +201,36 @@ def expected_top(f: Factors, user: int, n: int = 10, served: bool = False) -> np
     """
     u = f.users.index(user)
     if served and f.rank_items is not None and f.rank_users is not None:
-        return np.sort(f.rank_items.astype(np.float64) @ f.rank_users[u])[::-1][:n]
+        y = f.rank_items.astype(np.float64)
+        return np.sort(y @ refit_vector(f, user, y))[::-1][:n]
     scores = f.mu + f.user_bias[u] + f.item_bias + f.item_factors.astype(np.float64) @ f.user_factors[u]
     return np.sort(scores)[::-1][:n]
+
+
+def refit_vector(f: Factors, user: int, y: np.ndarray) -> np.ndarray:
+    """The ranking model's x_u as the predictor serves it (``PREDICTOR_REFIT_USERS``, the
+    default): the iALS user step from the user's rated history, written out here in float64
+    from the formula, independently of the predictor's code::
+
+        w_i = Weighting().rating_weight(r_ui)   (1 for a rating >= 0.7 of the scale, else 0)
+        c_i = 1 + alpha * w_i
+        x_u = (YᵀY + Σ_{w_i>0} (c_i − 1) y_i y_iᵀ + λ·n⁺ I)⁻¹ Σ_{w_i>0} c_i y_i
+
+    with the version's alpha and λ (:func:`meta_for`) and n⁺ the number of positives; a user
+    without a positive keeps the published vector.
+    """
+    u = f.users.index(user)
+    scale = RatingScale(min=0.5, max=5.0)
+    weighting = Weighting()
+    rated = f.rated.get(user, {})
+    rows = np.array([f.items.index(i) for i in rated], dtype=np.int64)
+    w = np.array([weighting.rating_weight(r, scale) for r in rated.values()])
+    pos = w > 0
+    if not pos.any():
+        return f.rank_users[u].astype(np.float64) if f.rank_users is not None else np.zeros(f.rank)
+    yp, c = y[rows[pos]], 1.0 + RANKING_ALPHA * w[pos]
+    lhs = y.T @ y + (yp.T * (c - 1.0)) @ yp + RANKING_REG * int(pos.sum()) * np.eye(y.shape[1])
+    return np.linalg.solve(lhs, yp.T @ c)
 
 
 def same_scores(got: list[float], expected: np.ndarray) -> bool:
