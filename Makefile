@@ -8,6 +8,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test`: a test file runs whole on one worker (its module
+# fixtures, e.g. a Spark job's data, are built once), each worker has its own SparkSession,
+# broker and Redis on free ports. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: help bootstrap up test test-fast lint bench bench-core bench-modeler bench-predictor bench-kafka bench-batch bench-search eval batch-demo clean
 
@@ -31,7 +35,7 @@ up: bootstrap
 	$(PY) -m devstack up $(if $(RATINGS_FILE),--ratings $(RATINGS_FILE),) $(if $(FRESH),--fresh,)
 
 test: bootstrap
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 test-fast: bootstrap
 	$(PY) -m pytest -m "unit" $(PYTEST_ARGS)
