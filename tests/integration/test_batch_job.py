@@ -205,7 +205,7 @@ def test_publish_implicit_model_as_the_ranking_factor_set(spark, events_file: Pa
     from predictor.app import create_app
     from predictor.config import PredictorSettings
 
-    settings = PredictorSettings(REDIS_URL=redis_url, REDIS_PREFIX=keys.prefix, MODEL_POLL_INTERVAL_S=0.2)
+    settings = PredictorSettings(REDIS_URL=redis_url, REDIS_PREFIX=keys.prefix, PREDICTOR_MODEL_POLL_INTERVAL_S=0.2)
     with TestClient(create_app(settings)) as api:
         deadline = time.monotonic() + 15
         while api.app.state.svc.watcher.model is None and time.monotonic() < deadline:
@@ -235,7 +235,7 @@ def test_publish_explicit_model_the_predictor_serves(spark, tmp_path: Path, redi
     report = run_job(spark, cfg)
     assert report.model == "explicit" and report.grid[0].metric == "rmse"
     assert report.test["rmse"] < report.test["mean_rmse"]
-    settings = PredictorSettings(REDIS_URL=redis_url, REDIS_PREFIX=keys.prefix, MODEL_POLL_INTERVAL_S=0.2)
+    settings = PredictorSettings(REDIS_URL=redis_url, REDIS_PREFIX=keys.prefix, PREDICTOR_MODEL_POLL_INTERVAL_S=0.2)
     with TestClient(create_app(settings)) as api:
         import time
 

@@ -110,7 +110,7 @@ def _settings(**env: object) -> FrontendSettings:
 @pytest.fixture
 def client(predictor: tuple[str, list], bootstrap: str, topic: str) -> Iterator[TestClient]:
     settings = _settings(KAFKA_BOOTSTRAP_SERVERS=bootstrap, RATINGS_TOPIC=topic,
-                         PREDICTOR_URL=predictor[0], PRODUCE_TIMEOUT_S=3)
+                         PREDICTOR_URL=predictor[0], FRONTEND_PRODUCE_TIMEOUT_S=3)
     with TestClient(create_app(settings)) as c:
         yield c
 
@@ -209,7 +209,7 @@ def test_not_json_and_too_many_are_422(client):
 
 def test_write_token_is_required_when_configured(predictor, bootstrap, topic):
     settings = _settings(KAFKA_BOOTSTRAP_SERVERS=bootstrap, RATINGS_TOPIC=topic,
-                         PREDICTOR_URL=predictor[0], WRITE_TOKEN="s3cret")
+                         PREDICTOR_URL=predictor[0], FRONTEND_WRITE_TOKEN="s3cret")
     rating = {"user": "9", "item": "1", "rating": 2.5}
     with TestClient(create_app(settings)) as c:
         assert c.get("/api/config").json()["write_token_required"] is True
@@ -228,7 +228,7 @@ def test_write_token_is_required_when_configured(predictor, bootstrap, topic):
 def test_unreachable_broker_is_a_quick_503(predictor):
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there
     settings = _settings(KAFKA_BOOTSTRAP_SERVERS=dead, PREDICTOR_URL=predictor[0],
-                         PRODUCE_TIMEOUT_S=3)
+                         FRONTEND_PRODUCE_TIMEOUT_S=3)
     with TestClient(create_app(settings)) as c:
         start = time.monotonic()
         resp = c.post("/api/ratings", json={"user": "1", "item": "2", "rating": 4})
@@ -254,7 +254,7 @@ def test_broker_down_mid_life_503_nothing_written_later_then_recovers(predictor,
     try:
         create_topics(broker.url, {topic: 2})
         settings = _settings(KAFKA_BOOTSTRAP_SERVERS=broker.url, RATINGS_TOPIC=topic,
-                             PREDICTOR_URL=predictor[0], PRODUCE_TIMEOUT_S=2)
+                             PREDICTOR_URL=predictor[0], FRONTEND_PRODUCE_TIMEOUT_S=2)
         with TestClient(create_app(settings)) as c:
             first = c.post("/api/ratings", json={"user": "5", "item": "1", "rating": 4})
             assert first.status_code == 202
@@ -333,7 +333,7 @@ def test_frontend_errors_have_the_one_error_body(client, predictor):
 def test_predictor_down_is_a_clear_503(bootstrap, topic):
     dead = f"http://127.0.0.1:{free_port()}"
     settings = _settings(KAFKA_BOOTSTRAP_SERVERS=bootstrap, RATINGS_TOPIC=topic,
-                         PREDICTOR_URL=dead, PREDICTOR_TIMEOUT_S=1)
+                         PREDICTOR_URL=dead, FRONTEND_PREDICTOR_TIMEOUT_S=1)
     with TestClient(create_app(settings)) as c:
         for path in ("/api/items?q=x", "/api/popular", "/api/model", "/api/users/1/ratings"):
             resp = c.get(path)

@@ -75,7 +75,7 @@ def test_broker_down_the_page_says_not_accepted_and_retry_saves_it(page, predict
     port = free_port()  # the broker will live here, later
     bootstrap = f"127.0.0.1:{port}"
     front = serve_frontend(KAFKA_BOOTSTRAP_SERVERS=bootstrap, RATINGS_TOPIC="page-ratings",
-                           PREDICTOR_URL=predictor_url, PRODUCE_TIMEOUT_S=1.5)
+                           PREDICTOR_URL=predictor_url, FRONTEND_PRODUCE_TIMEOUT_S=1.5)
     broker = None
     try:
         page.goto(front.url + "/")
@@ -110,7 +110,7 @@ def test_broker_down_the_page_says_not_accepted_and_retry_saves_it(page, predict
 
 def test_predictor_down_the_page_says_so(page, bootstrap, topic):
     front = serve_frontend(KAFKA_BOOTSTRAP_SERVERS=bootstrap, RATINGS_TOPIC=topic,
-                           PREDICTOR_URL=f"http://127.0.0.1:{free_port()}", PREDICTOR_TIMEOUT_S=1)
+                           PREDICTOR_URL=f"http://127.0.0.1:{free_port()}", FRONTEND_PREDICTOR_TIMEOUT_S=1)
     try:
         page.goto(front.url + "/")
         banner = page.locator("#banner")
@@ -123,7 +123,7 @@ def test_predictor_down_the_page_says_so(page, bootstrap, topic):
 
 def test_write_token_is_asked_for_and_used(page, predictor_url, bootstrap, topic):
     front = serve_frontend(KAFKA_BOOTSTRAP_SERVERS=bootstrap, RATINGS_TOPIC=topic,
-                           PREDICTOR_URL=predictor_url, WRITE_TOKEN="let-me-in")
+                           PREDICTOR_URL=predictor_url, FRONTEND_WRITE_TOKEN="let-me-in")
     try:
         page.goto(front.url + "/")
         assert page.locator("#token-box").is_visible()

@@ -66,7 +66,7 @@ def test_an_implicit_stream_publishes_a_ranking_only_version_and_bad_weights_go_
     producer.flush()
     producer.close()
     n_poison = (len(plays) - 1) // 100 + 1
-    settings = settings_for(bootstrap, topic, redis_url, redis_prefix, BATCH_MAX_RECORDS=100_000,
+    settings = settings_for(bootstrap, topic, redis_url, redis_prefix, MODELER_BATCH_MAX_RECORDS=100_000,
                             MODEL_NUM_PARTITIONS=1, EVENT_MAX_WEIGHT=1000)
     service = ModelerService(settings, spark=spark)
     run_until_events(service, len(plays))
@@ -134,7 +134,7 @@ def test_ratings_and_plays_publish_both_sets_and_a_restart_restores_the_ranking_
     producer.flush()
     producer.close()
     n_ratings = sum(1 for k in range(len(rows)) if k % 4)
-    settings = settings_for(bootstrap, topic, redis_url, redis_prefix, BATCH_MAX_RECORDS=400)
+    settings = settings_for(bootstrap, topic, redis_url, redis_prefix, MODELER_BATCH_MAX_RECORDS=400)
     first = ModelerService(settings, spark=spark)
     run_until_events(first, 800)
     first.publisher.release_lease(first.token)

@@ -35,9 +35,9 @@ def settings_for(bootstrap: str, topic: str, redis_url: str, prefix: str, **extr
         "MODEL_RANK": 6,
         "MODEL_ITERATIONS": 2,
         "MODEL_NUM_PARTITIONS": 4,
-        "BATCH_MAX_INTERVAL_S": 0.2,
+        "MODELER_BATCH_MAX_INTERVAL_S": 0.2,
         "MODELER_LEASE_TTL_S": 5,
-        "RETRY_MAX_BACKOFF_S": 1.0,
+        "MODELER_RETRY_MAX_BACKOFF_S": 1.0,
         "MODELER_METRICS_PORT": 0,
     }
     env.update({k: v for k, v in extra.items()})
@@ -144,8 +144,8 @@ def test_replayed_ratings_become_consistent_versions(spark, bootstrap, topic, re
     send_rows(producer, topic, rows)
     producer.flush()
     producer.close()
-    settings = settings_for(bootstrap, topic, redis_url, redis_prefix, BATCH_MAX_RECORDS=500,
-                            MAX_SEGMENT_CHAIN=3, KEEP_VERSIONS=2, GC_MIN_AGE_S=0)
+    settings = settings_for(bootstrap, topic, redis_url, redis_prefix, MODELER_BATCH_MAX_RECORDS=500,
+                            MODELER_MAX_SEGMENT_CHAIN=3, MODELER_KEEP_VERSIONS=2, MODELER_GC_MIN_AGE_S=0)
     client = redis.Redis.from_url(redis_url)
     sub = client.pubsub()
     sub.subscribe(f"{redis_prefix}:events")
@@ -168,7 +168,7 @@ def test_replayed_ratings_become_consistent_versions(spark, bootstrap, topic, re
     assert int(meta["n_users"]) == len(snap["users"]) and int(meta["n_items"]) == len(snap["items"])
     assert all(np.isfinite(v).all() and np.isfinite(b) for b, v in snap["items"].values())
     assert abs(float(meta["mu"]) - np.mean([r[2] for r in rows])) < 1e-6
-    # The chain was cut: at most MAX_SEGMENT_CHAIN segments, the first a full one.
+    # The chain was cut: at most MODELER_MAX_SEGMENT_CHAIN segments, the first a full one.
     assert 1 <= len(snap["pointer"]["segments"]) <= 3
     # The model learned something: it predicts its training data better than the mean.
     sample = rows[::7]
@@ -234,7 +234,7 @@ def test_poison_messages_go_to_the_dlq_and_leave_the_model_unchanged(
     producer.close()
     # One batch holds the whole topic, so the comparison model sees the same batch. A model of
     # one partition: the fused plan the modeler uses on a local master by default.
-    settings = settings_for(bootstrap, topic, redis_url, redis_prefix, BATCH_MAX_RECORDS=100_000,
+    settings = settings_for(bootstrap, topic, redis_url, redis_prefix, MODELER_BATCH_MAX_RECORDS=100_000,
                             MODEL_NUM_PARTITIONS=1)
     service = ModelerService(settings, spark=spark)
     run_until_seen(service, len(rows))
@@ -287,7 +287,7 @@ def test_redis_restart_republishes_the_whole_model_without_double_counting(
         producer = make_producer(bootstrap)
         send_rows(producer, topic, first)
         producer.flush()
-        settings = settings_for(bootstrap, topic, own.url, redis_prefix, BATCH_MAX_RECORDS=400)
+        settings = settings_for(bootstrap, topic, own.url, redis_prefix, MODELER_BATCH_MAX_RECORDS=400)
         service = ModelerService(settings, spark=spark)
         worker, errors = run_in_background(service, len(rows))
         client = redis.Redis.from_url(own.url)
@@ -338,7 +338,7 @@ def test_a_kafka_outage_is_retried_and_nothing_is_lost_or_counted_twice(
         send_rows(producer, topic, first)
         producer.flush()
         producer.close()
-        settings = settings_for(bootstrap, topic, redis_url, redis_prefix, BATCH_MAX_RECORDS=400,
+        settings = settings_for(bootstrap, topic, redis_url, redis_prefix, MODELER_BATCH_MAX_RECORDS=400,
                                 MODEL_NUM_PARTITIONS=1)
         service = ModelerService(settings, spark=spark)
         worker, errors = run_in_background(service, len(rows))

@@ -99,7 +99,7 @@ def publish(client, keys: Keys, p: Planted, version: int, segments: list[int] | 
 
 def settings_for(redis_url: str, keys: Keys, **extra) -> PredictorSettings:
     return PredictorSettings(REDIS_URL=redis_url, REDIS_PREFIX=keys.prefix,
-                             MODEL_POLL_INTERVAL_S=0.2, **extra)
+                             PREDICTOR_MODEL_POLL_INTERVAL_S=0.2, **extra)
 
 
 def wait_for(predicate, timeout: float = 10.0, step: float = 0.05):
@@ -406,7 +406,7 @@ def test_jiminy_ratings_and_ranks(api: TestClient, planted: Planted) -> None:
 
 
 def test_jiminy_prediction_expires(redis_url, keys, planted, redis_client) -> None:
-    with TestClient(create_app(settings_for(redis_url, keys, PREDICTION_TTL_S=1))) as api:
+    with TestClient(create_app(settings_for(redis_url, keys, PREDICTOR_PREDICTION_TTL_S=1))) as api:
         wait_version(api, 1)
         pred = api.post("/predictions/ranks", json={"user": "u1", "topk": 2}).json()["prediction"]
         assert api.get(f"/predictions/ranks/{pred['id']}").status_code == 200
