@@ -56,19 +56,19 @@ def test_executors_read_every_partition_to_its_high_water_mark(spark, bootstrap,
         blocks, summaries = ks.read_batch(sc, ranges, bootstrap, dlq, 0.5, 5.0)
         rows = blocks.flatMap(lambda b: b.rows()).collect()
         blocks.unpersist()
-        got = sum(s["n_valid"] + s["n_dlq"] for s in summaries)
+        got = sum(s.n_valid + s.n_dlq for s in summaries)
         assert got <= 600
-        for s, r in zip(sorted(summaries, key=lambda s: s["partition"]), ranges, strict=True):
-            assert s["start"] == offsets[s["partition"]]
-            assert s["next_offset"] - s["start"] == s["n_valid"] + s["n_dlq"] <= r.cap
+        for s, r in zip(sorted(summaries, key=lambda s: s.partition), ranges, strict=True):
+            assert s.start == offsets[s.partition]
+            assert s.next_offset - s.start == s.n_valid + s.n_dlq <= r.cap
         if got == 0:
             # Every partition ended at its high-water mark.
-            assert all(s["highwater"] == s["next_offset"] for s in summaries)
+            assert all(s.highwater == s.next_offset for s in summaries)
             break
         batches += 1
         seen.extend(rows)
-        n_dlq += sum(s["n_dlq"] for s in summaries)
-        offsets = {s["partition"]: s["next_offset"] for s in summaries}
+        n_dlq += sum(s.n_dlq for s in summaries)
+        offsets = {s.partition: s.next_offset for s in summaries}
     assert batches >= 4
     assert sorted(seen) == sorted(valid)
     assert n_dlq == 25
@@ -109,5 +109,5 @@ def test_an_offset_past_the_end_is_reported_not_skipped(spark, bootstrap, topic)
     ranges = [ks.OffsetRange(topic, p, 10_000, 100) for p in range(4)]
     blocks, summaries = ks.read_batch(spark.sparkContext, ranges, bootstrap, f"{topic}.dlq", 0.5, 5.0)
     blocks.unpersist()
-    assert [s["reset_to"] for s in summaries] == [0, 0, 0, 0]
-    assert all(s["n_valid"] == 0 and s["next_offset"] == 10_000 for s in summaries)
+    assert [s.reset_to for s in summaries] == [0, 0, 0, 0]
+    assert all(s.n_valid == 0 and s.next_offset == 10_000 for s in summaries)
