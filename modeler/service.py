@@ -1,4 +1,6 @@
 """The modeler's loop: plan offsets -> read on executors -> train -> publish -> repeat.
+Long because the failure handling below (lease, retries, restore, rebuilding what a Redis
+loss took) is written out step by step beside the loop it guards.
 
 Exactly-once effect: a version's Redis metadata holds the Kafka offsets its model has
 consumed, written in the same MULTI/EXEC that makes the version visible. On start the
