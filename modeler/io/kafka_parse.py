@@ -52,43 +52,47 @@ def fast_parse(value: bytes, rating_min: float, rating_max: float,
         return _fast_implicit(d, user, item, kind, max_weight)
     if "weight" in d:
         return None
-    rating: Any = d.get("rating")
-    ts = d.get("timestamp")
+    return _fast_fields(user, item, d.get("rating"), rating_min, rating_max, d.get("timestamp"))
+
+
+def _fast_fields(user: Any, item: Any, value: Any, lo: float, hi: float,
+                 ts: Any) -> tuple[str, str, float, int] | None:
+    """``(user, item, value, timestamp)`` when the ids are plain, ``value`` (a rating or a
+    weight) a finite number in [lo, hi] and the timestamp a non-negative int; else None."""
     ids = _fast_ids(user, item)
     if ids is None:
         return None
-    user, item = ids
-    tr = type(rating)
-    if tr is float or tr is int:
-        rating = float(rating)
+    tv = type(value)
+    if tv is float or tv is int:
+        value = float(value)
     else:
         return None
-    if not (math.isfinite(rating) and rating_min <= rating <= rating_max):
+    if not (math.isfinite(value) and lo <= value <= hi):
         return None
     if type(ts) is not int or ts < 0:
         return None
-    return user, item, rating, ts
+    return ids[0], ids[1], value, ts
+
+
+def _fast_id(value: Any) -> str | None:
+    """An id as :func:`common.schema.parse_event` would give it (a stripped string, an int id
+    as a string), or None when the message needs the full validator."""
+    t = type(value)
+    if t is str:
+        value = value.strip()
+    elif t is int:
+        value = str(value)
+    else:
+        return None
+    return value if 0 < len(value) <= MAX_ID_LENGTH else None
 
 
 def _fast_ids(user: Any, item: Any) -> tuple[str, str] | None:
-    """Both ids as :func:`common.schema.parse_event` would give them (stripped strings, int
-    ids as strings), or None when the message needs the full validator."""
-    tu, ti = type(user), type(item)
-    if tu is str:
-        user = user.strip()
-    elif tu is int:
-        user = str(user)
-    else:
+    """Both ids (:func:`_fast_id`), or None."""
+    u, i = _fast_id(user), _fast_id(item)
+    if u is None or i is None:
         return None
-    if ti is str:
-        item = item.strip()
-    elif ti is int:
-        item = str(item)
-    else:
-        return None
-    if not (0 < len(user) <= MAX_ID_LENGTH and 0 < len(item) <= MAX_ID_LENGTH):
-        return None
-    return user, item
+    return u, i
 
 
 def _fast_implicit(d: dict, user: Any, item: Any, kind: Any, max_weight: float) -> tuple | None:
@@ -98,22 +102,10 @@ def _fast_implicit(d: dict, user: Any, item: Any, kind: Any, max_weight: float) 
         return None
     if d.get("rating") is not None:
         return None
-    weight = d.get("weight", 1.0)
-    ts = d.get("timestamp")
-    ids = _fast_ids(user, item)
-    if ids is None:
+    got = _fast_fields(user, item, d.get("weight", 1.0), 0.0, max_weight, d.get("timestamp"))
+    if got is None:
         return None
-    user, item = ids
-    tw = type(weight)
-    if tw is float or tw is int:
-        weight = float(weight)
-    else:
-        return None
-    if not (math.isfinite(weight) and 0.0 <= weight <= max_weight):
-        return None
-    if type(ts) is not int or ts < 0:
-        return None
-    return user, item, None, ts, weight
+    return got[0], got[1], None, got[3], got[2]
 
 
 def _is_implicit(value: bytes) -> bool:

@@ -382,9 +382,10 @@ def batch_blocks(
     many Kafka partitions best a few ranges per task.
 
     Training on ``blocks.flatMap(Block.rows)`` reads Kafka inside the training job itself
-    (one Spark job less per batch than :func:`read_batch`); the summaries (offsets reached)
-    are then in ``acc.value``. The cache makes a fallback write job (or a retry) see the
-    same records.
+    (one Spark job less per batch than collecting the summaries first); the summaries
+    (offsets reached) are then in ``acc.value``. The cache makes a fallback write job (or a
+    retry) see exactly the records whose offsets were reported, even though a re-read could
+    now reach further.
     """
     from pyspark import AccumulatorParam, StorageLevel
 
@@ -399,27 +400,3 @@ def batch_blocks(
     n = max(1, min(len(ranges), slices or len(ranges)))
     blocks = sc.parallelize(ranges, n).mapPartitions(read)
     return blocks.persist(StorageLevel.MEMORY_AND_DISK), acc
-
-
-def read_batch(
-    sc: Any,
-    ranges: list[OffsetRange],
-    bootstrap: str,
-    dlq_topic: str,
-    rating_min: float,
-    rating_max: float,
-) -> tuple[Any, list[BlockSummary]]:
-    """Read ``ranges`` on the executors, one Spark partition per Kafka partition.
-
-    Returns the persisted ``RDD[Block]`` and the per-partition summaries (offsets reached,
-    high-water marks, counts): one Spark job, and only the summaries reach the driver.
-    The blocks stay cached so that training and publishing see exactly the records whose
-    offsets were reported, even though a re-read could now reach further.
-    """
-    blocks, _ = batch_blocks(sc, ranges, bootstrap, dlq_topic, rating_min, rating_max)
-    try:
-        summaries = blocks.map(Block.summary).collect()
-    except Exception:
-        blocks.unpersist()
-        raise
-    return blocks, summaries

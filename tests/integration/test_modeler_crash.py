@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from modeler.replay import encode, make_producer
-from tests.integration.test_modeler_service import ml_rows, plain_predict, plain_snapshot, settings_for
+from tests.support.modeler import ml_rows, plain_predict, plain_ranking, plain_snapshot, settings_for
 
 pytestmark = pytest.mark.spark
 
@@ -143,7 +143,6 @@ def test_kill_9_twice_then_every_rating_counts_once(
 
     # The ranking model survived both kills too: every liked rating (>= 4 on 0.5-5, the
     # default weighting) learned exactly once, its factor set complete in the version.
-    from tests.integration.test_modeler_ranking import plain_ranking
 
     assert json.loads(meta["models"]) == ["explicit", "ranking"]
     liked = [r for r in train if r[2] >= 4.0]
