@@ -18,7 +18,7 @@ from common.keys import Keys
 from common.snapshot import Meta, collect_garbage, write_segment
 from devstack.services import free_port, start_redis, stop_process_group
 from predictor.app import create_app
-from tests.integration.test_predictor_api import (
+from tests.support.planted import (
     N_USERS,
     RANK,
     Planted,
