@@ -5,12 +5,26 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from common.errors import InfraUnavailable
 
 log = logging.getLogger(__name__)
+
+
+def create_missing(admin: Any, wanted: Mapping[str, int]) -> list[str]:
+    """Create the topics of ``wanted`` (name -> partitions, replication 1) that ``admin`` (a
+    kafka-python ``KafkaAdminClient``) does not list yet; returns the names created."""
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    existing = set(admin.list_topics())
+    new = [NewTopic(t, n, 1) for t, n in wanted.items() if t not in existing]
+    if new:
+        with contextlib.suppress(TopicAlreadyExistsError):  # another process was first
+            admin.create_topics(new)
+    return [t.name for t in new]
 
 
 class KafkaUnavailable(InfraUnavailable, RuntimeError):
@@ -46,8 +60,8 @@ class TopicAdmin:
 
     def ensure_topics(self) -> None:
         """Create the ratings and dead-letter topics if they do not exist."""
-        from kafka.admin import KafkaAdminClient, NewTopic
-        from kafka.errors import KafkaError, TopicAlreadyExistsError
+        from kafka.admin import KafkaAdminClient
+        from kafka.errors import KafkaError
 
         wanted = {self.topic: self.n_partitions, self.dlq_topic: 1}
         try:
@@ -57,12 +71,9 @@ class TopicAdmin:
         except KafkaError as exc:
             raise KafkaUnavailable(f"broker {self.bootstrap} unreachable: {exc}") from exc
         try:
-            existing = set(admin.list_topics())
-            new = [NewTopic(t, n, 1) for t, n in wanted.items() if t not in existing]
-            if new:
-                with contextlib.suppress(TopicAlreadyExistsError):
-                    admin.create_topics(new)
-                log.info("created topics %s", [t.name for t in new])
+            created = create_missing(admin, wanted)
+            if created:
+                log.info("created topics %s", created)
         except KafkaError as exc:
             raise KafkaUnavailable(f"cannot create topics on {self.bootstrap}: {exc}") from exc
         finally:
