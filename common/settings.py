@@ -5,7 +5,7 @@ Spark executors re-import modules and may not have the driver's environment.
 Each service subclasses :class:`CommonSettings` with its own fields.
 
 Naming rule (README "Configuration"): shared infrastructure and the event contract keep
-their conventional names (``KAFKA_*``, ``REDIS_*``, ``SPARK_MASTER``, ``RATINGS_TOPIC``,
+their conventional names (``KAFKA_*``, ``REDIS_*``, ``SPARK_*``, ``RATINGS_TOPIC``,
 ``DLQ_TOPIC``, ``RATING_MIN``/``RATING_MAX``, ``LOG_*``, the address ``PREDICTOR_URL``,
 ``EVENT_MAX_WEIGHT``); the modeler's hyper-parameters are ``MODEL_*`` (they map onto
 ``ALSParams``); every other setting is prefixed by the service that reads it (``MODELER_*``,

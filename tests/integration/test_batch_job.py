@@ -18,7 +18,7 @@ import pytest
 
 from common.synthetic import Events, generate, generate_events, make_ids, write_events, write_movielens
 from modeler.batch import EXIT_BAD_INPUT, EXIT_PUBLISH_REFUSED, JobConfig, PublishRefused, main, run_job
-from tests.integration.test_cluster_mode import spark_home, standalone  # noqa: F401  # the cluster fixture
+from tests.support.standalone import spark_home
 
 pytestmark = pytest.mark.spark
 
@@ -314,7 +314,7 @@ def test_unknown_or_empty_input_fails_before_spark_starts(tmp_path: Path, conten
 # --------------------------------------------------------------------------- cluster mode
 
 
-def test_spark_submit_on_the_standalone_cluster_gives_the_local_result(spark, standalone, events_file: Path,  # noqa: F811
+def test_spark_submit_on_the_standalone_cluster_gives_the_local_result(spark, standalone, events_file: Path,
                                                                        tmp_path: Path) -> None:
     local_out, cluster_out = tmp_path / "local", tmp_path / "cluster"
     cfg = small_config(events_file, local_out, fmt="csv", iterations=5, blocks=2)
