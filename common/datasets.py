@@ -1,4 +1,4 @@
-"""Dataset readers (ratings, implicit events, catalogues) that detect the format by content.
+"""Dataset readers (ratings, implicit events) that detect the format by content.
 
 Ratings (explicit feedback):
 - ml-latest-small / ml-25m / ml-20m ``ratings.csv``: header ``userId,movieId,rating,timestamp``,
@@ -16,9 +16,7 @@ whose third column is not named ``rating...`` (the Last.fm hetrec2011 ``user_art
 Every file may be gzip-compressed (detected by its magic bytes). Ids are kept as the file spells
 them (UUIDs, leading zeros), only surrounding whitespace is removed.
 
-Catalogues: ``movies.csv`` (``movieId,title,genres`` with ``|``-separated genres, UTF-8),
-ml-100k ``u.item`` (``|``-separated with 19 genre flags, latin-1), ml-1m ``movies.dat``
-(``id::title::genres``, latin-1).
+Catalogues (``movies.csv``, ``u.item``, ``movies.dat``) are read by :mod:`common.catalog`.
 
 A bad row is reported as ``file:line: reason`` and skipped, or raises
 :class:`~common.errors.DatasetError` when ``strict=True``.
@@ -32,7 +30,6 @@ instead of silently dropping every rating above 5.
 
 from __future__ import annotations
 
-import csv
 import gzip
 import io
 import logging
@@ -40,20 +37,13 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict, Unpack
 
 from common.errors import DatasetError
 from common.schema import DEFAULT_MAX_WEIGHT, MAX_ID_LENGTH, RATING, Event, RatingScale, parse_event
 
 log = logging.getLogger(__name__)
 
-ML100K_GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
-    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
-    "Romance", "Sci-Fi", "Thriller", "War", "Western",
-)
-NO_GENRES = "(no genres listed)"
-MOVIE_FILE_NAMES = ("movies.csv", "movies.csv.gz", "u.item", "u.item.gz", "movies.dat", "movies.dat.gz")
 IMPLICIT_EVENT_TYPE = "play"
 # More than this share of a file's ratings off the configured scale means a wrong scale.
 OFF_SCALE_LIMIT = 0.01
@@ -100,12 +90,6 @@ class EventRow(NamedTuple):
         return parse_event(self.to_message(), scale=scale, max_weight=max_weight)
 
 
-class Movie(NamedTuple):
-    item: str
-    title: str
-    genres: tuple[str, ...]
-
-
 class RatingScaleError(DatasetError):
     """A file's ratings are on another scale than the configured one (see the module doc)."""
 
@@ -134,7 +118,7 @@ class ReadReport:
             self.observed_max = value
 
 
-def _open_text(path: Path, encoding: str) -> io.TextIOBase:
+def open_text(path: Path, encoding: str) -> io.TextIOBase:
     raw = path.open("rb")
     head = raw.peek(2)[:2] if hasattr(raw, "peek") else b""
     if head == b"\x1f\x8b":
@@ -142,8 +126,8 @@ def _open_text(path: Path, encoding: str) -> io.TextIOBase:
     return io.TextIOWrapper(raw, encoding=encoding, newline="")
 
 
-def _first_line(path: Path, encoding: str = "latin-1") -> str:
-    with _open_text(path, encoding) as fh:
+def first_line(path: Path, encoding: str = "latin-1") -> str:
+    with open_text(path, encoding) as fh:
         for line in fh:
             if line.strip():
                 return line.rstrip("\r\n")
@@ -156,7 +140,7 @@ def detect_ratings_format(path: str | Path) -> str:
     A first line whose third field is not a number is a header; a header whose third column
     is named ``rating...`` heads a ratings file, any other (``weight``, ``plays``, ``count``)
     an implicit-events file. Without a header a file holds ratings."""
-    line = _first_line(Path(path))
+    line = first_line(Path(path))
     if not line:
         raise DatasetError(f"{path}: empty file")
     if "::" in line:
@@ -171,7 +155,7 @@ def detect_ratings_format(path: str | Path) -> str:
     if len(fields) < 3:
         raise DatasetError(f"{path}:1: expected user, item, rating or weight[, timestamp] columns, "
                            f"got {len(fields)}")
-    if _is_number(fields[2]):
+    if is_number(fields[2]):
         return "tab" if kind == "tab" else "csv-noheader"
     if fields[2].lower().startswith("rating"):
         return "tab-header" if kind == "tab" else "csv"
@@ -182,7 +166,8 @@ def is_implicit_format(fmt: str) -> bool:
     return fmt in IMPLICIT_FORMATS
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
+    """Whether a field parses as a float (how a header line is told from a first data row)."""
     try:
         float(text)
     except ValueError:
@@ -270,7 +255,7 @@ def _iter_fields(
     lineno = 0
     seen = 0
     try:
-        with _open_text(path, encoding) as fh:
+        with open_text(path, encoding) as fh:
             for lineno, line in enumerate(fh, start=1):
                 line = line.rstrip("\r\n")
                 if not line.strip():
@@ -332,17 +317,25 @@ def iter_events(
         yield EventRow(user, item, value, ts, kind)
 
 
-def read_events(
-    path: str | Path,
-    strict: bool = False,
-    scale: RatingScale | None = None,
-    report: ReadReport | None = None,
-    max_weight: float | None = None,
-    off_scale_limit: float | None = OFF_SCALE_LIMIT,
-    event_type: str = IMPLICIT_EVENT_TYPE,
-) -> list[EventRow]:
+class RatingReadOptions(TypedDict, total=False):
+    """The keyword options of :func:`iter_ratings`, which :func:`read_ratings` passes on."""
+
+    strict: bool
+    scale: RatingScale | None
+    report: ReadReport | None
+    off_scale_limit: float | None
+
+
+class EventReadOptions(RatingReadOptions, total=False):
+    """The keyword options of :func:`iter_events`, which :func:`read_events` passes on."""
+
+    max_weight: float | None
+    event_type: str
+
+
+def read_events(path: str | Path, **options: Unpack[EventReadOptions]) -> list[EventRow]:
     """All valid rows of a ratings or implicit-events file, in file order."""
-    return list(iter_events(path, strict, scale, report, max_weight, off_scale_limit, event_type))
+    return list(iter_events(path, **options))
 
 
 def iter_ratings(
@@ -357,23 +350,16 @@ def iter_ratings(
     path, report = _start(path, report)
     if report.implicit:
         raise DatasetError(
-            f"{path}: an implicit-feedback file (header {_first_line(path)!r}): it holds weights, "
+            f"{path}: an implicit-feedback file (header {first_line(path)!r}): it holds weights, "
             f"not ratings; read it as events (common.datasets.read_events)")
     for user, item, value, ts in _iter_fields(path, strict, scale or RatingScale(), report,
                                               DEFAULT_MAX_WEIGHT, off_scale_limit):
         yield RatingRow(user, item, value, ts)
 
 
-def read_ratings(
-    path: str | Path,
-    strict: bool = False,
-    scale: RatingScale | None = None,
-    report: ReadReport | None = None,
-    off_scale_limit: float | None = OFF_SCALE_LIMIT,
-) -> list[RatingRow]:
+def read_ratings(path: str | Path, **options: Unpack[RatingReadOptions]) -> list[RatingRow]:
     """All valid ratings of a file, in file order."""
-    return list(iter_ratings(path, strict=strict, scale=scale, report=report,
-                             off_scale_limit=off_scale_limit))
+    return list(iter_ratings(path, **options))
 
 
 def check_scale(path: str | Path, scale: RatingScale | None = None, max_rows: int | None = 200_000,
@@ -388,91 +374,3 @@ def check_scale(path: str | Path, scale: RatingScale | None = None, max_rows: in
         pass
     check_off_scale(report, scale, off_scale_limit)
     return report
-
-
-def detect_movies_format(path: str | Path) -> str:
-    line = _first_line(Path(path))
-    if "::" in line:
-        return "dat"
-    if line.count("|") >= 5:
-        return "item"
-    if line.lower().startswith("movieid") or "," in line:
-        return "csv"
-    raise DatasetError(f"{path}:1: not a MovieLens movies file")
-
-
-def iter_movies(
-    path: str | Path, strict: bool = False, report: ReadReport | None = None
-) -> Iterator[Movie]:
-    path = Path(path)
-    if not path.exists():
-        raise DatasetError(f"{path}: no such file")
-    fmt = detect_movies_format(path)
-    report = report if report is not None else ReadReport(str(path))
-    report.format = fmt
-
-    def bad(lineno: int, reason: str) -> None:
-        where = f"{path}:{lineno}: {reason}"
-        if strict:
-            raise DatasetError(where)
-        report.bad.append(where)
-        log.warning("skipping bad row %s", where)
-
-    if fmt == "csv":
-        with _open_text(path, "utf-8") as fh:
-            reader = csv.reader(fh)
-            for lineno, parts in enumerate(reader, start=1):
-                if lineno == 1 and parts and parts[0].strip().lower() == "movieid":
-                    continue
-                if not parts:
-                    continue
-                if len(parts) < 2 or not parts[0].strip():
-                    bad(reader.line_num, "expected movieId,title,genres")
-                    continue
-                genres = parts[2].strip() if len(parts) > 2 else ""
-                report.rows += 1
-                yield Movie(parts[0].strip(), parts[1].strip(), _split_genres(genres))
-        return
-    with _open_text(path, "latin-1") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            if fmt == "dat":
-                parts = line.split("::")
-                if len(parts) < 2 or not parts[0].strip():
-                    bad(lineno, "expected id::title::genres")
-                    continue
-                report.rows += 1
-                yield Movie(parts[0].strip(), parts[1].strip(),
-                            _split_genres(parts[2] if len(parts) > 2 else ""))
-            else:
-                parts = line.split("|")
-                if len(parts) < 5 or not parts[0].strip():
-                    bad(lineno, "expected id|title|release date|...|genre flags")
-                    continue
-                flags = parts[-len(ML100K_GENRES):] if len(parts) >= 5 + len(ML100K_GENRES) else []
-                flagged = tuple(g for g, f in zip(ML100K_GENRES, flags) if f.strip() == "1")
-                report.rows += 1
-                yield Movie(parts[0].strip(), parts[1].strip(), flagged)
-
-
-def _split_genres(text: str) -> tuple[str, ...]:
-    text = text.strip()
-    if not text or text == NO_GENRES:
-        return ()
-    return tuple(g.strip() for g in text.split("|") if g.strip())
-
-
-def read_movies(path: str | Path, strict: bool = False) -> list[Movie]:
-    return list(iter_movies(path, strict=strict))
-
-
-def find_movies_file(ratings_path: str | Path) -> Path | None:
-    """The catalogue that ships beside a ratings file, if any."""
-    folder = Path(ratings_path).parent
-    for name in MOVIE_FILE_NAMES:
-        candidate = folder / name
-        if candidate.exists():
-            return candidate
-    return None

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.datasets import Movie, RatingRow
+from common.catalog import Movie
+from common.datasets import RatingRow
 
 GENRES = (
     "Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary",

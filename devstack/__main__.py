@@ -191,7 +191,7 @@ def up(args: argparse.Namespace) -> int:
         create_topics(env["KAFKA_BOOTSTRAP_SERVERS"], {topic: 4, env.get("DLQ_TOPIC", "ratings.dlq"): 1})
 
         summary.append(f"dataset    {ratings}  ({origin})")
-        from common.datasets import find_movies_file
+        from common.catalog import find_movies_file
 
         movies = find_movies_file(ratings)
         if _has_main("predictor") and importlib.util.find_spec("predictor.load_catalog"):

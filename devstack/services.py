@@ -184,8 +184,10 @@ def start_broker(port: int | None = None, workdir: Path | None = None,
 
 def create_topics(bootstrap: str, topics: dict[str, int], timeout: float = 30.0) -> None:
     """Create ``{topic: partitions}`` (replication 1); existing topics are left alone."""
-    from kafka.admin import KafkaAdminClient, NewTopic
-    from kafka.errors import KafkaError, TopicAlreadyExistsError
+    from kafka.admin import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    from modeler.io.kafka_admin import create_missing
 
     deadline = time.monotonic() + timeout
     while True:
@@ -197,11 +199,7 @@ def create_topics(bootstrap: str, topics: dict[str, int], timeout: float = 30.0)
                 raise
             time.sleep(0.5)
     try:
-        existing = set(admin.list_topics())
-        new = [NewTopic(t, n, 1) for t, n in topics.items() if t not in existing]
-        if new:
-            with contextlib.suppress(TopicAlreadyExistsError):
-                admin.create_topics(new)
+        create_missing(admin, topics)
     finally:
         admin.close()
 

@@ -28,6 +28,10 @@ on any master) runs, all on Spark and without collecting data or factor matrices
 
 Exit codes: 0 done, 2 bad input or arguments (one line naming the file and line, no
 traceback), 3 publish refused (a live modeler holds the lease; ``--force`` overrides).
+
+Long because the job is one pipeline: the six steps above are this file's sections, in that
+order, and each fills in the one ``JobConfig``/``Report`` pair that ``run_job`` threads through
+them (a split into reading, training and export modules is still open).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from common.datasets import is_number
 from common.errors import DatasetError, StreamrecError
 from common.feedback import Weighting
 from common.schema import MAX_ID_LENGTH, RatingScale
@@ -119,14 +124,6 @@ def _first_line(path: Path) -> str:
     return ""
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def detect_input(path: str | Path, kind: str | None = None) -> InputSpec:
     """Format, separator, header and value kind of ``path`` (a file or a directory of parts).
 
@@ -166,7 +163,7 @@ def detect_input(path: str | Path, kind: str | None = None) -> InputSpec:
     header = ""
     found = "rating"
     labels = ("user", "item", "rating")
-    if not _is_number(parts[2]):
+    if not is_number(parts[2]):
         # A header line: its third name says ratings or events.
         header = line
         third = parts[2].lower()

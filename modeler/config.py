@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from common.settings import CommonSettings
+from common.settings import CommonSettings, renamed
 
 
 class ModelerSettings(CommonSettings):
@@ -48,27 +48,36 @@ class ModelerSettings(CommonSettings):
     event_max_weight: float = Field(1_000_000.0, alias="EVENT_MAX_WEIGHT", gt=0.0)
 
     # Micro-batch trigger: a batch reads at most this many records (over all partitions)...
-    batch_max_records: int = Field(20_000, alias="BATCH_MAX_RECORDS", ge=1)
+    batch_max_records: int = Field(
+        20_000, validation_alias=renamed("MODELER_BATCH_MAX_RECORDS", was="BATCH_MAX_RECORDS"), ge=1)
     # ...and the stream is polled at least this often while it is idle.
-    batch_max_interval_s: float = Field(1.0, alias="BATCH_MAX_INTERVAL_S", gt=0.0)
+    batch_max_interval_s: float = Field(
+        1.0, validation_alias=renamed("MODELER_BATCH_MAX_INTERVAL_S", was="BATCH_MAX_INTERVAL_S"), gt=0.0)
     # Partitions of the ratings topic created when it does not exist yet.
-    ratings_topic_partitions: int = Field(4, alias="RATINGS_TOPIC_PARTITIONS", ge=1)
+    ratings_topic_partitions: int = Field(
+        4, validation_alias=renamed("MODELER_RATINGS_TOPIC_PARTITIONS", was="RATINGS_TOPIC_PARTITIONS"), ge=1)
 
     # Publishing: keep this many versions live; start a full segment after this many deltas.
-    keep_versions: int = Field(3, alias="KEEP_VERSIONS", ge=2)
-    max_segment_chain: int = Field(8, alias="MAX_SEGMENT_CHAIN", ge=1)
+    keep_versions: int = Field(3, validation_alias=renamed("MODELER_KEEP_VERSIONS", was="KEEP_VERSIONS"), ge=2)
+    max_segment_chain: int = Field(
+        8, validation_alias=renamed("MODELER_MAX_SEGMENT_CHAIN", was="MAX_SEGMENT_CHAIN"), ge=1)
     # A replaced version stays readable at least this long (readers finishing a read).
-    gc_min_age_s: float = Field(5.0, alias="GC_MIN_AGE_S", ge=0.0)
-    popular_size: int = Field(100, alias="POPULAR_SIZE", ge=1)
-    metrics_history: int = Field(1000, alias="METRICS_HISTORY", ge=1)
+    gc_min_age_s: float = Field(5.0, validation_alias=renamed("MODELER_GC_MIN_AGE_S", was="GC_MIN_AGE_S"), ge=0.0)
+    # Items in the published popular list (the fallback for unknown users).
+    popular_size: int = Field(100, validation_alias=renamed("MODELER_POPULAR_SIZE", was="POPULAR_SIZE"), ge=1)
+    # Per-batch metrics records kept in Redis ({p}:metrics).
+    metrics_history: int = Field(1000, validation_alias=renamed("MODELER_METRICS_HISTORY", was="METRICS_HISTORY"), ge=1)
     # Single-writer lease: another modeler waits until this has expired.
     lease_ttl_s: float = Field(15.0, alias="MODELER_LEASE_TTL_S", gt=0.0)
 
     # Retries of Kafka/Redis/Spark trouble: exponential backoff capped here.
-    retry_max_backoff_s: float = Field(10.0, alias="RETRY_MAX_BACKOFF_S", gt=0.0)
+    retry_max_backoff_s: float = Field(
+        10.0, validation_alias=renamed("MODELER_RETRY_MAX_BACKOFF_S", was="RETRY_MAX_BACKOFF_S"), gt=0.0)
 
     metrics_port: int = Field(9400, alias="MODELER_METRICS_PORT", ge=0)
     # Optional batch bootstrap (file of ratings) used only when Redis holds no model.
-    bootstrap_ratings: str | None = Field(None, alias="BOOTSTRAP_RATINGS")
-    checkpoint_dir: str | None = Field(None, alias="SPARK_CHECKPOINT_DIR")
+    bootstrap_ratings: str | None = Field(
+        None, validation_alias=renamed("MODELER_BOOTSTRAP_RATINGS", was="BOOTSTRAP_RATINGS"))
+    checkpoint_dir: str | None = Field(
+        None, validation_alias=renamed("MODELER_CHECKPOINT_DIR", was="SPARK_CHECKPOINT_DIR"))
     log_format: str = Field("json", alias="LOG_FORMAT")

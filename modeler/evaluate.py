@@ -1,5 +1,7 @@
 """The seeds' experiment: streaming against batch on the same random test split, for predicted
-ratings (RMSE) and for top-10 lists (precision, recall, NDCG, MAP, coverage).
+ratings (RMSE) and for top-10 lists (precision, recall, NDCG, MAP, coverage). Long because
+every side of the comparison (batch ALS, streaming, implicit batch ALS, popular, similar
+items), its scoring and the report are one command, run end to end.
 
 ``python -m modeler.evaluate --ratings FILE [--train-fraction 0.8] [--seed 42]
 [--batch-size 1000] [--curve-every k] [--rating-min 0.5 --rating-max 5] [--out DIR]``

@@ -1,4 +1,6 @@
 """The modeler's loop: plan offsets -> read on executors -> train -> publish -> repeat.
+Long because the failure handling below (lease, retries, restore, rebuilding what a Redis
+loss took) is written out step by step beside the loop it guards.
 
 Exactly-once effect: a version's Redis metadata holds the Kafka offsets its model has
 consumed, written in the same MULTI/EXEC that makes the version visible. On start the
@@ -346,26 +348,26 @@ class ModelerService:
             return None
         self._train_failures = 0
         t_train = time.perf_counter() - t0  # includes reading Kafka on the executors
-        t_read = sum(x["read_seconds"] for x in summaries) / max(1, len(summaries))
-        n_valid = sum(x["n_valid"] for x in summaries)
-        n_dlq = sum(x["n_dlq"] for x in summaries)
-        reached = {x["partition"]: x["next_offset"] for x in summaries}
+        t_read = sum(x.read_seconds for x in summaries) / max(1, len(summaries))
+        n_valid = sum(x.n_valid for x in summaries)
+        n_dlq = sum(x.n_dlq for x in summaries)
+        reached = {x.partition: x.next_offset for x in summaries}
         for x in summaries:
-            if x.get("reset_to") is not None:
+            if x.reset_to is not None:
                 log.warning(
                     "partition %d of %s has no offset %d (its log now starts at %d and ends at %s):"
                     " the topic was recreated or truncated; continuing from its beginning",
-                    x["partition"], s.ratings_topic, x["start"], x["reset_to"], x["highwater"],
+                    x.partition, s.ratings_topic, x.start, x.reset_to, x.highwater,
                 )
-                reached[x["partition"]] = x["reset_to"]
+                reached[x.partition] = x.reset_to
         lag = {
-            x["partition"]: max(0, (x["highwater"] or x["next_offset"]) - x["next_offset"])
+            x.partition: max(0, (x.highwater or x.next_offset) - x.next_offset)
             for x in summaries
         }
         self.metrics.observe_lag(lag)
         for x in summaries:
-            for reason in x["dlq_reasons"]:
-                log.warning("dead-lettered partition %d %s", x["partition"], reason)
+            for reason in x.dlq_reasons:
+                log.warning("dead-lettered partition %d %s", x.partition, reason)
         if n_valid == 0 and (n_dlq == 0 or int(self.model.events_seen) == 0):
             # Nothing learned. Dead letters before the first rating cannot be recorded in a
             # version (there is no model to publish yet): they are counted with the first one.

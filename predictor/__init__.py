@@ -11,8 +11,8 @@ in :mod:`predictor.routes` (recommend, predict, items, ops, jiminy), :mod:`predi
 Run: ``python -m predictor``. Environment (see :mod:`predictor.config`): ``REDIS_URL``,
 ``REDIS_PREFIX``, ``RATING_MIN``/``RATING_MAX``, ``LOG_LEVEL`` (common), and
 ``PREDICTOR_HOST`` (0.0.0.0), ``PREDICTOR_PORT`` (8000), ``PREDICTOR_WORKERS`` (1; each
-worker process holds its own copy of the model), ``PREDICTION_TTL_S`` (3600, jiminy results),
-``MODEL_POLL_INTERVAL_S`` (2.0, fallback to pub/sub), ``PREDICTOR_REDIS_TIMEOUT_S`` (1.0),
+worker process holds its own copy of the model), ``PREDICTOR_PREDICTION_TTL_S`` (3600, jiminy results),
+``PREDICTOR_MODEL_POLL_INTERVAL_S`` (2.0, fallback to pub/sub), ``PREDICTOR_REDIS_TIMEOUT_S`` (1.0),
 ``PREDICTOR_USER_CACHE_SIZE`` (100000 users per worker and version). With several workers,
 set ``PROMETHEUS_MULTIPROC_DIR`` to an empty writable directory so ``/metrics`` aggregates
 all of them (otherwise each scrape sees the worker that answered).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from common.settings import CommonSettings
+from common.settings import CommonSettings, renamed
 
 
 class PredictorSettings(CommonSettings):
@@ -13,9 +13,11 @@ class PredictorSettings(CommonSettings):
     # Production runs several uvicorn worker processes, each holding its own model copy.
     predictor_workers: int = Field(1, ge=1, alias="PREDICTOR_WORKERS")
     # How long jiminy-style prediction results stay retrievable by id.
-    prediction_ttl_s: int = Field(3600, ge=1, alias="PREDICTION_TTL_S")
+    prediction_ttl_s: int = Field(
+        3600, ge=1, validation_alias=renamed("PREDICTOR_PREDICTION_TTL_S", was="PREDICTION_TTL_S"))
     # Pub/sub announces new versions; polling the pointer this often is the fallback.
-    model_poll_interval_s: float = Field(2.0, gt=0, alias="MODEL_POLL_INTERVAL_S")
+    model_poll_interval_s: float = Field(
+        2.0, gt=0, validation_alias=renamed("PREDICTOR_MODEL_POLL_INTERVAL_S", was="MODEL_POLL_INTERVAL_S"))
     # Redis socket timeouts: short, so an outage becomes a quick 503 rather than a hang.
     redis_timeout_s: float = Field(1.0, gt=0, alias="PREDICTOR_REDIS_TIMEOUT_S")
     # Users whose vector and rated set are cached per model version, per worker.

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 
 import redis
 
-from common.datasets import iter_events, read_movies
+from common.catalog import read_movies
+from common.datasets import iter_events
 from common.errors import DatasetError
 from common.keys import Keys
 from common.logging import setup_logging

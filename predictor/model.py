@@ -458,6 +458,14 @@ def top_k_columns(scores: np.ndarray, ks: list[int]) -> list[tuple[np.ndarray, n
     return out
 
 
+def _allowed(candidates: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
+    """The distinct candidate rows not excluded, in ascending order."""
+    cand = np.unique(candidates)
+    if exclude is not None and len(exclude):
+        cand = cand[~np.isin(cand, exclude)]
+    return cand
+
+
 def recommend(
     model: FactorModel,
     user_bias: float,
@@ -480,9 +488,7 @@ def recommend(
         y = model.ranking.factors
         x = np.asarray(user_vector, F32)
         if candidates is not None:
-            cand = np.unique(candidates)
-            if exclude is not None and len(exclude):
-                cand = cand[~np.isin(cand, exclude)]
+            cand = _allowed(candidates, exclude)
             if not len(cand):
                 return np.empty(0, np.int64), np.empty(0, F32)
             order, vals = top_k(y[cand] @ x, n)
@@ -492,9 +498,7 @@ def recommend(
             scores[exclude] = -np.inf
         return top_k(scores, n)
     if candidates is not None:
-        cand = np.unique(candidates)
-        if exclude is not None and len(exclude):
-            cand = cand[~np.isin(cand, exclude)]
+        cand = _allowed(candidates, exclude)
         if not len(cand):
             return np.empty(0, np.int64), np.empty(0, F32)
         sub = model.item_aug[cand]

@@ -388,13 +388,20 @@ function renderCandidates(cands) {
   drawCandidateChart(cands, metric);
 }
 
-function drawCandidateChart(cands, metric) {
-  const chart = $("cand-chart");
-  const title = $("cand-title"), desc = $("cand-desc");
+// An emptied chart (its title and description kept) with both axes drawn: the SVG
+// `${name}-chart` and its box (width W, height H, margins L R T B).
+function chartFrame(name, left) {
+  const chart = $(`${name}-chart`);
+  const title = $(`${name}-title`), desc = $(`${name}-desc`);
   chart.replaceChildren(title, desc);
-  const W = 360, H = 170, L = 44, R = 10, T = 10, B = 30;
+  const W = 360, H = 170, L = left, R = 10, T = 10, B = 30;
   chart.append(svg("line", { class: "axis", x1: L, y1: T, x2: L, y2: H - B }),
                svg("line", { class: "axis", x1: L, y1: H - B, x2: W - R, y2: H - B }));
+  return { chart, desc, W, H, L, R, T, B };
+}
+
+function drawCandidateChart(cands, metric) {
+  const { chart, desc, W, H, L, R, T, B } = chartFrame("cand", 44);
   const all = cands.flatMap((c) => c.history || []);
   if (!all.length) {
     desc.textContent = "No candidate scored yet.";
@@ -437,12 +444,7 @@ function svg(tag, attrs = {}, text) {
 }
 
 function drawChart(points) {
-  const chart = $("rmse-chart");
-  const title = $("rmse-title"), desc = $("rmse-desc");
-  chart.replaceChildren(title, desc);
-  const W = 360, H = 170, L = 40, R = 10, T = 10, B = 30;
-  chart.append(svg("line", { class: "axis", x1: L, y1: T, x2: L, y2: H - B }),
-               svg("line", { class: "axis", x1: L, y1: H - B, x2: W - R, y2: H - B }));
+  const { chart, desc, W, H, L, R, T, B } = chartFrame("rmse", 40);
   if (!points.length) {
     desc.textContent = "No batches scored yet.";
     chart.append(svg("text", { x: L + 10, y: H / 2 }, "waiting for the first batches…"));

@@ -1,4 +1,7 @@
 """Streaming bias-SGD matrix factorisation: the maths, in numpy only (no Spark, no Redis).
+Long because the tables, hashing, reservoir, SGD and least-squares steps, ``ALSParams`` and
+the single-process reference :class:`LocalStreamingALS` are the one numeric core the Spark
+stages, the ranking model and the tests all build on.
 
 Model (the seeds' B-SGD)::
 

@@ -1,4 +1,7 @@
 """Streaming implicit-feedback ALS (the ranking model): the maths, in numpy only.
+Long because the solver, its statistics, the replay and probe helpers and the single-process
+reference (:class:`LocalRankingALS`) share one row layout and are tested against each other;
+the Spark stages only call into it.
 
 Model (Hu, Koren & Volinsky, ICDM 2008): every observed (user, item) pair with weight w > 0
 (:mod:`common.feedback`: a liked rating, a play count) is a positive, p_ui = 1, with

@@ -1,4 +1,6 @@
 """Online hyper-parameter search on the stream: candidates, prequential scores, halving, leader.
+Long because the parameter parsing, the fading score, the halving schedule and the leader rule
+form one state machine whose JSON state is stored and restored whole.
 
 numpy and the standard library only (no Spark, no Redis): the service feeds it one batch's
 prequential losses per candidate and acts on what it answers (prune, respawn, switch).

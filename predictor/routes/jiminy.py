@@ -1,7 +1,7 @@
 """radanalytics jiminy-predictor's REST API: server info, rating and ranking predictions.
 
 Predictions complete when created (201 with the result); they stay retrievable by id for
-``PREDICTION_TTL_S``. Errors here have jiminy's shape (:mod:`predictor.errors`).
+``PREDICTOR_PREDICTION_TTL_S``. Errors here have jiminy's shape (:mod:`predictor.errors`).
 """
 
 from __future__ import annotations

@@ -73,6 +73,7 @@ def _read_all(bootstrap: str, topic: str, ends: dict[int, int], chunk: int | Non
 def _parts(bootstrap: str, topic: str, ends: dict[int, int]) -> dict[str, float]:
     """The fast path's pieces, summed over all partitions: seconds fetching, decoding, validating."""
     from modeler.io import kafka_fetch as kf
+    from modeler.io import kafka_read as kr
     from modeler.io import kafka_source as ks
 
     f = kf.fetcher(bootstrap)
@@ -87,7 +88,7 @@ def _parts(bootstrap: str, topic: str, ends: dict[int, int]) -> dict[str, float]
             t2 = time.perf_counter()
             rng = ks.OffsetRange(topic, p, pos, end - pos)
             block = ks.Block(p, pos, pos, None)
-            ks._Ingest(block, rng, bootstrap, None, 0.5, 5.0)(got.offsets, got.values)
+            kr._Ingest(block, rng, bootstrap, None, 0.5, 5.0)(got.offsets, got.values)
             t3 = time.perf_counter()
             fetch, decode, validate = fetch + t1 - t0, decode + t2 - t1, validate + t3 - t2
             pos = got.next_offset
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("kafka").setLevel(logging.ERROR)
 
     from devstack.services import create_topics, start_broker
+    from modeler.io import kafka_read as kr
     from modeler.io import kafka_source as ks
     from modeler.replay import encode, make_producer
 
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
         return 0
     finally:
-        ks._drop_clients(broker.url)
+        kr._drop_clients(broker.url)
         broker.stop()
 
 

@@ -356,7 +356,7 @@ def start_predictor(redis_url: str, prefix: str, workers: int) -> tuple[subproce
     port = free_port()
     env = {**os.environ, "REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "PREDICTOR_HOST": "127.0.0.1",
            "PREDICTOR_PORT": str(port), "PREDICTOR_WORKERS": str(workers), "LOG_LEVEL": "WARNING",
-           "MODEL_POLL_INTERVAL_S": "1"}
+           "PREDICTOR_MODEL_POLL_INTERVAL_S": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "predictor"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     return proc, port

@@ -156,10 +156,11 @@ def stack(redis_url: str, bootstrap: str, ml_small: Path, tmp_path_factory) -> I
         "REDIS_URL": redis_url, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "RATINGS_TOPIC": topic,
         "DLQ_TOPIC": f"{topic}.dlq", "REDIS_PREFIX": prefix, "SPARK_MASTER": "local[2]",
         "LOG_LEVEL": "INFO", "LOG_FORMAT": "text", "MODELER_METRICS_PORT": str(free_port()),
-        "BATCH_MAX_INTERVAL_S": "1", "BATCH_MAX_RECORDS": str(BATCH_MAX_RECORDS), "MODEL_POLL_INTERVAL_S": "0.5",
+        "MODELER_BATCH_MAX_INTERVAL_S": "1", "MODELER_BATCH_MAX_RECORDS": str(BATCH_MAX_RECORDS),
+        "PREDICTOR_MODEL_POLL_INTERVAL_S": "0.5",
         # The test pauses the modeler for a while; its lease must outlive the pause.
         "MODELER_LEASE_TTL_S": "300",
-        "SPARK_CHECKPOINT_DIR": str(tmp_path_factory.mktemp("e2e-checkpoints")),
+        "MODELER_CHECKPOINT_DIR": str(tmp_path_factory.mktemp("e2e-checkpoints")),
     })
     loader = subprocess.run(
         [sys.executable, "-m", "predictor.load_catalog", "--movies", str(ml_small / "movies.csv"),

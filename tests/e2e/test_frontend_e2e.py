@@ -8,26 +8,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 
 import httpx
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from tests.e2e.conftest import BUILD, ROOT, SEED_RATINGS, Stack, rate
+from tests.support import planted
 
 FIRST_MODEL_TIMEOUT_S = 150  # Spark start-up (~25-40 s) + the first micro-batches, 2 busy cores
 LEARN_TIMEOUT_S = float(os.environ.get("E2E_LEARN_TIMEOUT_S", "90"))
 
 
 def wait_for(check, timeout: float, what: str, stack: Stack, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}\n{stack.diagnostics()}")
+    try:
+        return planted.wait_for(check, timeout, interval)
+    except AssertionError:
+        pytest.fail(f"timed out after {timeout}s waiting for {what}\n{stack.diagnostics()}")
 
 
 def model_version(stack: Stack, ratings_seen: int = 0) -> int | None:

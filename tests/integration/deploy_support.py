@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from common.settings import setting_names
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DEPLOY = ROOT / "deploy"
@@ -54,13 +56,19 @@ def settings_class(service: str) -> Any:
 
 
 def aliases(service: str) -> set[str]:
-    cls = settings_class(service)
-    return {f.alias or name.upper() for name, f in cls.model_fields.items()}
+    """The current environment names of a service's settings (common.settings.setting_names)."""
+    return {s.name for s in setting_names(settings_class(service))}
+
+
+def deprecated_aliases(service: str) -> dict[str, str]:
+    """Old name -> current name of the settings renamed but still read for one release."""
+    return {old: s.name for s in setting_names(settings_class(service)) for old in s.deprecated}
 
 
 def required_aliases(service: str) -> set[str]:
     cls = settings_class(service)
-    return {f.alias or name.upper() for name, f in cls.model_fields.items() if f.is_required()}
+    required = {name for name, f in cls.model_fields.items() if f.is_required()}
+    return {s.name for s in setting_names(cls) if s.field in required}
 
 
 _ENV_READ = re.compile(r"""os\.environ(?:\.get|\.setdefault|\.pop)?[\[(]\s*["']([A-Z][A-Z0-9_]*)["']""")

@@ -18,7 +18,7 @@ import pytest
 
 from common.synthetic import Events, generate, generate_events, make_ids, write_events, write_movielens
 from modeler.batch import EXIT_BAD_INPUT, EXIT_PUBLISH_REFUSED, JobConfig, PublishRefused, main, run_job
-from tests.integration.test_cluster_mode import spark_home, standalone  # noqa: F401  # the cluster fixture
+from tests.support.standalone import spark_home
 
 pytestmark = pytest.mark.spark
 
@@ -205,7 +205,7 @@ def test_publish_implicit_model_as_the_ranking_factor_set(spark, events_file: Pa
     from predictor.app import create_app
     from predictor.config import PredictorSettings
 
-    settings = PredictorSettings(REDIS_URL=redis_url, REDIS_PREFIX=keys.prefix, MODEL_POLL_INTERVAL_S=0.2)
+    settings = PredictorSettings(REDIS_URL=redis_url, REDIS_PREFIX=keys.prefix, PREDICTOR_MODEL_POLL_INTERVAL_S=0.2)
     with TestClient(create_app(settings)) as api:
         deadline = time.monotonic() + 15
         while api.app.state.svc.watcher.model is None and time.monotonic() < deadline:
@@ -235,7 +235,7 @@ def test_publish_explicit_model_the_predictor_serves(spark, tmp_path: Path, redi
     report = run_job(spark, cfg)
     assert report.model == "explicit" and report.grid[0].metric == "rmse"
     assert report.test["rmse"] < report.test["mean_rmse"]
-    settings = PredictorSettings(REDIS_URL=redis_url, REDIS_PREFIX=keys.prefix, MODEL_POLL_INTERVAL_S=0.2)
+    settings = PredictorSettings(REDIS_URL=redis_url, REDIS_PREFIX=keys.prefix, PREDICTOR_MODEL_POLL_INTERVAL_S=0.2)
     with TestClient(create_app(settings)) as api:
         import time
 
@@ -314,7 +314,7 @@ def test_unknown_or_empty_input_fails_before_spark_starts(tmp_path: Path, conten
 # --------------------------------------------------------------------------- cluster mode
 
 
-def test_spark_submit_on_the_standalone_cluster_gives_the_local_result(spark, standalone, events_file: Path,  # noqa: F811
+def test_spark_submit_on_the_standalone_cluster_gives_the_local_result(spark, standalone, events_file: Path,
                                                                        tmp_path: Path) -> None:
     local_out, cluster_out = tmp_path / "local", tmp_path / "cluster"
     cfg = small_config(events_file, local_out, fmt="csv", iterations=5, blocks=2)

@@ -42,7 +42,11 @@ def _allowed(roles: list[str]) -> set[str]:
 
 
 def env_problems(where: str, roles: list[str], env: dict[str, str | None], must: set[str]) -> list[str]:
-    problems = [f"{where}: {name} is read by nothing" for name in sorted(set(env) - _allowed(roles))]
+    # A deployment carries the current names: an old one is still read, but only for a release.
+    renamed = {old: new for role in roles for old, new in ds.deprecated_aliases(role).items()}
+    unknown = sorted(set(env) - _allowed(roles))
+    problems = [f"{where}: {name} is deprecated: use {renamed[name]}" for name in unknown if name in renamed]
+    problems += [f"{where}: {name} is read by nothing" for name in unknown if name not in renamed]
     for role in roles:
         problems += [f"{where}: required {n} missing" for n in sorted(ds.required_aliases(role) - set(env))]
     problems += [f"{where}: {n} must be set in a container" for n in sorted(must - set(env))]
@@ -104,9 +108,11 @@ def test_shared_settings_agree_between_compose_and_manifests() -> None:
 
 def test_the_checker_catches_misspelt_and_bad_values() -> None:
     env: dict[str, Any] = {"KAFKA_BOOTSTRAP_SERVERS": "k:9092", "REDIS_URI": "redis://r:6379/0",
-                           "SPARK_MASTER": "spark://m:7077", "MODEL_RANK": "ten", "POD_NAME": None}
+                           "SPARK_MASTER": "spark://m:7077", "MODEL_RANK": "ten", "POD_NAME": None,
+                           "BATCH_MAX_RECORDS": "100"}
     problems = "\n".join(env_problems("t", ["modeler"], env, MUST_SET["modeler"]))
     assert "REDIS_URI is read by nothing" in problems
+    assert "BATCH_MAX_RECORDS is deprecated: use MODELER_BATCH_MAX_RECORDS" in problems
     assert "REDIS_URL must be set" in problems
     assert re.search(r"MODEL_RANK", problems)
     assert "POD_NAME is set but never expanded" in problems

@@ -181,7 +181,7 @@ def test_modeler_image_runs_up_to_waiting_for_kafka(tmp_path: Path, redis_url: s
            # One model partition: the service does not start Spark to count the executors'
            # cores before it reaches Kafka.
            "MODEL_NUM_PARTITIONS": "1", "SPARK_MASTER": "local[1]", "LOG_FORMAT": "json",
-           "RETRY_MAX_BACKOFF_S": "1"}
+           "MODELER_RETRY_MAX_BACKOFF_S": "1"}
     with _started("modeler", tmp_path, env) as (proc, log_path):
 
         def waiting_for_kafka() -> bool:

@@ -315,7 +315,7 @@ def test_modeler_spark_mode_matches_the_overlay(overlay: str, docs: tuple[dict[s
         assert int(port) in {p["containerPort"] for p in container["ports"]}
     # Reliable checkpoints: the driver lists the files executors wrote, so a local checkpoint
     # directory must be one ReadWriteMany claim mounted at the same path everywhere.
-    checkpoint_dir = env["SPARK_CHECKPOINT_DIR"] or ""
+    checkpoint_dir = env["MODELER_CHECKPOINT_DIR"] or ""
     if "://" not in checkpoint_dir:
         mount = next(m for m in container["volumeMounts"] if checkpoint_dir.startswith(m["mountPath"]))
         volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])

@@ -6,101 +6,30 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
-from kafka import KafkaConsumer, TopicPartition
 
-from devstack.services import create_topics, free_port, start_broker, wait_for_port
+from devstack.services import create_topics, free_port, start_broker
 from frontend.app import create_app
 from frontend.config import FrontendSettings
+from tests.support.served import Served
+from tests.support.stub_predictor import stub_predictor
+from tests.support.topics import consume_all
 
 STATIC = Path(__file__).resolve().parents[2] / "frontend" / "static"
 
 
-# ---- a stand-in predictor ------------------------------------------------------------------
-
-
-def _stub_predictor() -> tuple[FastAPI, list[tuple[str, str, dict]]]:
-    seen: list[tuple[str, str, dict]] = []
-    app = FastAPI()
-    catalog = [
-        {"item": "1", "title": "Toy Story (1995)", "genres": ["Adventure", "Animation"]},
-        {"item": "2", "title": "Jumanji (1995)", "genres": ["Adventure", "Fantasy"]},
-        {"item": "3", "title": "Heat (1995)", "genres": ["Action", "Crime"]},
-    ]
-
-    @app.middleware("http")
-    async def record(request: Request, call_next):  # type: ignore[no-untyped-def]
-        seen.append((request.method, request.url.path, dict(request.query_params)))
-        return await call_next(request)
-
-    @app.get("/v1/items")
-    async def items(q: str = "", genre: str | None = None, limit: int = 20, offset: int = 0):
-        hits = [m for m in catalog if q.lower() in m["title"].lower()
-                and (genre is None or genre in m["genres"])]
-        return {"items": hits[offset:offset + limit], "total": len(hits)}
-
-    @app.get("/v1/items/{item}")
-    async def item(item: str):
-        for m in catalog:
-            if m["item"] == item:
-                return m
-        return JSONResponse({"error": "unknown_item", "detail": f"no item {item}", "field": "item"}, 404)
-
-    @app.get("/v1/genres")
-    async def genres():
-        counts: dict[str, int] = {}
-        for m in catalog:
-            for g in m["genres"]:
-                counts[g] = counts.get(g, 0) + 1
-        counts["(no genres listed)"] = 1
-        return {"genres": [{"genre": g, "items": c} for g, c in sorted(counts.items())]}
-
-    @app.get("/v1/users/{user}/recommendations")
-    async def recs(user: str, n: int = 10):
-        return {"user": user, "strategy": "model", "version": 7,
-                "items": [{**catalog[2], "score": 4.4}][:n]}
-
-    @app.get("/v1/model")
-    async def model():
-        return JSONResponse({"error": "no_model", "detail": "no model yet"}, 503)
-
-    @app.get("/v1/odd-error")
-    async def odd():
-        return JSONResponse({"detail": [{"msg": "FastAPI's default shape"}]}, 404)
-
-    @app.post("/v1/fold-in")
-    async def fold_in(request: Request):
-        body = await request.json()
-        return {"strategy": "fold_in", "version": 7, "items": [], "echo": body}
-
-    @app.get("/v1/popular")
-    async def popular(n: int = 10):
-        return {"strategy": "popular", "version": None, "items": catalog[:n]}
-
-    return app, seen
-
-
 @pytest.fixture(scope="module")
 def predictor() -> Iterator[tuple[str, list]]:
-    app, seen = _stub_predictor()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for_port("127.0.0.1", port, 10)
-    yield f"http://127.0.0.1:{port}", seen
-    server.should_exit = True
-    thread.join(10)
+    app, seen = stub_predictor()
+    served = Served(app, free_port())
+    yield served.url, seen
+    served.stop()
 
 
 def _settings(**env: object) -> FrontendSettings:
@@ -110,22 +39,9 @@ def _settings(**env: object) -> FrontendSettings:
 @pytest.fixture
 def client(predictor: tuple[str, list], bootstrap: str, topic: str) -> Iterator[TestClient]:
     settings = _settings(KAFKA_BOOTSTRAP_SERVERS=bootstrap, RATINGS_TOPIC=topic,
-                         PREDICTOR_URL=predictor[0], PRODUCE_TIMEOUT_S=3)
+                         PREDICTOR_URL=predictor[0], FRONTEND_PRODUCE_TIMEOUT_S=3)
     with TestClient(create_app(settings)) as c:
         yield c
-
-
-def consume_all(bootstrap: str, topic: str, idle_ms: int = 1500) -> list:
-    """Every message of ``topic``, read from the start until ``idle_ms`` pass without one."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                             auto_offset_reset="earliest", consumer_timeout_ms=idle_ms)
-    try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        consumer.assign([TopicPartition(topic, p) for p in sorted(parts)])
-        consumer.seek_to_beginning()
-        return list(consumer)
-    finally:
-        consumer.close()
 
 
 # ---- the write path --------------------------------------------------------------------------
@@ -209,7 +125,7 @@ def test_not_json_and_too_many_are_422(client):
 
 def test_write_token_is_required_when_configured(predictor, bootstrap, topic):
     settings = _settings(KAFKA_BOOTSTRAP_SERVERS=bootstrap, RATINGS_TOPIC=topic,
-                         PREDICTOR_URL=predictor[0], WRITE_TOKEN="s3cret")
+                         PREDICTOR_URL=predictor[0], FRONTEND_WRITE_TOKEN="s3cret")
     rating = {"user": "9", "item": "1", "rating": 2.5}
     with TestClient(create_app(settings)) as c:
         assert c.get("/api/config").json()["write_token_required"] is True
@@ -228,7 +144,7 @@ def test_write_token_is_required_when_configured(predictor, bootstrap, topic):
 def test_unreachable_broker_is_a_quick_503(predictor):
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there
     settings = _settings(KAFKA_BOOTSTRAP_SERVERS=dead, PREDICTOR_URL=predictor[0],
-                         PRODUCE_TIMEOUT_S=3)
+                         FRONTEND_PRODUCE_TIMEOUT_S=3)
     with TestClient(create_app(settings)) as c:
         start = time.monotonic()
         resp = c.post("/api/ratings", json={"user": "1", "item": "2", "rating": 4})
@@ -254,7 +170,7 @@ def test_broker_down_mid_life_503_nothing_written_later_then_recovers(predictor,
     try:
         create_topics(broker.url, {topic: 2})
         settings = _settings(KAFKA_BOOTSTRAP_SERVERS=broker.url, RATINGS_TOPIC=topic,
-                             PREDICTOR_URL=predictor[0], PRODUCE_TIMEOUT_S=2)
+                             PREDICTOR_URL=predictor[0], FRONTEND_PRODUCE_TIMEOUT_S=2)
         with TestClient(create_app(settings)) as c:
             first = c.post("/api/ratings", json={"user": "5", "item": "1", "rating": 4})
             assert first.status_code == 202
@@ -333,7 +249,7 @@ def test_frontend_errors_have_the_one_error_body(client, predictor):
 def test_predictor_down_is_a_clear_503(bootstrap, topic):
     dead = f"http://127.0.0.1:{free_port()}"
     settings = _settings(KAFKA_BOOTSTRAP_SERVERS=bootstrap, RATINGS_TOPIC=topic,
-                         PREDICTOR_URL=dead, PREDICTOR_TIMEOUT_S=1)
+                         PREDICTOR_URL=dead, FRONTEND_PREDICTOR_TIMEOUT_S=1)
     with TestClient(create_app(settings)) as c:
         for path in ("/api/items?q=x", "/api/popular", "/api/model", "/api/users/1/ratings"):
             resp = c.get(path)

@@ -1,42 +1,28 @@
 """The page in a real headless Chromium when things go wrong: broker down (the visitor is
 told the rating was NOT accepted, and "Retry saving" works once it is back), predictor down,
-write token required. The predictor is the small stand-in server of test_frontend_api; the
+write token required. The predictor is the small stand-in of tests/support/stub_predictor.py; the
 broker is real."""
 
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 
-from devstack.services import create_topics, free_port, start_broker, wait_for_port
+from devstack.services import create_topics, free_port, start_broker
 from frontend.app import create_app
 from frontend.config import FrontendSettings
 from tests.e2e.conftest import CHROMIUM_ARGS, chromium_path
-from tests.integration.test_frontend_api import _stub_predictor, consume_all
-
-
-class Served:
-    def __init__(self, app, port: int) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        wait_for_port("127.0.0.1", port, 15)
-        self.url = f"http://127.0.0.1:{port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+from tests.support.served import Served
+from tests.support.stub_predictor import stub_predictor
+from tests.support.topics import consume_all
 
 
 @pytest.fixture(scope="module")
 def predictor_url() -> Iterator[str]:
-    app, _ = _stub_predictor()
+    app, _ = stub_predictor()
     served = Served(app, free_port())
     yield served.url
     served.stop()
@@ -75,7 +61,7 @@ def test_broker_down_the_page_says_not_accepted_and_retry_saves_it(page, predict
     port = free_port()  # the broker will live here, later
     bootstrap = f"127.0.0.1:{port}"
     front = serve_frontend(KAFKA_BOOTSTRAP_SERVERS=bootstrap, RATINGS_TOPIC="page-ratings",
-                           PREDICTOR_URL=predictor_url, PRODUCE_TIMEOUT_S=1.5)
+                           PREDICTOR_URL=predictor_url, FRONTEND_PRODUCE_TIMEOUT_S=1.5)
     broker = None
     try:
         page.goto(front.url + "/")
@@ -110,7 +96,7 @@ def test_broker_down_the_page_says_not_accepted_and_retry_saves_it(page, predict
 
 def test_predictor_down_the_page_says_so(page, bootstrap, topic):
     front = serve_frontend(KAFKA_BOOTSTRAP_SERVERS=bootstrap, RATINGS_TOPIC=topic,
-                           PREDICTOR_URL=f"http://127.0.0.1:{free_port()}", PREDICTOR_TIMEOUT_S=1)
+                           PREDICTOR_URL=f"http://127.0.0.1:{free_port()}", FRONTEND_PREDICTOR_TIMEOUT_S=1)
     try:
         page.goto(front.url + "/")
         banner = page.locator("#banner")
@@ -123,7 +109,7 @@ def test_predictor_down_the_page_says_so(page, bootstrap, topic):
 
 def test_write_token_is_asked_for_and_used(page, predictor_url, bootstrap, topic):
     front = serve_frontend(KAFKA_BOOTSTRAP_SERVERS=bootstrap, RATINGS_TOPIC=topic,
-                           PREDICTOR_URL=predictor_url, WRITE_TOKEN="let-me-in")
+                           PREDICTOR_URL=predictor_url, FRONTEND_WRITE_TOKEN="let-me-in")
     try:
         page.goto(front.url + "/")
         assert page.locator("#token-box").is_visible()

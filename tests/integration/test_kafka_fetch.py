@@ -16,6 +16,7 @@ from devstack.services import create_topics, free_port
 from modeler.io import kafka_fetch as kf
 from modeler.io import kafka_source as ks
 from modeler.replay import encode
+from tests.support.topics import read_records
 
 FIELDS = ("partition", "start", "next_offset", "highwater", "users", "items", "ratings",
           "timestamps", "n_dlq", "dlq_reasons", "reset_to")
@@ -82,18 +83,7 @@ def _batch_starts(bootstrap: str, topic: str) -> list[int]:
 
 
 def _dead_letters(bootstrap: str, dlq: str, n: int) -> list[tuple]:
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    tp = TopicPartition(dlq, 0)
-    consumer.assign([tp])
-    consumer.seek(tp, 0)
-    got: list = []
-    deadline = time.monotonic() + 15
-    while len(got) < n and time.monotonic() < deadline:
-        for recs in consumer.poll(timeout_ms=200).values():
-            got.extend(recs)
-    consumer.close()
+    got = read_records(bootstrap, dlq, n, timeout_s=15)
     return sorted((r.key, r.value, tuple(r.headers)) for r in got)
 
 
@@ -171,17 +161,7 @@ def test_small_fetches_read_on_from_where_the_last_one_ended(bootstrap, mixed):
     assert [o for o, _ in got] == list(range(3, n))
     assert end.next_offset == end.highwater == n
 
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    tp = TopicPartition(topic, PART)
-    consumer.assign([tp])
-    consumer.seek(tp, 3)
-    ref: list[tuple] = []
-    while len(ref) < n - 3:
-        for recs in consumer.poll(timeout_ms=500).values():
-            ref.extend((r.offset, r.value) for r in recs)
-    consumer.close()
+    ref = [(r.offset, r.value) for r in read_records(bootstrap, topic, n - 3, PART, start=3)]
     assert got == ref
 
 

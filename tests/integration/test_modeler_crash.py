@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from modeler.replay import encode, make_producer
-from tests.integration.test_modeler_service import ml_rows, plain_predict, plain_snapshot, settings_for
+from tests.support.modeler import ml_rows, plain_predict, plain_ranking, plain_snapshot, settings_for
 
 pytestmark = pytest.mark.spark
 
@@ -76,14 +76,14 @@ def test_kill_9_twice_then_every_rating_counts_once(
     producer.close()
 
     batch = 400
-    settings = settings_for(bootstrap, topic, redis_url, redis_prefix, BATCH_MAX_RECORDS=batch)
+    settings = settings_for(bootstrap, topic, redis_url, redis_prefix, MODELER_BATCH_MAX_RECORDS=batch)
     env = dict(os.environ)
     env.update({
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "RATINGS_TOPIC": topic, "DLQ_TOPIC": f"{topic}.dlq",
         "REDIS_URL": redis_url, "REDIS_PREFIX": redis_prefix, "SPARK_MASTER": "local[2]",
         "MODEL_RANK": str(settings.model_rank), "MODEL_ITERATIONS": str(settings.model_iterations),
-        "MODEL_NUM_PARTITIONS": str(settings.model_num_partitions), "BATCH_MAX_RECORDS": str(batch),
-        "BATCH_MAX_INTERVAL_S": "0.2", "MODELER_LEASE_TTL_S": "3", "RETRY_MAX_BACKOFF_S": "1",
+        "MODEL_NUM_PARTITIONS": str(settings.model_num_partitions), "MODELER_BATCH_MAX_RECORDS": str(batch),
+        "MODELER_BATCH_MAX_INTERVAL_S": "0.2", "MODELER_LEASE_TTL_S": "3", "MODELER_RETRY_MAX_BACKOFF_S": "1",
         "MODELER_METRICS_PORT": "0", "LOG_FORMAT": "text", "SPARK_DRIVER_MEMORY": "1g",
     })
     client = redis.Redis.from_url(redis_url)
@@ -143,7 +143,6 @@ def test_kill_9_twice_then_every_rating_counts_once(
 
     # The ranking model survived both kills too: every liked rating (>= 4 on 0.5-5, the
     # default weighting) learned exactly once, its factor set complete in the version.
-    from tests.integration.test_modeler_ranking import plain_ranking
 
     assert json.loads(meta["models"]) == ["explicit", "ranking"]
     liked = [r for r in train if r[2] >= 4.0]

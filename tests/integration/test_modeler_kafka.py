@@ -9,6 +9,7 @@ import pytest
 
 from modeler.io import kafka_source as ks
 from modeler.replay import encode, make_producer
+from tests.support.topics import read_records
 
 pytestmark = pytest.mark.spark
 
@@ -27,6 +28,15 @@ def _garbage(rng: random.Random, n: int) -> list[tuple[bytes, bytes, str]]:
         value, reason = kinds[k % len(kinds)]
         out.append((str(rng.randrange(50)).encode(), value, reason))
     return out
+
+
+def read_as_the_service_does(sc, ranges, bootstrap: str, dlq: str) -> tuple[list, list]:
+    """One batch read as ModelerService.step reads it: the blocks computed by the job that
+    uses them, each partition's summary through the accumulator; (rows, summaries)."""
+    blocks, acc = ks.batch_blocks(sc, ranges, bootstrap, dlq, 0.5, 5.0)
+    rows = blocks.flatMap(ks.Block.rows).collect()
+    blocks.unpersist()
+    return rows, sorted(acc.value.values())
 
 
 def test_executors_read_every_partition_to_its_high_water_mark(spark, bootstrap, topic):
@@ -53,40 +63,26 @@ def test_executors_read_every_partition_to_its_high_water_mark(spark, bootstrap,
     batches = 0
     while True:
         ranges = ks.plan_batch(topic, offsets, {}, 600)
-        blocks, summaries = ks.read_batch(sc, ranges, bootstrap, dlq, 0.5, 5.0)
-        rows = blocks.flatMap(lambda b: b.rows()).collect()
-        blocks.unpersist()
-        got = sum(s["n_valid"] + s["n_dlq"] for s in summaries)
+        rows, summaries = read_as_the_service_does(sc, ranges, bootstrap, dlq)
+        got = sum(s.n_valid + s.n_dlq for s in summaries)
         assert got <= 600
-        for s, r in zip(sorted(summaries, key=lambda s: s["partition"]), ranges, strict=True):
-            assert s["start"] == offsets[s["partition"]]
-            assert s["next_offset"] - s["start"] == s["n_valid"] + s["n_dlq"] <= r.cap
+        for s, r in zip(sorted(summaries, key=lambda s: s.partition), ranges, strict=True):
+            assert s.start == offsets[s.partition]
+            assert s.next_offset - s.start == s.n_valid + s.n_dlq <= r.cap
         if got == 0:
             # Every partition ended at its high-water mark.
-            assert all(s["highwater"] == s["next_offset"] for s in summaries)
+            assert all(s.highwater == s.next_offset for s in summaries)
             break
         batches += 1
         seen.extend(rows)
-        n_dlq += sum(s["n_dlq"] for s in summaries)
-        offsets = {s["partition"]: s["next_offset"] for s in summaries}
+        n_dlq += sum(s.n_dlq for s in summaries)
+        offsets = {s.partition: s.next_offset for s in summaries}
     assert batches >= 4
     assert sorted(seen) == sorted(valid)
     assert n_dlq == 25
 
     # The dead letters carry the original bytes, the reason and where they came from.
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    tp = TopicPartition(dlq, 0)
-    consumer.assign([tp])
-    consumer.seek(tp, 0)
-    letters = []
-    for _ in range(50):
-        for recs in consumer.poll(timeout_ms=200).values():
-            letters.extend(recs)
-        if len(letters) >= 25:
-            break
-    consumer.close()
+    letters = read_records(bootstrap, dlq, 25, timeout_s=10)
     assert len(letters) == 25
     originals = {v for _, v, _ in _garbage(random.Random(3), 25)}
     for rec in letters:
@@ -107,7 +103,6 @@ def test_an_offset_past_the_end_is_reported_not_skipped(spark, bootstrap, topic)
     producer.flush()
     producer.close()
     ranges = [ks.OffsetRange(topic, p, 10_000, 100) for p in range(4)]
-    blocks, summaries = ks.read_batch(spark.sparkContext, ranges, bootstrap, f"{topic}.dlq", 0.5, 5.0)
-    blocks.unpersist()
-    assert [s["reset_to"] for s in summaries] == [0, 0, 0, 0]
-    assert all(s["n_valid"] == 0 and s["next_offset"] == 10_000 for s in summaries)
+    _, summaries = read_as_the_service_does(spark.sparkContext, ranges, bootstrap, f"{topic}.dlq")
+    assert [s.reset_to for s in summaries] == [0, 0, 0, 0]
+    assert all(s.n_valid == 0 and s.next_offset == 10_000 for s in summaries)

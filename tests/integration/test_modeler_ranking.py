@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -13,43 +12,14 @@ import redis
 
 from modeler.replay import make_producer
 from modeler.service import ModelerService, new_model
-from tests.integration.test_modeler_service import ml_rows, plain_snapshot, run_until_seen, settings_for
+from tests.support.modeler import ml_rows, plain_ranking, plain_snapshot, run_until_seen, settings_for
+from tests.support.topics import read_records
 
 pytestmark = pytest.mark.spark
 
 
-def plain_ranking(client: redis.Redis, prefix: str) -> tuple[dict, dict]:
-    """The visible version's ranking factor set, read with the documented layout only."""
-    pointer = json.loads(client.get(f"{prefix}:current"))
-    meta = {k.decode(): v.decode() for k, v in client.hgetall(f"{prefix}:ver:{pointer['version']}").items()}
-    rank = int(meta["ranking_rank"])
-    out = []
-    for kind in ("users", "items"):
-        merged: dict[str, bytes] = {}
-        for seg in pointer["segments"]:
-            merged.update({k.decode(): v for k, v in client.hgetall(f"{prefix}:seg:{seg}:ranking:{kind}").items()})
-        table = {}
-        for k, v in merged.items():
-            rec = np.frombuffer(v, "<f4")
-            assert rec.shape == (rank + 1,) and rec[0] == 0.0  # bias slot reserved
-            table[k] = rec[1:]
-        out.append(table)
-    return out[0], out[1]
-
-
 def _event(user: str, item: str, weight: object, ts: int, kind: str = "play") -> bytes:
     return json.dumps({"user": user, "item": item, "type": kind, "weight": weight, "timestamp": ts}).encode()
-
-
-def run_until_events(service: ModelerService, n: int, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-
-    def done(svc: ModelerService) -> bool:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{svc.model.events_seen} events < {n} after {timeout} s")
-        return svc.model is not None and svc.model.events_seen >= n
-
-    service.run(until=done)
 
 
 def test_an_implicit_stream_publishes_a_ranking_only_version_and_bad_weights_go_to_the_dlq(
@@ -66,10 +36,10 @@ def test_an_implicit_stream_publishes_a_ranking_only_version_and_bad_weights_go_
     producer.flush()
     producer.close()
     n_poison = (len(plays) - 1) // 100 + 1
-    settings = settings_for(bootstrap, topic, redis_url, redis_prefix, BATCH_MAX_RECORDS=100_000,
+    settings = settings_for(bootstrap, topic, redis_url, redis_prefix, MODELER_BATCH_MAX_RECORDS=100_000,
                             MODEL_NUM_PARTITIONS=1, EVENT_MAX_WEIGHT=1000)
     service = ModelerService(settings, spark=spark)
-    run_until_events(service, len(plays))
+    run_until_seen(service, len(plays), counter="events_seen")
     client = redis.Redis.from_url(redis_url)
     pointer = json.loads(client.get(f"{redis_prefix}:current"))
     meta = {k.decode(): v.decode() for k, v in client.hgetall(f"{redis_prefix}:ver:{pointer['version']}").items()}
@@ -106,18 +76,7 @@ def test_an_implicit_stream_publishes_a_ranking_only_version_and_bad_weights_go_
     for key, vec in items.items():
         np.testing.assert_allclose(vec, ref_items[key], atol=1e-5)
 
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    tp = TopicPartition(f"{topic}.dlq", 0)
-    consumer.assign([tp])
-    consumer.seek(tp, 0)
-    letters: list = []
-    deadline = time.monotonic() + 20
-    while len(letters) < n_poison and time.monotonic() < deadline:
-        for recs in consumer.poll(timeout_ms=200).values():
-            letters.extend(recs)
-    consumer.close()
+    letters = read_records(bootstrap, f"{topic}.dlq", n_poison)
     reasons = {dict(rec.headers)["reason"].decode().split(":")[0] for rec in letters}
     assert len(letters) == n_poison and reasons == {"weight", "rating"}
 
@@ -134,9 +93,9 @@ def test_ratings_and_plays_publish_both_sets_and_a_restart_restores_the_ranking_
     producer.flush()
     producer.close()
     n_ratings = sum(1 for k in range(len(rows)) if k % 4)
-    settings = settings_for(bootstrap, topic, redis_url, redis_prefix, BATCH_MAX_RECORDS=400)
+    settings = settings_for(bootstrap, topic, redis_url, redis_prefix, MODELER_BATCH_MAX_RECORDS=400)
     first = ModelerService(settings, spark=spark)
-    run_until_events(first, 800)
+    run_until_seen(first, 800, counter="events_seen")
     first.publisher.release_lease(first.token)
     # A second modeler restores from Redis (the ranking set too) and finishes the topic.
     second = ModelerService(settings, spark=spark)

@@ -16,85 +16,16 @@ import numpy as np
 import pytest
 import redis
 
-from common.datasets import read_ratings
 from devstack.services import start_redis
-from modeler.config import ModelerSettings
 from modeler.replay import encode, make_producer, send_rows
 from modeler.service import ModelerService, new_model
+from tests.support.modeler import ml_rows, plain_predict, plain_snapshot, run_until_seen, settings_for
+from tests.support.topics import read_records
 
 pytestmark = pytest.mark.spark
 
 
-def settings_for(bootstrap: str, topic: str, redis_url: str, prefix: str, **extra: object) -> ModelerSettings:
-    env = {
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-        "RATINGS_TOPIC": topic,
-        "DLQ_TOPIC": f"{topic}.dlq",
-        "REDIS_URL": redis_url,
-        "REDIS_PREFIX": prefix,
-        "MODEL_RANK": 6,
-        "MODEL_ITERATIONS": 2,
-        "MODEL_NUM_PARTITIONS": 4,
-        "BATCH_MAX_INTERVAL_S": 0.2,
-        "MODELER_LEASE_TTL_S": 5,
-        "RETRY_MAX_BACKOFF_S": 1.0,
-        "MODELER_METRICS_PORT": 0,
-    }
-    env.update({k: v for k, v in extra.items()})
-    return ModelerSettings(**env)
-
-
-def ml_rows(ml_small, n: int, seed: int = 0) -> list[tuple[str, str, float, int]]:
-    rows = read_ratings(ml_small / "ratings.csv")
-    rows = sorted(rows, key=lambda r: (r.timestamp, r.user, r.item))[:n]
-    return [(r.user, r.item, float(r.rating), int(r.timestamp)) for r in rows]
-
-
-# ------------------------------------------------------------------ plain-client readers
-
-
-def plain_snapshot(client: redis.Redis, prefix: str) -> dict:
-    """Read the visible version with nothing but the documented key layout."""
-    for _ in range(10):
-        pointer = json.loads(client.get(f"{prefix}:current"))
-        meta = {k.decode(): v.decode() for k, v in client.hgetall(f"{prefix}:ver:{pointer['version']}").items()}
-        rank = int(meta["rank"])
-        out: dict = {"pointer": pointer, "meta": meta, "rank": rank}
-        complete = True
-        for kind in ("users", "items"):
-            merged: dict[str, bytes] = {}
-            for seg in pointer["segments"]:  # oldest first, newer records override
-                raw = client.hgetall(f"{prefix}:seg:{seg}:{kind}")
-                if not raw and seg == pointer["segments"][0]:
-                    complete = False
-                merged.update({k.decode(): v for k, v in raw.items()})
-            out[kind] = {
-                k: (float(a[0]), a[1:]) for k, a in ((k, np.frombuffer(v, "<f4")) for k, v in merged.items())
-            }
-            for k, (_, vec) in out[kind].items():
-                assert vec.shape == (rank,), f"{kind} {k}: record is not rank {rank}"
-        if complete and client.exists(f"{prefix}:ver:{pointer['version']}"):
-            return out
-    raise AssertionError("could not read a consistent version")
-
-
-def plain_predict(snap: dict, user: str, item: str) -> float:
-    mu = float(snap["meta"]["mu"])
-    bu, pu = snap["users"].get(user, (0.0, np.zeros(snap["rank"], np.float32)))
-    bi, qi = snap["items"].get(item, (0.0, np.zeros(snap["rank"], np.float32)))
-    lo, hi = float(snap["meta"]["rating_min"]), float(snap["meta"]["rating_max"])
-    return float(np.clip(mu + bu + bi + float(pu @ qi), lo, hi))
-
-
-def run_until_seen(service: ModelerService, n: int, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-
-    def done(svc: ModelerService) -> bool:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"ratings_seen {svc.model.ratings_seen} < {n} after {timeout} s")
-        return svc.model is not None and svc.model.ratings_seen >= n
-
-    service.run(until=done)
+# ------------------------------------------------------------------ running and waiting
 
 
 def run_in_background(service: ModelerService, n: int) -> tuple[threading.Thread, list[BaseException]]:
@@ -144,8 +75,8 @@ def test_replayed_ratings_become_consistent_versions(spark, bootstrap, topic, re
     send_rows(producer, topic, rows)
     producer.flush()
     producer.close()
-    settings = settings_for(bootstrap, topic, redis_url, redis_prefix, BATCH_MAX_RECORDS=500,
-                            MAX_SEGMENT_CHAIN=3, KEEP_VERSIONS=2, GC_MIN_AGE_S=0)
+    settings = settings_for(bootstrap, topic, redis_url, redis_prefix, MODELER_BATCH_MAX_RECORDS=500,
+                            MODELER_MAX_SEGMENT_CHAIN=3, MODELER_KEEP_VERSIONS=2, MODELER_GC_MIN_AGE_S=0)
     client = redis.Redis.from_url(redis_url)
     sub = client.pubsub()
     sub.subscribe(f"{redis_prefix}:events")
@@ -168,7 +99,7 @@ def test_replayed_ratings_become_consistent_versions(spark, bootstrap, topic, re
     assert int(meta["n_users"]) == len(snap["users"]) and int(meta["n_items"]) == len(snap["items"])
     assert all(np.isfinite(v).all() and np.isfinite(b) for b, v in snap["items"].values())
     assert abs(float(meta["mu"]) - np.mean([r[2] for r in rows])) < 1e-6
-    # The chain was cut: at most MAX_SEGMENT_CHAIN segments, the first a full one.
+    # The chain was cut: at most MODELER_MAX_SEGMENT_CHAIN segments, the first a full one.
     assert 1 <= len(snap["pointer"]["segments"]) <= 3
     # The model learned something: it predicts its training data better than the mean.
     sample = rows[::7]
@@ -234,7 +165,7 @@ def test_poison_messages_go_to_the_dlq_and_leave_the_model_unchanged(
     producer.close()
     # One batch holds the whole topic, so the comparison model sees the same batch. A model of
     # one partition: the fused plan the modeler uses on a local master by default.
-    settings = settings_for(bootstrap, topic, redis_url, redis_prefix, BATCH_MAX_RECORDS=100_000,
+    settings = settings_for(bootstrap, topic, redis_url, redis_prefix, MODELER_BATCH_MAX_RECORDS=100_000,
                             MODEL_NUM_PARTITIONS=1)
     service = ModelerService(settings, spark=spark)
     run_until_seen(service, len(rows))
@@ -257,18 +188,7 @@ def test_poison_messages_go_to_the_dlq_and_leave_the_model_unchanged(
     assert float(snap["meta"]["mu"]) == pytest.approx(reference.mu, abs=1e-9)
 
     # The dead letters: the original bytes, with a reason naming the field.
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    tp = TopicPartition(f"{topic}.dlq", 0)
-    consumer.assign([tp])
-    consumer.seek(tp, 0)
-    letters: list = []
-    deadline = time.monotonic() + 20
-    while len(letters) < n_poison and time.monotonic() < deadline:
-        for recs in consumer.poll(timeout_ms=200).values():
-            letters.extend(recs)
-    consumer.close()
+    letters = read_records(bootstrap, f"{topic}.dlq", n_poison)
     assert len(letters) == n_poison
     for rec in letters:
         reason = dict(rec.headers)["reason"].decode()
@@ -287,7 +207,7 @@ def test_redis_restart_republishes_the_whole_model_without_double_counting(
         producer = make_producer(bootstrap)
         send_rows(producer, topic, first)
         producer.flush()
-        settings = settings_for(bootstrap, topic, own.url, redis_prefix, BATCH_MAX_RECORDS=400)
+        settings = settings_for(bootstrap, topic, own.url, redis_prefix, MODELER_BATCH_MAX_RECORDS=400)
         service = ModelerService(settings, spark=spark)
         worker, errors = run_in_background(service, len(rows))
         client = redis.Redis.from_url(own.url)
@@ -338,7 +258,7 @@ def test_a_kafka_outage_is_retried_and_nothing_is_lost_or_counted_twice(
         send_rows(producer, topic, first)
         producer.flush()
         producer.close()
-        settings = settings_for(bootstrap, topic, redis_url, redis_prefix, BATCH_MAX_RECORDS=400,
+        settings = settings_for(bootstrap, topic, redis_url, redis_prefix, MODELER_BATCH_MAX_RECORDS=400,
                                 MODEL_NUM_PARTITIONS=1)
         service = ModelerService(settings, spark=spark)
         worker, errors = run_in_background(service, len(rows))

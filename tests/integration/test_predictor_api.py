@@ -9,125 +9,26 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from common.keys import Keys
-from common.snapshot import Meta, publish_version, write_rated, write_segment
 from predictor.app import create_app
-from predictor.config import PredictorSettings
-
-RANK = 4
-N_ITEMS = 200
-N_USERS = 40
-MU = 3.5
-
-
-@dataclass
-class Planted:
-    """A model whose every answer can be recomputed here with numpy."""
-
-    items: list[str]
-    users: list[str]
-    item_bias: np.ndarray
-    item_factors: np.ndarray
-    user_bias: np.ndarray
-    user_factors: np.ndarray
-    rated: dict[str, dict[str, float]]
-    reg_param: float = 0.05
-    mu: float = MU
-
-    def raw(self, u: int) -> np.ndarray:
-        """r̂ = mu + b_u + b_i + U_u·P_i, unclipped, for every item."""
-        return (self.mu + self.user_bias[u] + self.item_bias
-                + self.item_factors @ self.user_factors[u]).astype(np.float32)
-
-    def top(self, u: int, n: int, include_rated: bool = False) -> list[str]:
-        scores = self.raw(u).astype(np.float64)
-        if not include_rated:
-            for item in self.rated[self.users[u]]:
-                scores[self.items.index(item)] = -np.inf
-        order = np.argsort(-scores, kind="stable")[:n]
-        return [self.items[i] for i in order]
-
-
-def plant(seed: int = 7, scale: float = 1.0) -> Planted:
-    rng = np.random.default_rng(seed)
-    items = [f"m{i}" for i in range(N_ITEMS)]
-    users = [f"u{i}" for i in range(N_USERS)]
-    rated = {}
-    for u in users:
-        chosen = rng.choice(N_ITEMS, size=20, replace=False)
-        rated[u] = {items[i]: float(rng.integers(1, 11) / 2) for i in chosen}
-    return Planted(
-        items=items,
-        users=users,
-        item_bias=rng.normal(0, 0.3, N_ITEMS).astype(np.float32),
-        item_factors=(scale * rng.normal(0, 0.5, (N_ITEMS, RANK))).astype(np.float32),
-        user_bias=rng.normal(0, 0.2, N_USERS).astype(np.float32),
-        user_factors=rng.normal(0, 0.5, (N_USERS, RANK)).astype(np.float32),
-        rated=rated,
-    )
-
-
-def publish(client, keys: Keys, p: Planted, version: int, segments: list[int] | None = None,
-            items: list[int] | None = None, users: list[int] | None = None,
-            rated: bool = True, metrics: dict | None = None) -> None:
-    """Write segment ``version`` (all or the given rows) and publish it like the modeler does."""
-    item_rows = list(range(len(p.items))) if items is None else items
-    user_rows = list(range(len(p.users))) if users is None else users
-    write_segment(client, keys, version, "items", [p.items[i] for i in item_rows],
-                  p.item_bias[item_rows], p.item_factors[item_rows])
-    write_segment(client, keys, version, "users", [p.users[u] for u in user_rows],
-                  p.user_bias[user_rows], p.user_factors[user_rows])
-    if rated:
-        write_rated(client, keys, [(u, i, r) for u, d in p.rated.items() for i, r in d.items()])
-    counts: dict[str, int] = {}
-    for d in p.rated.values():
-        for i in d:
-            counts[i] = counts.get(i, 0) + 1
-    popular = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:50]
-    meta = Meta(version=version, rank=RANK, mu=p.mu, reg_param=p.reg_param, n_users=len(p.users),
-                n_items=len(p.items), ratings_seen=800 + version, created=time.time(),
-                segments=tuple(segments or [version]), metrics=metrics or {"rmse": 0.9},
-                popular=popular)
-    publish_version(client, keys, meta)
-
-
-def settings_for(redis_url: str, keys: Keys, **extra) -> PredictorSettings:
-    return PredictorSettings(REDIS_URL=redis_url, REDIS_PREFIX=keys.prefix,
-                             MODEL_POLL_INTERVAL_S=0.2, **extra)
-
-
-def wait_for(predicate, timeout: float = 10.0, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("condition not met in time")
-
-
-def wait_version(api: TestClient, version: int) -> None:
-    wait_for(lambda: api.app.state.svc.watcher.model is not None
-             and api.app.state.svc.watcher.model.version == version)
+from tests.support import planted as pl
 
 
 @pytest.fixture
-def planted(redis_client, keys) -> Planted:
-    p = plant()
-    publish(redis_client, keys, p, 1)
+def planted(redis_client, keys) -> pl.Planted:
+    p = pl.plant()
+    pl.publish(redis_client, keys, p, 1)
     return p
 
 
 @pytest.fixture
 def api(redis_url, keys, planted) -> Iterator[TestClient]:
-    with TestClient(create_app(settings_for(redis_url, keys))) as client:
-        wait_version(client, 1)
+    with TestClient(create_app(pl.settings_for(redis_url, keys))) as client:
+        pl.wait_version(client, 1)
         yield client
 
 
@@ -151,7 +52,7 @@ def test_health_ready_and_metrics(api: TestClient) -> None:
 
 
 def test_readyz_503_before_anything_is_loaded(redis_url, keys) -> None:
-    with TestClient(create_app(settings_for(redis_url, keys))) as api:
+    with TestClient(create_app(pl.settings_for(redis_url, keys))) as api:
         time.sleep(0.3)
         r = api.get("/readyz")
         assert r.status_code == 503
@@ -163,8 +64,8 @@ def test_readyz_503_before_anything_is_loaded(redis_url, keys) -> None:
 def test_popular_fallback_before_any_model(redis_url, redis_client, keys) -> None:
     redis_client.set(keys.popular, json.dumps([["a", 9], ["b", 5], ["c", 2]]))
     redis_client.hset(keys.rated("visitor"), mapping={"a": "4.0"})
-    with TestClient(create_app(settings_for(redis_url, keys))) as api:
-        wait_for(lambda: api.get("/readyz").status_code == 200)
+    with TestClient(create_app(pl.settings_for(redis_url, keys))) as api:
+        pl.wait_for(lambda: api.get("/readyz").status_code == 200)
         body = api.get("/v1/users/visitor/recommendations?n=2").json()
         assert body["strategy"] == "popular" and body["version"] is None
         assert [x["item"] for x in body["items"]] == ["b", "c"]  # "a" already rated
@@ -179,7 +80,7 @@ def test_popular_fallback_before_any_model(redis_url, redis_client, keys) -> Non
 # ---------------------------------------------------------------------- predictions
 
 
-def test_predict_one_matches_formula_and_clips(api: TestClient, planted: Planted) -> None:
+def test_predict_one_matches_formula_and_clips(api: TestClient, planted: pl.Planted) -> None:
     for u, i in [(0, 0), (3, 17), (39, 199)]:
         body = api.get(f"/v1/predict?user=u{u}&item=m{i}").json()
         expected = float(np.clip(planted.raw(u)[i], 0.5, 5.0))
@@ -189,18 +90,18 @@ def test_predict_one_matches_formula_and_clips(api: TestClient, planted: Planted
 
 
 def test_predict_clips_to_scale(redis_url, redis_client, keys) -> None:
-    p = plant(seed=3, scale=6.0)  # huge factors: raw predictions far outside [0.5, 5]
-    publish(redis_client, keys, p, 1)
-    with TestClient(create_app(settings_for(redis_url, keys))) as api:
-        wait_version(api, 1)
-        pairs = [{"user": "u1", "item": f"m{i}"} for i in range(N_ITEMS)]
+    p = pl.plant(seed=3, scale=6.0)  # huge factors: raw predictions far outside [0.5, 5]
+    pl.publish(redis_client, keys, p, 1)
+    with TestClient(create_app(pl.settings_for(redis_url, keys))) as api:
+        pl.wait_version(api, 1)
+        pairs = [{"user": "u1", "item": f"m{i}"} for i in range(pl.N_ITEMS)]
         ratings = [x["rating"] for x in api.post("/v1/predict", json={"pairs": pairs}).json()["predictions"]]
         raw = p.raw(1)
         assert raw.max() > 5.0 and raw.min() < 0.5
         assert min(ratings) == 0.5 and max(ratings) == 5.0
 
 
-def test_predict_batch_unknown_user_and_item(api: TestClient, planted: Planted) -> None:
+def test_predict_batch_unknown_user_and_item(api: TestClient, planted: pl.Planted) -> None:
     pairs = [{"user": "u2", "item": "m5"}, {"user": "nobody", "item": "m5"}, {"user": 7, "item": "m9"}]
     body = api.post("/v1/predict", json={"pairs": pairs}).json()
     first, second, third = body["predictions"]
@@ -208,7 +109,7 @@ def test_predict_batch_unknown_user_and_item(api: TestClient, planted: Planted) 
     assert first["strategy"] == "model"
     # Unknown user: the non-personalised baseline mu + b_i.
     assert second["strategy"] == "popular"
-    assert second["rating"] == pytest.approx(MU + float(planted.item_bias[5]), abs=1e-4)
+    assert second["rating"] == pytest.approx(pl.MU + float(planted.item_bias[5]), abs=1e-4)
     assert third["user"] == "7"
     assert body["strategy"] == "popular" and body["version"] == 1
     r = api.get("/v1/predict?user=u1&item=nope")
@@ -220,7 +121,7 @@ def test_predict_batch_unknown_user_and_item(api: TestClient, planted: Planted) 
 # ---------------------------------------------------------------------- top-N
 
 
-def test_recommendations_exclude_rated_items(api: TestClient, planted: Planted) -> None:
+def test_recommendations_exclude_rated_items(api: TestClient, planted: pl.Planted) -> None:
     for u in (0, 5, 11):
         body = api.get(f"/v1/users/u{u}/recommendations?n=15").json()
         got = [x["item"] for x in body["items"]]
@@ -233,9 +134,9 @@ def test_recommendations_exclude_rated_items(api: TestClient, planted: Planted) 
         assert [x["item"] for x in with_rated["items"]] == planted.top(u, 15, include_rated=True)
 
 
-def test_recommendations_n_bounds_and_candidates(api: TestClient, planted: Planted) -> None:
+def test_recommendations_n_bounds_and_candidates(api: TestClient, planted: pl.Planted) -> None:
     body = api.get("/v1/users/u0/recommendations?n=1000").json()
-    assert len(body["items"]) == N_ITEMS - len(planted.rated["u0"])
+    assert len(body["items"]) == pl.N_ITEMS - len(planted.rated["u0"])
     cands = ["m1", "m2", "m3", "m4", "m150", "unknown-item"]
     body = api.post("/v1/users/u0/recommendations",
                     json={"n": 3, "include_rated": True, "candidates": cands}).json()
@@ -266,10 +167,10 @@ def test_plain_top_n_requests_take_the_direct_path_with_the_routes_answers(api: 
     assert hot_args("/v1/users/a/b/recommendations", b"") is None
 
 
-def test_concurrent_top_n_requests_are_batched_and_each_exact(api: TestClient, planted: Planted) -> None:
+def test_concurrent_top_n_requests_are_batched_and_each_exact(api: TestClient, planted: pl.Planted) -> None:
     import httpx
 
-    paths = [f"/v1/users/u{u}/recommendations?n=12" for u in range(N_USERS)]
+    paths = [f"/v1/users/u{u}/recommendations?n=12" for u in range(pl.N_USERS)]
     for path in paths:  # warm the per-version user cache: every request below submits at once
         api.get(path)
 
@@ -294,13 +195,13 @@ def test_unknown_user_gets_popular(api: TestClient) -> None:
     assert counts == sorted(counts, reverse=True)
 
 
-def test_user_ratings(api: TestClient, planted: Planted) -> None:
+def test_user_ratings(api: TestClient, planted: pl.Planted) -> None:
     body = api.get("/v1/users/u4/ratings?limit=100").json()
     assert {r["item"]: r["rating"] for r in body["ratings"]} == planted.rated["u4"]
     assert api.get("/v1/users/nobody/ratings").json()["ratings"] == []
 
 
-def test_similar_items_is_cosine(api: TestClient, planted: Planted) -> None:
+def test_similar_items_is_cosine(api: TestClient, planted: pl.Planted) -> None:
     body = api.get("/v1/items/m10/similar?n=5").json()
     f = planted.item_factors.astype(np.float64)
     unit = f / np.linalg.norm(f, axis=1, keepdims=True)
@@ -316,7 +217,7 @@ def test_similar_items_is_cosine(api: TestClient, planted: Planted) -> None:
 # ---------------------------------------------------------------------- fold-in
 
 
-def test_fold_in_visitor_like_existing_user_gets_their_list(api: TestClient, planted: Planted) -> None:
+def test_fold_in_visitor_like_existing_user_gets_their_list(api: TestClient, planted: pl.Planted) -> None:
     u = 6
     rated_items = list(planted.rated[f"u{u}"])
     raw = planted.raw(u)
@@ -344,34 +245,34 @@ def test_fold_in_unknown_items_and_bad_rating(api: TestClient) -> None:
 def test_model_info(api: TestClient, redis_client, keys) -> None:
     redis_client.lpush(keys.metrics, json.dumps({"version": 1, "prequential_rmse": 0.91}))
     body = api.get("/v1/model").json()
-    assert body["version"] == 1 and body["rank"] == RANK
-    assert body["n_users"] == N_USERS and body["n_items"] == N_ITEMS
+    assert body["version"] == 1 and body["rank"] == pl.RANK
+    assert body["n_users"] == pl.N_USERS and body["n_items"] == pl.N_ITEMS
     assert body["ratings_seen"] == 801 and body["reg_param"] == pytest.approx(0.05)
     assert body["metrics"] == {"rmse": 0.9}
     assert body["history"] == [{"version": 1, "prequential_rmse": 0.91}]
     assert body["created"] > 0
 
 
-def test_catalogue_loader_search_and_join(api: TestClient, planted: Planted, redis_url, redis_client,
+def test_catalogue_loader_search_and_join(api: TestClient, planted: pl.Planted, redis_url, redis_client,
                                            keys, tmp_path, monkeypatch) -> None:
     from predictor import load_catalog
 
     movies = tmp_path / "movies.csv"
     movies.write_text("movieId,title,genres\r\n" + "".join(
         f'm{i},"Film {i}, The (19{i % 100:02d})",{"Comedy|Drama" if i % 2 else "Horror"}\r\n'
-        for i in range(N_ITEMS)))
+        for i in range(pl.N_ITEMS)))
     ratings = tmp_path / "ratings.csv"
     ratings.write_text("userId,movieId,rating,timestamp\r\n1,m3,4.0,1\r\n2,m3,5.0,1\r\n2,m8,3.0,1\r\n")
     monkeypatch.setenv("REDIS_URL", redis_url)
     monkeypatch.setenv("REDIS_PREFIX", keys.prefix)
     assert load_catalog.main(["--movies", str(movies), "--ratings", str(ratings)]) == 0
     api.app.state.svc.watcher.poke()
-    wait_for(lambda: len(api.app.state.svc.watcher.catalog) == N_ITEMS)
+    pl.wait_for(lambda: len(api.app.state.svc.watcher.catalog) == pl.N_ITEMS)
     found = api.get("/v1/items?q=film 1&limit=5").json()
     assert found["total"] == 111  # Film 1, Film 10-19, Film 100-199
     assert [x["item"] for x in found["items"]] == ["m1", "m10", "m100", "m101", "m102"]  # non-numeric ids: text order
     horror = api.get("/v1/items?q=FILM&genre=horror&limit=1000").json()
-    assert horror["total"] == N_ITEMS // 2
+    assert horror["total"] == pl.N_ITEMS // 2
     assert api.get("/v1/genres").json()["genres"] == [
         {"genre": "Comedy", "items": 100}, {"genre": "Drama", "items": 100},
         {"genre": "Horror", "items": 100}]
@@ -386,7 +287,7 @@ def test_catalogue_loader_search_and_join(api: TestClient, planted: Planted, red
 # ---------------------------------------------------------------------- jiminy
 
 
-def test_jiminy_ratings_and_ranks(api: TestClient, planted: Planted) -> None:
+def test_jiminy_ratings_and_ranks(api: TestClient, planted: pl.Planted) -> None:
     r = api.post("/predictions/ratings", json={"user": "u3", "products": ["m1", "m2"]})
     assert r.status_code == 201
     pred = r.json()["prediction"]
@@ -406,8 +307,8 @@ def test_jiminy_ratings_and_ranks(api: TestClient, planted: Planted) -> None:
 
 
 def test_jiminy_prediction_expires(redis_url, keys, planted, redis_client) -> None:
-    with TestClient(create_app(settings_for(redis_url, keys, PREDICTION_TTL_S=1))) as api:
-        wait_version(api, 1)
+    with TestClient(create_app(pl.settings_for(redis_url, keys, PREDICTOR_PREDICTION_TTL_S=1))) as api:
+        pl.wait_version(api, 1)
         pred = api.post("/predictions/ranks", json={"user": "u1", "topk": 2}).json()["prediction"]
         assert api.get(f"/predictions/ranks/{pred['id']}").status_code == 200
         ttl = redis_client.ttl(f"{keys.prefix}:prediction:ranks:{pred['id']}")

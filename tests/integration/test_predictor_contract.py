@@ -71,7 +71,7 @@ def jiminy_valid(route: tuple[str, str], response) -> None:
 
 def _serve(redis_url: str, prefix: str) -> TestClient:
     return TestClient(create_app(PredictorSettings(REDIS_URL=redis_url, REDIS_PREFIX=prefix,
-                                                   MODEL_POLL_INTERVAL_S=0.2)))
+                                                   PREDICTOR_MODEL_POLL_INTERVAL_S=0.2)))
 
 
 @pytest.fixture

@@ -27,8 +27,8 @@ from schemathesis.specs.openapi.checks import (
 
 from common.keys import EXPLICIT, RANKING
 from devstack.services import free_port, stop_process_group
-from tests.integration.test_predictor_api import plant, publish, wait_for
 from tests.support import versions as ranking
+from tests.support.planted import plant, publish, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = int(os.environ.get("PREDICTOR_FUZZ_EXAMPLES", "12"))

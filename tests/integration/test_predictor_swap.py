@@ -18,7 +18,7 @@ from common.keys import Keys
 from common.snapshot import Meta, collect_garbage, write_segment
 from devstack.services import free_port, start_redis, stop_process_group
 from predictor.app import create_app
-from tests.integration.test_predictor_api import (
+from tests.support.planted import (
     N_USERS,
     RANK,
     Planted,
@@ -210,7 +210,7 @@ def test_python_m_predictor_with_two_workers(redis_url, redis_client, keys, tmp_
     port = free_port()
     env = {**os.environ, "REDIS_URL": redis_url, "REDIS_PREFIX": keys.prefix,
            "PREDICTOR_HOST": "127.0.0.1", "PREDICTOR_PORT": str(port), "PREDICTOR_WORKERS": "2",
-           "MODEL_POLL_INTERVAL_S": "0.5", "LOG_LEVEL": "WARNING",
+           "PREDICTOR_MODEL_POLL_INTERVAL_S": "0.5", "LOG_LEVEL": "WARNING",
            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     proc = subprocess.Popen([sys.executable, "-m", "predictor"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)

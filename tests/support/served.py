@@ -39,7 +39,7 @@ def stack(redis_url: str, redis_client, keys, models) -> tuple[Served, Served, r
     redis_client.hset(keys.catalog, mapping={i: json.dumps({"title": f"Film {i[1:]} (2001)", "genres": ["Drama"]})
                                              for i in b.items})
     predictor = Served(create_predictor(PredictorSettings(REDIS_URL=redis_url, REDIS_PREFIX=keys.prefix,
-                                                          MODEL_POLL_INTERVAL_S=0.2)), free_port())
+                                                          PREDICTOR_MODEL_POLL_INTERVAL_S=0.2)), free_port())
     front = Served(create_frontend(FrontendSettings.model_validate(
         {"PREDICTOR_URL": predictor.url, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"})), free_port())
     return predictor, front, b

@@ -106,7 +106,7 @@ def publish(client, keys: Keys, b: Both, version: int, models=(EXPLICIT, RANKING
 
 def serve(redis_url: str, keys: Keys, refit_users: bool = True) -> TestClient:
     return TestClient(create_app(PredictorSettings(REDIS_URL=redis_url, REDIS_PREFIX=keys.prefix,
-                                                   MODEL_POLL_INTERVAL_S=0.2,
+                                                   PREDICTOR_MODEL_POLL_INTERVAL_S=0.2,
                                                    PREDICTOR_REFIT_USERS=refit_users)))
 
 

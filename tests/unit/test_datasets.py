@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from common.catalog import find_movies_file, read_movies
 from common.datasets import (
     EventRow,
     RatingRow,
@@ -10,9 +11,7 @@ from common.datasets import (
     ReadReport,
     check_scale,
     detect_ratings_format,
-    find_movies_file,
     read_events,
-    read_movies,
     read_ratings,
 )
 from common.errors import DatasetError

@@ -58,4 +58,4 @@ def test_a_block_yields_ratings_then_implicit_events_as_model_records():
     block = Block(0, 0, 2, 2, ["a"], ["x"], [4.0], [1], i_users=["b"], i_items=["y"],
                   i_weights=[3.0], i_timestamps=[2])
     assert list(block.rows()) == [("a", "x", 4.0, 1), ("b", "y", None, 2, 3.0)]
-    assert block.summary()["n_valid"] == 2 and block.summary()["n_implicit"] == 1
+    assert block.summary().n_valid == 2 and block.summary().n_implicit == 1

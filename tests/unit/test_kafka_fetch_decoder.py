@@ -1,4 +1,4 @@
-"""The record-batch decoder of modeler.io.kafka_fetch, on batches built by kafka-python's own
+"""The record-batch decoder of modeler.io.kafka_records, on batches built by kafka-python's own
 builders (no services). kafka-python's reader (MemoryRecords) is the reference."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from crc32c import crc32c
 from kafka.record.default_records import DefaultRecordBatchBuilder
 from kafka.record.memory_records import MemoryRecords, MemoryRecordsBuilder
 
-from modeler.io.kafka_fetch import (
+from modeler.io.kafka_records import (
     CorruptRecords,
     UnsupportedRecords,
     _varint,
