@@ -101,3 +101,43 @@ def test_the_predictor_excludes_and_refits_from_a_capped_history(redis_url, redi
     assert not set(items) & set(kept)
     assert body["items"][0]["score"] == pytest.approx(
         float(both.y.astype(np.float64)[both.items.index(items[0])] @ refit), abs=1e-4)
+
+
+@pytest.mark.spark
+def test_the_modeler_caps_histories_and_still_learns_every_rating(spark, bootstrap, topic, redis_url, redis_prefix,
+                                                                 ml_small) -> None:
+    import redis
+
+    from modeler.replay import make_producer, send_rows
+    from modeler.service import ModelerService
+    from tests.integration.test_modeler_service import assert_complete_once, ml_rows, run_until_seen, settings_for
+
+    rows = ml_rows(ml_small, 900)
+    producer = make_producer(bootstrap)
+    send_rows(producer, topic, rows)
+    producer.flush()
+    producer.close()
+    cap = 8
+    settings = settings_for(bootstrap, topic, redis_url, redis_prefix, BATCH_MAX_RECORDS=300,
+                            MODEL_NUM_PARTITIONS=1, MODELER_RATED_CAP=cap)
+    assert settings.rated_cap == cap
+    service = ModelerService(settings, spark=spark)
+    run_until_seen(service, len(rows))
+    client = redis.Redis.from_url(redis_url)
+    # The model is complete and counts every rating once: the cap only bounds the history.
+    assert_complete_once(client, redis_prefix, rows)
+    version = service.version
+    by_user: dict[str, list[str]] = {}
+    for u, i, _, _ in rows:
+        by_user.setdefault(u, []).append(i)
+    heavy = [u for u, items in by_user.items() if len(set(items)) > cap]
+    assert heavy  # the test needs users the cap trims
+    for user, items in by_user.items():
+        kept = {k.decode() for k in client.hkeys(f"{redis_prefix}:rated:{user}")}
+        order = {k.decode(): s for k, s in client.zrange(f"{redis_prefix}:rated_order:{user}", 0, -1,
+                                                          withscores=True)}
+        assert kept == set(order) and len(kept) == min(cap, len(set(items)))
+        assert kept <= set(items)
+        # Recency is the version that wrote the item; the user's last rating is in the newest batch.
+        assert all(1 <= s <= version for s in order.values())
+        assert order.get(items[-1], max(order.values())) == max(order.values())
