@@ -20,7 +20,8 @@ ranking model is on) drain the whole backlog from offset 0. Per rank it reports:
 * the predictor's load time (start to ``/readyz`` serving the final version, one worker)
   and its RSS with that model.
 
-Writes ``build/bench/scale.json``. On a shared machine every time is inflated by the
+Writes ``build/bench/scale.json`` and a plot of ratings/s against keys beside it
+(``scale.png``). On a shared machine every time is inflated by the
 other jobs: the JSON records the load average.
 """
 
@@ -332,6 +333,28 @@ def run_rank(broker_url: str, topic: str, rank: int, args: argparse.Namespace, o
         redis_proc.stop()
 
 
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Ratings/s against keys in the model, one line per rank (the windows of each run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in result["runs"]:
+        xs = [(w["keys_from"] + w["keys_to"]) / 2 / 1000 for w in run["windows"]]
+        ax.plot(xs, [w["ratings_per_s"] for w in run["windows"]], marker="o",
+                label=f"rank {run['rank']} (+ ranking rank {run['ranking_rank']})")
+    ax.set_xlabel("keys in the model (thousands)")
+    ax.set_ylabel("ratings/s (end to end)")
+    ax.set_title(f"python -m modeler, local[2], batches of {result['batch_max_records']:,}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ratings", type=int, default=3_000_000, help="backlog size (default 3,000,000)")
@@ -369,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             "note": "shared machine: times are inflated by other jobs (see load averages)",
         }
         out.write_text(json.dumps(result, indent=2) + "\n")
+        plot(result, out.with_suffix(".png"))
         print(json.dumps(result, indent=2))
         return 0
     finally:
