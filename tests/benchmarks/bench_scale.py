@@ -204,7 +204,15 @@ def redis_figures(client: Any, prefix: str, ratings: int, sample: int = 2000) ->
     mem = sum(int(m or 0) for m in answers[0::2])
     entries = sum(int(h or 0) for h in answers[1::2])
     rated_bytes = mem * len(rated) / max(1, len(picked))
+    # The factor segments and their state hashes: few keys, each measured whole.
+    segs = list(client.scan_iter(f"{prefix}:seg:*", count=1000))
+    pipe = client.pipeline(transaction=False)
+    for k in segs:
+        pipe.memory_usage(k, samples=0)
+    seg_bytes = sum(int(m or 0) for m in pipe.execute()) if segs else 0
     return {
+        "segment_keys": len(segs),
+        "segment_bytes": seg_bytes,
         "used_memory": int(info["used_memory"]),
         "used_memory_rss": int(info["used_memory_rss"]),
         "bytes_per_rating": round(int(info["used_memory"]) / max(1, ratings), 1),
