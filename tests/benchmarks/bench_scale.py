@@ -272,11 +272,18 @@ def run_rank(broker_url: str, topic: str, rank: int, args: argparse.Namespace, o
         sampler = TreeSampler(proc.pid)
         sampler.start()
         deadline = time.monotonic() + args.timeout
+        stopped = None
         while watcher.seen() < args.ratings:
             if proc.poll() is not None:
                 raise RuntimeError(f"modeler exited with {proc.returncode}; see {log_path}")
             if time.monotonic() > deadline:
-                log.warning("rank %d: timeout after %d of %d ratings", rank, watcher.seen(), args.ratings)
+                stopped = f"timeout after {args.timeout:.0f} s"
+            elif sampler.peak_pss > args.max_memory_gb * 2**30:
+                # A shared machine: a model that outgrows the guard is stopped, not let run
+                # (at rank 50 every key holds ~10 KB of statistics, copied ~6 times per batch).
+                stopped = f"memory guard: process tree PSS above {args.max_memory_gb} GB"
+            if stopped:
+                log.warning("rank %d: %s after %d of %d ratings", rank, stopped, watcher.seen(), args.ratings)
                 break
             time.sleep(0.2)
         sampler.stop.set()
@@ -303,6 +310,7 @@ def run_rank(broker_url: str, topic: str, rank: int, args: argparse.Namespace, o
         before_publish = [m["batch_seconds"] for m in metrics if "batch_seconds" in m]
         result = {
             "rank": rank,
+            "stopped": stopped,
             "ranking_rank": int(meta.get(b"ranking_rank", b"0")),
             "models": json.loads(meta.get(b"models", b'["explicit"]')),
             "ratings_seen": final.seen,
@@ -374,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-max-records", type=int, default=20_000)
     parser.add_argument("--warmup", type=int, default=3, help="first versions not timed (Spark start)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="per rank, seconds")
+    parser.add_argument("--max-memory-gb", type=float, default=8.0,
+                        help="stop a rank's run when the modeler's process tree passes this PSS")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", default=str(ROOT / "build" / "bench" / "scale.json"))
     args = parser.parse_args(argv)
@@ -390,19 +400,27 @@ def main(argv: list[str] | None = None) -> int:
         topic = "scale-ratings"
         create_topics(broker.url, {topic: 4, f"{topic}.dlq": 1})
         backlog = produce_backlog(broker.url, topic, args.ratings, args.seed)
-        runs = [run_rank(broker.url, topic, rank, args, out.parent) for rank in ranks]
-        result = {
+        result: dict[str, Any] = {
             "backlog": backlog,
-            "runs": runs,
+            "runs": [],
             "spark_master": "local[2]",
             "batch_max_records": args.batch_max_records,
             "cpu_count": os.cpu_count(),
             "note": "shared machine: times are inflated by other jobs (see load averages)",
         }
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        plot(result, out.with_suffix(".png"))
+        for rank in ranks:
+            try:
+                result["runs"].append(run_rank(broker.url, topic, rank, args, out.parent))
+            except Exception as exc:  # one rank's failure must not lose the others' figures
+                log.exception("rank %d failed", rank)
+                result["runs"].append({"rank": rank, "error": f"{type(exc).__name__}: {exc}"})
+            # Written after every rank: a long run's first figures survive a later failure.
+            out.write_text(json.dumps(result, indent=2) + "\n")
+        ok = [r for r in result["runs"] if "error" not in r]
+        if ok:
+            plot({**result, "runs": ok}, out.with_suffix(".png"))
         print(json.dumps(result, indent=2))
-        return 0
+        return 0 if len(ok) == len(ranks) else 1
     finally:
         broker.stop()
 
