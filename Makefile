@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # broker and Redis on free ports. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 
-.PHONY: help bootstrap up test test-fast lint bench bench-core bench-modeler bench-predictor bench-kafka bench-batch bench-search eval batch-demo clean
+.PHONY: help bootstrap up test test-fast lint bench bench-core bench-modeler bench-predictor bench-kafka bench-batch bench-search bench-scale eval batch-demo clean
 
 help:
 	@echo "make up      start broker, Redis, modeler, predictor, frontend; stream MovieLens in"
@@ -64,6 +64,11 @@ bench-batch: bootstrap
 
 bench-search: bootstrap
 	$(PY) -m tests.benchmarks.bench_search
+
+# An ML-25M-shaped backlog through the broker into the modeler at ranks 10 and 50 (long:
+# not part of `make bench`). BENCH_SCALE_ARGS="--ratings 1000000 --ranks 10" for a shorter run.
+bench-scale: bootstrap
+	nice -n 10 $(PY) -m tests.benchmarks.bench_scale $(BENCH_SCALE_ARGS)
 
 eval: bootstrap
 	$(PY) -m modeler.evaluate --ratings $(or $(RATINGS_FILE),../shared/data/ml-latest-small/ratings.csv) --out build/eval

@@ -40,6 +40,9 @@ key                                       type      contents
 ``{p}:rated:{user}``                      hash      item id -> rating (decimal string): what the
                                                     user has rated (top-N excludes these).
                                                     Not versioned; writes are idempotent.
+``{p}:rated_order:{user}``                zset      only with ``MODELER_RATED_CAP`` > 0: item ->
+                                                    batch that last wrote it (recency); the
+                                                    rated hash keeps the newest ``cap`` items.
 ``{p}:metrics``                           list      JSON per micro-batch, newest first, capped
                                                     (version, ratings_seen, prequential_rmse,
                                                     ratings_per_s, batch_seconds, lag, time)
@@ -158,3 +161,7 @@ class Keys:
 
     def rated(self, user: str) -> str:
         return f"{self.prefix}:rated:{user}"
+
+    def rated_order(self, user: str) -> str:
+        """Recency index of a capped rated history (see the table)."""
+        return f"{self.prefix}:rated_order:{user}"

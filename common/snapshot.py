@@ -9,6 +9,7 @@ Vectors travel as float32 bytes; metadata as decimal strings and JSON. No pickle
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -170,17 +171,110 @@ def write_segment(
     return len(ids)
 
 
+# The value recorded in {p}:rated:{user} for an item the user only met through an implicit
+# event: "implicit:<w>" with w its confidence weight (common.feedback), never read as a
+# rating; a rating of the item wins over it (common.keys).
+IMPLICIT_MARK = "implicit"
+
+
+def implicit_value(weight: float) -> str:
+    return f"{IMPLICIT_MARK}:{float(weight)!r}"
+
+
+# A capped history, per user and in one server-side step (so a reader never sees the hash
+# without its order index or the other way round):
+#   KEYS: the rated hash, its order zset. ARGV: cap, order, n ratings, then n (item, value)
+#   pairs that are set, then (item, value) pairs of implicit events, set only when absent.
+# Every item written gets score max(old, order) in the zset (ZADD GT: a retried or older
+# write never makes an item look older than it is); entries the hash holds without a score
+# (written before the cap was on) count as the oldest (score 0); then the oldest beyond
+# ``cap`` leave both keys. Ties (one batch) go by item id, the zset's own order.
+_RATED_CAPPED_LUA = """
+local cap = tonumber(ARGV[1])
+local order = ARGV[2]
+local n = tonumber(ARGV[3])
+local h, z = KEYS[1], KEYS[2]
+if redis.call('EXISTS', h) == 1 and redis.call('HLEN', h) > redis.call('ZCARD', z) then
+  local fields = redis.call('HKEYS', h)
+  for j = 1, #fields do redis.call('ZADD', z, 'NX', 0, fields[j]) end
+end
+local i = 4
+for j = 1, n do
+  redis.call('HSET', h, ARGV[i], ARGV[i + 1])
+  redis.call('ZADD', z, 'GT', order, ARGV[i])
+  redis.call('ZADD', z, 'NX', order, ARGV[i])
+  i = i + 2
+end
+while i < #ARGV do
+  redis.call('HSETNX', h, ARGV[i], ARGV[i + 1])
+  redis.call('ZADD', z, 'GT', order, ARGV[i])
+  redis.call('ZADD', z, 'NX', order, ARGV[i])
+  i = i + 2
+end
+local extra = redis.call('ZCARD', z) - cap
+local dropped = 0
+while extra > 0 do
+  local take = math.min(extra, 1000)
+  local old = redis.call('ZRANGE', z, 0, take - 1)
+  redis.call('HDEL', h, unpack(old))
+  redis.call('ZREMRANGEBYRANK', z, 0, take - 1)
+  extra = extra - take
+  dropped = dropped + take
+end
+return dropped
+"""
+
+
 def write_rated(
-    client: redis.Redis, keys: Keys, rated: Iterable[tuple[str, str, float]]
-) -> None:
-    """Record (user, item, rating) triples in ``{p}:rated:{user}``; idempotent."""
+    client: redis.Redis | redis.client.Pipeline,
+    keys: Keys,
+    rated: Iterable[tuple[str, str, float]],
+    implicit: Iterable[tuple[str, str, float]] = (),
+    *,
+    cap: int = 0,
+    order: float = 0.0,
+) -> int:
+    """Record what users rated in ``{p}:rated:{user}``; returns the entries written.
+
+    ``rated``: ``(user, item, rating)``; ``implicit``: ``(user, item, w)`` of implicit events,
+    recorded as :func:`implicit_value` only where the hash has no entry for the item (a
+    rating wins, and so does a rating of the same pair in ``rated``). Idempotent.
+
+    ``cap > 0`` keeps only the newest ``cap`` items per user: ``order`` (the writer's batch
+    number, increasing) is each written item's recency in the companion sorted set
+    ``{p}:rated_order:{user}`` and the oldest beyond ``cap`` are dropped from both keys in
+    the same server-side step. ``cap == 0``: unbounded, no order index (the original layout).
+    Given a pipeline, the writes are queued on it; given a client, they are sent at once.
+    """
     by_user: dict[str, dict[str, str]] = {}
     for user, item, rating in rated:
         by_user.setdefault(user, {})[item] = repr(float(rating))
-    pipe = client.pipeline(transaction=False)
-    for user, items in by_user.items():
-        pipe.hset(keys.rated(user), mapping=items)  # type: ignore[arg-type]
-    pipe.execute()
+    seen_only: dict[str, dict[str, str]] = {}
+    for user, item, weight in implicit:
+        if item not in by_user.get(user, ()):
+            seen_only.setdefault(user, {})[item] = implicit_value(weight)
+    pipe = client.pipeline(transaction=False) if isinstance(client, redis.Redis) else client
+    n = 0
+    if cap <= 0:
+        for user, items in by_user.items():
+            pipe.hset(keys.rated(user), mapping=items)  # type: ignore[arg-type]
+            n += len(items)
+        for user, items in seen_only.items():
+            for item, value in items.items():
+                pipe.hsetnx(keys.rated(user), item, value)
+            n += len(items)
+    else:
+        script = pipe.register_script(_RATED_CAPPED_LUA)
+        for user in by_user.keys() | seen_only.keys():
+            ratings, events = by_user.get(user, {}), seen_only.get(user, {})
+            args: list[Any] = [int(cap), repr(float(order)), len(ratings)]
+            for item, value in itertools.chain(ratings.items(), events.items()):
+                args += [item, value]
+            script(keys=[keys.rated(user), keys.rated_order(user)], args=args)
+            n += len(ratings) + len(events)
+    if isinstance(client, redis.Redis):
+        pipe.execute()
+    return n
 
 
 def publish_version(client: redis.Redis, keys: Keys, meta: Meta, extra: Any = None) -> None:

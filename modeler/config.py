@@ -65,6 +65,12 @@ class ModelerSettings(CommonSettings):
     gc_min_age_s: float = Field(5.0, validation_alias=renamed("MODELER_GC_MIN_AGE_S", was="GC_MIN_AGE_S"), ge=0.0)
     # Items in the published popular list (the fallback for unknown users).
     popular_size: int = Field(100, validation_alias=renamed("MODELER_POPULAR_SIZE", was="POPULAR_SIZE"), ge=1)
+    # Items kept per user in {p}:rated:{user} (the exclusion list and the predictor's
+    # refit): the newest N, ordered by a companion sorted set; 0 keeps every one, without
+    # that index. Off by default: on ML-25M-shaped data a cap of 1,000 keeps 95% of the
+    # entries while the index costs about as much as the hash again (docs/scale.md), so it
+    # pays only for streams with unbounded per-user histories (plays, bots).
+    rated_cap: int = Field(0, alias="MODELER_RATED_CAP", ge=0)
     # Per-batch metrics records kept in Redis ({p}:metrics).
     metrics_history: int = Field(1000, validation_alias=renamed("MODELER_METRICS_HISTORY", was="METRICS_HISTORY"), ge=1)
     # Single-writer lease: another modeler waits until this has expired.

@@ -486,7 +486,8 @@ class ModelerService:
             log.debug("no inline publish of version %d: %s", version, _short(exc))
             self.publisher.reset_client()
             return None
-        return pub.SegmentSink(s.redis_url, s.redis_prefix, version, full, s.popular_size)
+        return pub.SegmentSink(s.redis_url, s.redis_prefix, version, full, s.popular_size,
+                               rated_cap=s.rated_cap)
 
     def _publish(self, version: int, blocks: Any, offsets: dict[int, int], entry: dict,
                  inline: tuple[pub.SegmentSink, list[Any]] | None = None) -> str | None:
@@ -552,14 +553,15 @@ class ModelerService:
             self._written_inline = False
             publisher.clear_segment(version)
             sc = self.spark.sparkContext
-            url, prefix = s.redis_url, s.redis_prefix
+            url, prefix, cap = s.redis_url, s.redis_prefix, s.rated_cap
             records = publish_rdd(self.model, full, blocks)
             if redis_lost:
                 records = records.union(self._rated_backfill_rdd(sc, offsets, blocks))
             t_job = time.perf_counter()
             results = (
                 records
-                .mapPartitions(lambda it: pub.write_partition(it, url, prefix, version, top_n))
+                .mapPartitions(lambda it: pub.write_partition(it, url, prefix, version, top_n,
+                                                              rated_cap=cap))
                 .collect()
             )
             self._write_job_s = time.perf_counter() - t_job
@@ -605,8 +607,11 @@ class ModelerService:
         return "full" if full else "delta"
 
     def _rated_backfill_rdd(self, sc: Any, offsets: dict[int, int], blocks: Any) -> Any:
-        """``("r", user, item, rating)`` of every rating before this batch: re-read from the
-        topic (read-only, no DLQ) to rebuild the rated-item hashes Redis lost."""
+        """``RATED`` records of every rating and event before this batch: re-read from the
+        topic (read-only, no DLQ) to rebuild the rated-item hashes Redis lost. A user's
+        messages live in one partition, read in offset order: the k-th block's recency is
+        −1/(k+1), increasing and below every batch's own (its version, ≥ 1), so a capped
+        history (``MODELER_RATED_CAP``) keeps the same newest items it would have kept."""
         s = self.settings
         begin = self.admin.beginning_offsets(list(self.offsets))
         ranges = [
@@ -620,8 +625,8 @@ class ModelerService:
 
         def read(it: Any) -> Any:
             for rng in it:
-                for block in ks.read_range_chunks(rng, bootstrap, lo, hi, max_weight=cap):
-                    yield chunk(block)
+                for k, block in enumerate(ks.read_range_chunks(rng, bootstrap, lo, hi, max_weight=cap)):
+                    yield chunk(block, order=-1.0 / (k + 1))
 
         return sc.parallelize(ranges, max(1, len(ranges))).mapPartitions(read)
 
@@ -812,10 +817,12 @@ def publish_rdd(model: Any, full: bool, blocks: Any) -> Any:
 @dataclass(frozen=True)
 class _RatedChunk:
     """A block's ratings and implicit events as a ``RATED`` publish record; implicit events
-    carry their confidence weight w (the same mapping the model trains with)."""
+    carry their confidence weight w (the same mapping the model trains with). ``order``:
+    the entries' recency for a capped history (``None``: the version being written)."""
 
     weighting: Weighting
 
-    def __call__(self, block: ks.Block) -> tuple:
+    def __call__(self, block: ks.Block, order: float | None = None) -> tuple:
         weights = [self.weighting.implicit_weight(w) for w in block.i_weights]
-        return (pub.RATED, block.users, block.items, block.ratings, block.i_users, block.i_items, weights)
+        return (pub.RATED, block.users, block.items, block.ratings, block.i_users, block.i_items, weights,
+                order)

@@ -32,22 +32,16 @@ import numpy as np
 
 from common.keys import KINDS
 
+# Re-exported: the rated hash's implicit value is written by common.snapshot.write_rated.
+from common.snapshot import IMPLICIT_MARK as IMPLICIT_MARK
+from common.snapshot import implicit_value as implicit_value
+
 log = logging.getLogger(__name__)
 
 # Tags of the records a publish job writes (see write_partition).
 USER, ITEM, RATED = "u", "i", "r"
 RANKING_USER, RANKING_ITEM = "ru", "ri"  # the ranking model's factor set
 STATE_NAMES = ("user_counts", "item_counts", "ranking_user_counts", "ranking_item_counts")
-# The value recorded in {p}:rated:{user} for an item the user only met through an implicit
-# event: "implicit:<w>" with w its confidence weight (common.feedback), not a number, so it
-# is never read as a rating; an existing rating is kept. The predictor folds a user in from
-# these values (common.keys).
-IMPLICIT_MARK = "implicit"
-
-
-def implicit_value(weight: float) -> str:
-    return f"{IMPLICIT_MARK}:{float(weight)!r}"
-
 _CLIENTS: dict[str, Any] = {}
 
 
@@ -81,6 +75,7 @@ def write_partition(
     segment: int,
     top_n: int = 100,
     chunk: int = 5000,
+    rated_cap: int = 0,
 ) -> Iterator[tuple[int, list[tuple[str, int]], list[tuple[str, int]]]]:
     """``mapPartitions`` body writing columnar chunks; yields ``(rows written, top items,
     top items of the ranking model)``.
@@ -92,9 +87,12 @@ def write_partition(
       records of the explicit (``u``/``i``) or ranking (``ru``/``ri``, bias 0.0) model into
       segment ``segment``, counts into its state hash (``user_counts``, ``item_counts``,
       ``ranking_user_counts``, ``ranking_item_counts``);
-    - ``("r", users, items, ratings[, implicit users, implicit items])``: each user's rated
-      items into ``{p}:rated:{user}``, and items met through implicit events (value
-      :data:`IMPLICIT_MARK`, never overwriting a rating); idempotent.
+    - ``("r", users, items, ratings[, implicit users, implicit items, weights[, order]])``:
+      each user's rated items into ``{p}:rated:{user}``, and items met through implicit
+      events (value :data:`IMPLICIT_MARK`, never overwriting a rating); idempotent. With
+      ``rated_cap`` > 0 only the newest ``rated_cap`` items per user stay, recency being
+      ``order`` (default: ``segment``, the batch's version), see
+      :func:`common.snapshot.write_rated`.
 
     The top ``top_n`` items by count among the item rows written come back for the
     version's ``popular`` (explicit and ranking counts apart).
@@ -135,22 +133,9 @@ def write_partition(
                 n += len(ids)
                 pending += len(ids)
             elif tag == RATED:
-                users, items, ratings = rec[1], rec[2], rec[3]
-                by_user: dict[str, dict[str, str]] = {}
-                for u, i, r in zip(users, items, ratings, strict=True):
-                    by_user.setdefault(u, {})[i] = repr(float(r))
-                for user, rated in by_user.items():
-                    pipe.hset(keys.rated(user), mapping=rated)
-                n += len(users)
-                pending += len(users)
-                if len(rec) > 4:
-                    # Implicit events: a rating of the same pair in this batch wins too.
-                    weights = rec[6] if len(rec) > 6 else [1.0] * len(rec[4])
-                    for u, i, w in zip(rec[4], rec[5], weights, strict=True):
-                        if i not in by_user.get(u, ()):
-                            pipe.hsetnx(keys.rated(u), i, implicit_value(w))
-                    n += len(rec[4])
-                    pending += len(rec[4])
+                n_rated = _write_rated_record(pipe, keys, rec, segment, rated_cap)
+                n += n_rated
+                pending += n_rated
             else:
                 raise ValueError(f"unknown record tag {tag!r}")
             if pending >= 4 * chunk:
@@ -163,6 +148,20 @@ def write_partition(
     top.sort(key=lambda kv: (-kv[1], kv[0]))
     rtop.sort(key=lambda kv: (-kv[1], kv[0]))
     yield n, top[:top_n], rtop[:top_n]
+
+
+def _write_rated_record(pipe: Any, keys: Any, rec: tuple, segment: int, cap: int) -> int:
+    """Queue one ``RATED`` record's writes (:func:`common.snapshot.write_rated`); entries."""
+    from common.snapshot import write_rated
+
+    users, items, ratings = rec[1], rec[2], rec[3]
+    implicit: Iterable[tuple[str, str, float]] = ()
+    if len(rec) > 4:
+        weights = rec[6] if len(rec) > 6 else [1.0] * len(rec[4])
+        implicit = zip(rec[4], rec[5], weights, strict=True)
+    order = rec[7] if len(rec) > 7 and rec[7] is not None else segment
+    return write_rated(pipe, keys, zip(users, items, ratings, strict=True), implicit,
+                       cap=cap, order=float(order))
 
 
 def factor_chunks(users: Any, items: Any, only_touched: bool, ranking_users: Any = None,
@@ -196,6 +195,7 @@ class SegmentSink:
     segment: int
     full: bool
     top_n: int = 100
+    rated_cap: int = 0  # MODELER_RATED_CAP: newest items kept per user (0: all)
 
     def __call__(self, update: Any) -> dict[str, Any]:
         chunks = factor_chunks(update.users, update.items, not self.full,
@@ -208,7 +208,8 @@ class SegmentSink:
                            np.asarray(getattr(update, "batch_implicit_weights", ()), float).tolist()))
         try:
             written, top, rtop = next(write_partition(chunks, self.redis_url, self.prefix,
-                                                      self.segment, self.top_n))
+                                                      self.segment, self.top_n,
+                                                      rated_cap=self.rated_cap))
         except Exception as exc:
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
         return {"ok": True, "written": written, "top": top, "rtop": rtop}
