@@ -255,7 +255,7 @@ def run_rank(broker_url: str, topic: str, rank: int, args: argparse.Namespace, o
         env.update({
             "KAFKA_BOOTSTRAP_SERVERS": broker_url, "RATINGS_TOPIC": topic, "DLQ_TOPIC": f"{topic}.dlq",
             "REDIS_URL": redis_proc.url, "REDIS_PREFIX": prefix, "SPARK_MASTER": "local[2]",
-            "BATCH_MAX_RECORDS": str(args.batch_max_records), "BATCH_MAX_INTERVAL_S": "0.1",
+            "MODELER_BATCH_MAX_RECORDS": str(args.batch_max_records), "MODELER_BATCH_MAX_INTERVAL_S": "0.1",
             "MODELER_METRICS_PORT": "0", "LOG_FORMAT": "text", "MODEL_RANK": str(rank),
         })
         if args.ranking_rank:
