@@ -39,6 +39,7 @@ from modeler.config import ModelerSettings
 from modeler.io import kafka_source as ks
 from modeler.io import publish as pub
 from modeler.metrics import ModelerMetrics
+from modeler.search_service import SearchModel, new_search_model, restore_search_model
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,8 @@ class ModelerService:
         partitions = self._retrying("reading topic metadata", "kafka", self.admin.partitions)
         if restored is not None:
             meta = restored.meta
-            self.model = restore_model(self.spark, s, restored)
+            self.model = (restore_search_model(self.spark, s, restored, self.publisher) if s.model_candidates
+                          else restore_model(self.spark, s, restored))
             self.version = meta.version
             self.segments = list(meta.segments)
             self.n_users, self.n_items = len(restored.user_ids), len(restored.item_ids)
@@ -229,6 +231,19 @@ class ModelerService:
                 "restored version %d (%d ratings seen, %d users, %d items), resuming at %s",
                 meta.version, meta.ratings_seen, meta.n_users, meta.n_items, self.offsets,
             )
+        elif s.model_candidates:
+            if s.bootstrap_ratings:
+                log.warning("BOOTSTRAP_RATINGS is ignored with MODEL_CANDIDATES (the candidates start cold)")
+            self.model = new_search_model(s)
+            self.version = 0
+            self.segments = []
+            self.n_users = self.n_items = self.n_ranking_users = self.n_ranking_items = 0
+            self.popular = []
+            self.dlq_total = 0
+            self.offsets = {}
+            self._need_full = True
+            log.info("no model in Redis under %r: searching from the beginning of %s",
+                     s.redis_prefix, s.ratings_topic)
         else:
             self.model = self._bootstrap() if s.bootstrap_ratings else new_model(s)
             self.version = 0
@@ -416,6 +431,8 @@ class ModelerService:
             "lag": {str(p): v for p, v in lag.items()},
             "time": time.time(),
         }
+        if isinstance(self.model, SearchModel):
+            entry.update(self.model.entry())
         inline = (sink, list(getattr(self.model, "last_sink_results", []))) if sink is not None else None
         published = self._publish(version, blocks if n_valid else None, new_offsets, entry, inline)
         if not published:
@@ -443,6 +460,8 @@ class ModelerService:
             m.prequential_rmse.set(rmse)
         m.version.set(version)
         m.ratings_seen.set(int(self.model.ratings_seen))
+        if isinstance(self.model, SearchModel):
+            m.observe_candidates(self.model.summary(), switched=self.model.switched)
         report = BatchReport(version, n_trained, n_dlq, seconds, t_read, t_train, t_pub,
                              published == "full", lag, self._written_inline,
                              n_trained + int(stats.get("n_implicit", 0)))
@@ -466,13 +485,17 @@ class ModelerService:
     def _next_is_full(self, ours: bool) -> bool:
         """The next segment must hold the whole model: first version, Redis lost ours, or the
         chain of deltas is at its cap."""
-        return self._need_full or not ours or len(self.segments) >= self.settings.max_segment_chain
+        # A search's leader switch too: a version never mixes two candidates' rows.
+        switched = isinstance(self.model, SearchModel) and self.model.switched
+        return self._need_full or not ours or len(self.segments) >= self.settings.max_segment_chain or switched
 
     def _inline_sink(self, version: int) -> pub.SegmentSink | None:
         """The sink that writes segment ``version`` from inside the training job, or ``None``
         when the publish must run its own write job (Redis away or lost the model: that path
         retries, and rebuilds what Redis lost)."""
         s = self.settings
+        if isinstance(self.model, SearchModel):
+            return None  # the leader is known after the batch: the publish writes it
         try:
             pointer = self.publisher.pointer()
             ours = self._holds_pointer(pointer)
@@ -584,6 +607,7 @@ class ModelerService:
             rating_min=s.rating_min,
             rating_max=s.rating_max,
             **ranking_meta(self.model, models),
+            candidates=self.model.summary() if isinstance(self.model, SearchModel) else [],
         )
         if not publisher.segment_exists(version):
             # An empty segment would make the version unreadable as a chain base.
@@ -591,7 +615,8 @@ class ModelerService:
                 raise RuntimeError(f"full segment {version} came out empty ({written} records)")
             segments.remove(version)
             meta.segments = tuple(segments)
-        publisher.publish(meta, entry, popular, model_state(self.model))
+        publisher.publish(meta, entry, popular, model_state(self.model),
+                          self.model.to_json() if isinstance(self.model, SearchModel) else None)
         self.version = version
         self.segments = segments
         self.popular = popular
@@ -800,7 +825,8 @@ def publish_rdd(model: Any, full: bool, blocks: Any) -> Any:
     """One RDD of columnar chunks for :func:`modeler.io.publish.write_partition`: the model's
     (changed or all) factor records and the batch's ratings, in as many partitions as the
     model has (one Spark job, few tasks)."""
-    factors = model._state.flatMap(_factor_records(not full))
+    factors = (model.publish_records(full) if isinstance(model, SearchModel)
+               else model._state.flatMap(_factor_records(not full)))
     if blocks is None:
         return factors
     merged = factors.union(blocks.map(_RatedChunk(model.params.weighting)))

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 # Tags of the records a publish job writes (see write_partition).
 USER, ITEM, RATED = "u", "i", "r"
 RANKING_USER, RANKING_ITEM = "ru", "ri"  # the ranking model's factor set
+SEARCH = "s"  # a search candidate's rows (the restore state of MODEL_CANDIDATES, common.keys)
 STATE_NAMES = ("user_counts", "item_counts", "ranking_user_counts", "ranking_item_counts")
 # The value recorded in {p}:rated:{user} for an item the user only met through an implicit
 # event: "implicit:<w>" with w its confidence weight (common.feedback), not a number, so it
@@ -92,6 +93,9 @@ def write_partition(
       records of the explicit (``u``/``i``) or ranking (``ru``/``ri``, bias 0.0) model into
       segment ``segment``, counts into its state hash (``user_counts``, ``item_counts``,
       ``ranking_user_counts``, ``ranking_item_counts``);
+    - ``("s", candidate id, kind, ids, biases, vectors, counts)``: a search candidate's rows
+      of one factor kind (``users``/``items``/``ranking_users``/``ranking_items``) into the
+      segment's search hashes (``{p}:seg:{s}:search:{kind}``, field ``{cid}:{id}``);
     - ``("r", users, items, ratings[, implicit users, implicit items])``: each user's rated
       items into ``{p}:rated:{user}``, and items met through implicit events (value
       :data:`IMPLICIT_MARK`, never overwriting a rating); idempotent.
@@ -99,6 +103,7 @@ def write_partition(
     The top ``top_n`` items by count among the item rows written come back for the
     version's ``popular`` (explicit and ranking counts apart).
     """
+    from common.codec import encode_matrix
     from common.keys import ITEMS, RANKING_ITEMS, RANKING_USERS, USERS, Keys
     from common.snapshot import write_segment
 
@@ -133,6 +138,18 @@ def write_partition(
                     best = np.argsort(-counts, kind="stable")[:top_n]
                     (top if tag == ITEM else rtop).extend((ids[j], int(counts[j])) for j in best)
                 n += len(ids)
+                pending += len(ids)
+            elif tag == SEARCH:
+                _, cid, kind, ids, biases, vectors, counts = rec
+                if not len(ids):
+                    continue
+                fields = [f"{cid}:{i}" for i in ids]
+                records = encode_matrix(np.asarray(biases, dtype=np.float32), np.asarray(vectors, dtype=np.float32))
+                text = np.asarray(counts, dtype=np.int64).astype(str).tolist()
+                for start in range(0, len(ids), chunk):
+                    end = start + chunk
+                    pipe.hset(keys.search(segment, kind), mapping=dict(zip(fields[start:end], records[start:end])))
+                    pipe.hset(keys.search_counts(segment, kind), mapping=dict(zip(fields[start:end], text[start:end])))
                 pending += len(ids)
             elif tag == RATED:
                 users, items, ratings = rec[1], rec[2], rec[3]
@@ -254,6 +271,18 @@ class Restored:
 # Extra field of {p}:ver:{v}: JSON scalars the model needs to resume exactly (running
 # rating sum, batch number, hyper-parameters); written in the version's MULTI/EXEC.
 MODEL_STATE_FIELD = "model_state"
+# Extra field of {p}:ver:{v} with a search (MODEL_CANDIDATES): JSON of the search's state.
+SEARCH_STATE_FIELD = "search_state"
+
+
+@dataclass
+class RestoredSearch:
+    """The search state of a version as read back: its JSON, and every candidate's rows as
+    ``rows[cid][kind] = (ids, records (float32 bytes), counts)`` merged over the segments
+    (newest wins); records are decoded by the caller, who knows each candidate's rank."""
+
+    state: dict[str, Any]
+    rows: dict[str, dict[str, tuple[list[str], list[bytes], list[int]]]]
 
 
 # Renew only our own lease; take it when free. Returns 1 when we hold it afterwards.
@@ -363,11 +392,41 @@ class Publisher:
         """Drop leftovers of an attempt at ``segment`` that was never published."""
         names = [self.keys.segment(segment, k) for k in KINDS]
         names += [self.keys.state(segment, n) for n in self.state_names]
+        names += self.keys.search_keys(segment)
         self.client.delete(*names)
 
     def segment_exists(self, segment: int) -> bool:
-        names = [self.keys.segment(segment, k) for k in KINDS]
+        names = [self.keys.segment(segment, k) for k in KINDS] + self.keys.search_keys(segment)
         return bool(self.client.exists(*names))
+
+    def restore_search(self, pointer: Any) -> RestoredSearch | None:
+        """The search state of the version ``pointer`` names, or ``None`` if it has none."""
+        from common.keys import KINDS as kinds
+        from common.snapshot import SnapshotChanged
+
+        raw = self.client.hget(self.keys.meta(pointer.version), SEARCH_STATE_FIELD)
+        if raw is None:
+            return None
+        state = json.loads(raw)
+        merged: dict[str, dict[str, tuple[bytes, int]]] = {k: {} for k in kinds}
+        for s in pointer.segments:  # oldest first: newer rows override
+            for kind in kinds:
+                recs = {k.decode(): v for k, v in self.client.hscan_iter(self.keys.search(s, kind), count=5000)}
+                counts = {k.decode(): int(v) for k, v in
+                          self.client.hscan_iter(self.keys.search_counts(s, kind), count=5000)}
+                for f, rec in recs.items():
+                    merged[kind][f] = (rec, counts.get(f, 0))
+        if not self.client.exists(self.keys.meta(pointer.version)):
+            raise SnapshotChanged(f"version {pointer.version} was garbage-collected while reading")
+        rows: dict[str, dict[str, tuple[list[str], list[bytes], list[int]]]] = {}
+        for kind, fields in merged.items():
+            for f in sorted(fields):
+                cid, _, key = f.partition(":")
+                ids, recs_, counts_ = rows.setdefault(cid, {}).setdefault(kind, ([], [], []))
+                ids.append(key)
+                recs_.append(fields[f][0])
+                counts_.append(fields[f][1])
+        return RestoredSearch(state, rows)
 
     def publish(
         self,
@@ -375,14 +434,17 @@ class Publisher:
         metrics_entry: dict[str, Any],
         popular: list[tuple[str, int]],
         model_state: dict[str, Any] | None = None,
+        search_state: dict[str, Any] | None = None,
     ) -> None:
-        """Flip to ``meta.version`` atomically, with its metrics entry, ``popular`` and the
-        model's resume state."""
+        """Flip to ``meta.version`` atomically, with its metrics entry, ``popular``, the
+        model's resume state and (with a search) the search's."""
         from common.snapshot import publish_version
 
         def more(pipe: Any) -> None:
             if model_state is not None:
                 pipe.hset(self.keys.meta(meta.version), MODEL_STATE_FIELD, json.dumps(model_state, sort_keys=True))
+            if search_state is not None:
+                pipe.hset(self.keys.meta(meta.version), SEARCH_STATE_FIELD, json.dumps(search_state, sort_keys=True))
             pipe.lpush(self.keys.metrics, json.dumps(metrics_entry, sort_keys=True))
             pipe.ltrim(self.keys.metrics, 0, self.metrics_history - 1)
             pipe.set(self.keys.popular, json.dumps([[i, int(c)] for i, c in popular]))
@@ -394,7 +456,8 @@ class Publisher:
         from common.snapshot import collect_garbage
 
         return collect_garbage(self.client, self.keys, keep=self.keep_versions,
-                               min_age_s=min_age_s, state_names=self.state_names)
+                               min_age_s=min_age_s, state_names=self.state_names,
+                               segment_keys=self.keys.search_keys)
 
 
 def backoff_delays(first: float = 0.5, cap: float = 10.0) -> Iterator[float]:
