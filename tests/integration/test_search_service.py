@@ -6,6 +6,8 @@ and score survive a restore."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 
@@ -132,43 +134,89 @@ def test_a_leader_switch_is_one_atomic_version(spark, bootstrap, topic, redis_ur
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
-def test_a_restore_keeps_every_candidate_its_score_and_factors(spark, bootstrap, topic, redis_url, redis_prefix,
-                                                                ml_small):
+def _stored_predict(client: redis.Redis, prefix: str, version: int, cid: str, rank: int, pairs) -> list[float]:
+    """Candidate ``cid``'s predictions from its rows in the version's search hashes
+    (``common.keys``), with nothing but redis and numpy: μ + b_u + b_i + p_u·q_i, clipped."""
+    meta = {k.decode(): v.decode() for k, v in client.hgetall(f"{prefix}:ver:{version}").items()}
+    mu = json.loads(meta["search_state"])["models"][cid]["mu"]
+    rows: dict[str, dict[str, np.ndarray]] = {"users": {}, "items": {}}
+    for seg in json.loads(meta["segments"]):
+        for kind in rows:
+            for f, v in client.hgetall(f"{prefix}:seg:{seg}:search:{kind}").items():
+                owner, _, key = f.decode().partition(":")
+                if owner == cid:
+                    rows[kind][key] = np.frombuffer(v, "<f4").astype(np.float64)
+    zero = np.zeros(rank + 1)
+    out = []
+    for u, i in pairs:
+        a, b = rows["users"].get(u, zero), rows["items"].get(i, zero)
+        assert len(a) == rank + 1 and len(b) == rank + 1
+        out.append(float(np.clip(mu + a[0] + b[0] + float(a[1:] @ b[1:]), 0.5, 5.0)))
+    return out
+
+
+def test_kill_9_then_every_candidate_resumes_with_its_score_and_factors(
+        spark, bootstrap, topic, redis_url, redis_prefix, ml_small, tmp_path):
+    from tests.integration.test_modeler_crash import published, start_modeler, wait_for
+
     rows = ml_rows(ml_small, 1500)
-    # Ranking model on (small), so its rows are restored too; c2 is respawn-free extra.
+    # The ranking model on (small), so its rows are restored too.
     cands = [*CANDIDATES, {"rank": 3, "reg_param": 0.5}]
     settings = _settings(bootstrap, topic, redis_url, redis_prefix, MODEL_RANKING_RANK=4,
                          MODEL_CANDIDATES=json.dumps(cands))
     producer = make_producer(bootstrap)
-    send_rows(producer, topic, rows[:900])
-    producer.flush()
-    first = ModelerService(settings, spark=spark)
-    first.run(until=lambda svc: svc.model is not None and svc.model.ratings_seen >= 900)
-    assert isinstance(first.model, SearchModel)
-    summary = first.model.summary()
-    pairs = [(r[0], r[1]) for r in rows[:900:15]]
-    before = {cid: first.model.sbs.predict(cid, pairs) for cid in ("c0", "c1", "c2")}
+    send_rows(producer, topic, rows)
+    producer.close()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL_", "KAFKA_", "REDIS_"))}
+    env.update({alias: str(getattr(settings, name)) for name, alias in (
+        ("kafka_bootstrap_servers", "KAFKA_BOOTSTRAP_SERVERS"), ("ratings_topic", "RATINGS_TOPIC"),
+        ("dlq_topic", "DLQ_TOPIC"), ("redis_url", "REDIS_URL"), ("redis_prefix", "REDIS_PREFIX"),
+        ("model_rank", "MODEL_RANK"), ("model_num_partitions", "MODEL_NUM_PARTITIONS"),
+        ("model_ranking_rank", "MODEL_RANKING_RANK"), ("batch_max_records", "BATCH_MAX_RECORDS"),
+        ("model_search_min_events", "MODEL_SEARCH_MIN_EVENTS"), ("model_search_patience", "MODEL_SEARCH_PATIENCE"),
+        ("model_search_switch_margin", "MODEL_SEARCH_SWITCH_MARGIN"), ("model_search_budget", "MODEL_SEARCH_BUDGET"),
+        ("keep_versions", "KEEP_VERSIONS"))})
+    env.update({"MODEL_CANDIDATES": settings.model_candidates or "", "MODEL_SEARCH_RESPAWN": "false",
+                "SPARK_MASTER": "local[2]", "BATCH_MAX_INTERVAL_S": "0.2", "MODELER_LEASE_TTL_S": "2",
+                "RETRY_MAX_BACKOFF_S": "1", "MODELER_METRICS_PORT": "0", "LOG_FORMAT": "text",
+                "SPARK_DRIVER_MEMORY": "1g"})
+    client = redis.Redis.from_url(redis_url)
+    log_path = tmp_path / "modeler.log"
+    proc = start_modeler(env, log_path)
+    try:
+        wait_for(lambda: published(client, redis_prefix)[0] >= 2, 240, proc, log_path, "two versions")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    version, seen = published(client, redis_prefix)
+    assert 0 < seen < len(rows), f"the kill was not mid-stream: {seen}"
+    meta = {k.decode(): v.decode() for k, v in client.hgetall(f"{redis_prefix}:ver:{version}").items()}
+    summary = json.loads(meta["candidates"])
+    assert [c["id"] for c in summary] == ["c0", "c1", "c2"] and all(c["events"] > 0 for c in summary[1:])
 
-    second = ModelerService(settings, spark=spark)
-    second._start()
-    m = second.model
-    assert isinstance(m, SearchModel)
-    assert m.summary() == summary  # same candidates, scores, histories and leader
-    assert m.ratings_seen == 900 and second.version == first.version
-    for cid, want in before.items():
-        np.testing.assert_allclose(m.sbs.predict(cid, pairs), want, atol=1e-5)
-    # The ranking model's rows came back too (each candidate has its own).
-    users = [r[0] for r in rows[:900] if r[2] >= 4.0][:5]
-    for cid in ("c0", "c2"):
-        assert first.model.sbs.recommend(cid, users[0], 5) and m.sbs.recommend(cid, users[0], 5)
+    service = ModelerService(settings, spark=spark)
+    service._start()
+    m = service.model
+    assert isinstance(m, SearchModel) and service.version == version
+    # The same candidates, scores, histories and leader as the version the kill left...
+    assert json.loads(json.dumps(m.summary())) == summary
+    # ...with the factors stored for each of them.
+    pairs = [(r[0], r[1]) for r in rows[:seen:20]]
+    for cid, rank in (("c0", 2), ("c1", 5), ("c2", 3)):
+        np.testing.assert_allclose(m.sbs.predict(cid, pairs),
+                                   _stored_predict(client, redis_prefix, version, cid, rank, pairs), atol=1e-5)
+    liked = next(r[0] for r in rows[:seen] if r[2] >= 4.0)
+    assert all(m.sbs.recommend(cid, liked, 5) for cid in ("c0", "c1", "c2"))  # ranking rows too
 
     # ...and it goes on: the rest of the stream, every rating once, the same candidates.
-    send_rows(producer, topic, rows[900:])
-    producer.close()
-    second.run(until=lambda svc: svc.model.ratings_seen >= len(rows))
-    snap = plain_snapshot(redis.Redis.from_url(redis_url), redis_prefix)
+    service.run(until=lambda svc: svc.model.ratings_seen >= len(rows))
+    snap = plain_snapshot(client, redis_prefix)
     assert int(snap["meta"]["ratings_seen"]) == len(rows)
+    assert sum(json.loads(snap["meta"]["offsets"]).values()) == len(rows)
     after = {c["id"]: c for c in json.loads(snap["meta"]["candidates"])}
     for c in summary:
         assert after[c["id"]]["events"] > c["events"]
-        assert after[c["id"]]["history"][: len(c["history"]) - 1] == c["history"][:-1]
+        assert after[c["id"]]["history"][: len(c["history"])] == c["history"]
