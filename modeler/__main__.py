@@ -12,11 +12,11 @@ from common.logging import setup_logging
 
 
 def serve() -> int:
+    from pydantic import ValidationError
+
     from modeler.config import ModelerSettings
     from modeler.runtime import MissingDependency, check_java
     from modeler.service import ModelerService
-
-    from pydantic import ValidationError
 
     try:
         settings = ModelerSettings()

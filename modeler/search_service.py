@@ -53,7 +53,6 @@ from modeler.spark.side_by_side import (
     SideBySideALS,
     candidate_params,
     rebuild_candidate,
-    resume_scalars,
 )
 
 log = logging.getLogger(__name__)
@@ -394,7 +393,7 @@ def restore_search_model(spark: Any, settings: ModelerSettings, restored: pub.Re
     served = tuple(int(x) for x in d.get("served", (0, 0, 0, 0)))
     model = SearchModel(state, sbs, scalars, int(d.get("ratings_seen", meta.ratings_seen)),
                         int(d.get("events_seen", meta.ratings_seen)),
-                        served if len(served) == 4 else (0, 0, 0, 0))  # type: ignore[arg-type]
+                        served if len(served) == 4 else (0, 0, 0, 0))
     log.info("restored the search: %d live candidates (%d with factors), leader %s, %d events",
              len(state.live()), len(models), state.leader, state.events)
     return model

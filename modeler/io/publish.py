@@ -144,11 +144,11 @@ def write_partition(
                 if not len(ids):
                     continue
                 fields = [f"{cid}:{i}" for i in ids]
-                records = encode_matrix(np.asarray(biases, dtype=np.float32), np.asarray(vectors, dtype=np.float32))
+                encoded = encode_matrix(np.asarray(biases, dtype=np.float32), np.asarray(vectors, dtype=np.float32))
                 text = np.asarray(counts, dtype=np.int64).astype(str).tolist()
                 for start in range(0, len(ids), chunk):
                     end = start + chunk
-                    pipe.hset(keys.search(segment, kind), mapping=dict(zip(fields[start:end], records[start:end])))
+                    pipe.hset(keys.search(segment, kind), mapping=dict(zip(fields[start:end], encoded[start:end])))
                     pipe.hset(keys.search_counts(segment, kind), mapping=dict(zip(fields[start:end], text[start:end])))
                 pending += len(ids)
             elif tag == RATED:

@@ -6,9 +6,10 @@ Layout: the K models live in ONE cached RDD of one partition whose single record
 (the explicit model, and the ranking one beside it when ``ALSParams.ranking``: the numpy
 reference the partitioned :class:`modeler.spark.streaming_als.StreamingALS` is tested
 against), so the leader can be served as it is. ``kind`` says which of its two models the
-candidates are judged on (``"explicit"``: RMSE, ``"ranking"``: NDCG@10). ``train()`` brings the batch and the models into one task with a narrow
-``union(...).coalesce(1)`` (no shuffle), validates the batch's records once, and runs each
-candidate's ``train`` on the same list: one pass over the batch, K updates. The task returns
+candidates are judged on (``"explicit"``: RMSE, ``"ranking"``: NDCG@10). ``train()`` brings
+the batch and the models into one task with a narrow ``union(...).coalesce(1)`` (no
+shuffle), validates the batch's records once, and runs each candidate's ``train`` on the
+same list: one pass over the batch, K updates. The task returns
 the new models (kept on the executor, cached; lineage cut by ``localCheckpoint`` each batch)
 and, to the driver, only K :class:`modeler.core.search.BatchLoss` values.
 
