@@ -311,8 +311,8 @@ def _chunks(leader: str, live: Sequence[str], full: bool):
             for kind, t in _tables(m).items():
                 rows = np.arange(len(t.ids)) if full else np.flatnonzero(t.touched)
                 if len(rows):
-                    yield (pub.SEARCH, cid, kind, [t.ids[j] for j in rows], t.bias[rows], t.vec[rows],
-                           t.count[rows])
+                    yield pub.SearchChunk(pub.SEARCH, cid, kind, [t.ids[j] for j in rows], t.bias[rows],
+                                          t.vec[rows], t.count[rows])
 
     return chunks
 

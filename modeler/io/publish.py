@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -182,8 +182,32 @@ def write_partition(
     yield n, top[:top_n], rtop[:top_n]
 
 
+class FactorChunk(NamedTuple):
+    """Factor rows of one table for :func:`write_partition`: ``tag`` ``"u"``/``"i"``
+    (explicit model) or ``"ru"``/``"ri"`` (ranking model, biases 0.0)."""
+
+    tag: str
+    ids: list[str]
+    biases: np.ndarray  # (n,)
+    vectors: np.ndarray  # (n, rank)
+    counts: np.ndarray  # (n,) ratings (or positives) learned per row
+
+
+class SearchChunk(NamedTuple):
+    """A search candidate's rows of one factor kind (``common.keys`` kinds), tag ``"s"``:
+    the restore state of ``MODEL_CANDIDATES``, written to the segment's search hashes."""
+
+    tag: str
+    cid: str
+    kind: str
+    ids: list[str]
+    biases: np.ndarray
+    vectors: np.ndarray
+    counts: np.ndarray
+
+
 def factor_chunks(users: Any, items: Any, only_touched: bool, ranking_users: Any = None,
-                  ranking_items: Any = None) -> list[tuple]:
+                  ranking_items: Any = None) -> list[FactorChunk]:
     """The ``("i"|"u"|"ri"|"ru", ids, biases, vectors, counts)`` chunks of
     :func:`write_partition` for one model partition's tables (anything with ``ids``,
     ``bias``, ``vec``, ``count`` and ``touched``): the rows the last batch changed, or all
@@ -195,7 +219,7 @@ def factor_chunks(users: Any, items: Any, only_touched: bool, ranking_users: Any
     for tag, t in tables:
         rows = np.flatnonzero(t.touched) if only_touched else np.arange(len(t.ids))
         bias = t.bias[rows] if tag in (ITEM, USER) else np.zeros(len(rows), dtype=np.float32)
-        out.append((tag, [t.ids[j] for j in rows], bias, t.vec[rows], t.count[rows]))
+        out.append(FactorChunk(tag, [t.ids[j] for j in rows], bias, t.vec[rows], t.count[rows]))
     return out
 
 
@@ -215,7 +239,7 @@ class SegmentSink:
     top_n: int = 100
 
     def __call__(self, update: Any) -> dict[str, Any]:
-        chunks = factor_chunks(update.users, update.items, not self.full,
+        chunks: list[Any] = factor_chunks(update.users, update.items, not self.full,
                                getattr(update, "ranking_users", None), getattr(update, "ranking_items", None))
         iu = getattr(update, "batch_implicit_users", ())
         if len(update.batch_users) or len(iu):
@@ -229,6 +253,36 @@ class SegmentSink:
         except Exception as exc:
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
         return {"ok": True, "written": written, "top": top, "rtop": rtop}
+
+
+class WriteResult(NamedTuple):
+    """One partition's answer of :func:`write_partition`: rows written, and the top items by
+    count among the item rows it wrote (explicit model, ranking model)."""
+
+    written: int
+    top: list[tuple[str, int]]
+    ranking_top: list[tuple[str, int]]
+
+
+class PublishPlan(NamedTuple):
+    """How version ``version``'s segment is written, decided once per attempt: ``full`` (or
+    ``None``: left to the publish, e.g. Redis was away when planning), and the sink that
+    writes it inside the training job (``None``: a write job of its own)."""
+
+    version: int
+    full: bool | None = None
+    sink: SegmentSink | None = None
+
+    def without_sink(self) -> PublishPlan:
+        """A retry's plan: the training job's writes are not trusted again."""
+        return self._replace(sink=None)
+
+
+def segment_is_full(need_full: bool, ours: bool, chain: int, max_chain: int, switched: bool = False) -> bool:
+    """A segment must hold the whole model when: nothing was published yet (or a restore
+    asks for it), Redis no longer holds our chain, the chain of deltas is at its cap, or a
+    search's leader switched (a version never mixes two candidates' rows)."""
+    return need_full or not ours or chain >= max_chain or switched
 
 
 def merge_popular(
@@ -460,12 +514,18 @@ class Publisher:
                                segment_keys=self.keys.search_keys)
 
 
+def backoff(attempt: int, cap: float = 10.0, first: float = 0.5) -> float:
+    """The service's one retry delay: first·2^attempt seconds, capped (attempt 0, 1, 2, ...
+    waits 0.5, 1, 2, ... s)."""
+    return min(cap, first * 2.0 ** min(max(0, attempt), 30))
+
+
 def backoff_delays(first: float = 0.5, cap: float = 10.0) -> Iterator[float]:
-    """0.5, 1, 2, 4, ... seconds, capped: how long to wait before the next retry."""
-    delay = first
+    """0.5, 1, 2, 4, ... seconds, capped: :func:`backoff` of attempts 0, 1, 2, ..."""
+    attempt = 0
     while True:
-        yield delay
-        delay = min(cap, delay * 2)
+        yield backoff(attempt, cap, first)
+        attempt += 1
 
 
 def sleep_unless(stop: Callable[[], bool], seconds: float, step: float = 0.1) -> bool:
