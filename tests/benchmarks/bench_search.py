@@ -111,9 +111,15 @@ def _service_rate(spark: Any, rows: list[tuple], bootstrap: str, redis_url: str,
             "batch_seconds": [r.seconds for r in service.reports]}
 
 
-def service_throughput(path: Path, n: int = 40_000, batch: int = 5000, ranking: bool = True) -> dict[str, Any]:
-    """End-to-end ratings/s of the service with one model and with the 8 candidates of
-    :data:`modeler.search_eval.EXPLICIT_GRID` (every candidate a whole model: the ranking
+#: 8 candidates at the single model's own rank (10, the ALSParams default), λ apart: the
+#: grid whose cost per candidate is the single model's.
+SAME_RANK_GRID = [{"reg_param": lam} for lam in (0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)]
+
+
+def service_throughput(path: Path, n: int = 40_000, batch: int = 5000, ranking: bool = True,
+                       grid: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """End-to-end ratings/s of the service with one model and with 8 candidates (default
+    :data:`modeler.search_eval.EXPLICIT_GRID`; every candidate a whole model: the ranking
     one too when ``ranking``), the first ``n`` ratings of ``path`` in time order, batches of
     ``batch``; both in the same run, on the same broker and Redis."""
     import tempfile
@@ -123,6 +129,7 @@ def service_throughput(path: Path, n: int = 40_000, batch: int = 5000, ranking: 
     from modeler.search_eval import EXPLICIT_GRID
     from modeler.spark import get_spark
 
+    grid = grid or EXPLICIT_GRID
     rows = sorted(read_ratings(path), key=lambda r: (r.timestamp, r.user, r.item))[:n]
     data = [(r.user, r.item, float(r.rating), int(r.timestamp)) for r in rows]
     work = Path(tempfile.mkdtemp(prefix="bench-search-"))
@@ -130,12 +137,12 @@ def service_throughput(path: Path, n: int = 40_000, batch: int = 5000, ranking: 
     broker = start_broker(workdir=work / "broker")
     spark = get_spark("local[2]", app_name="bench-search-service")
     out: dict[str, Any] = {"ratings": len(data), "batch": batch, "ranking_model": ranking,
-                           "candidates": EXPLICIT_GRID, "loadavg_before": os.getloadavg()}
+                           "candidates": grid, "loadavg_before": os.getloadavg()}
     try:
         common = {"MODEL_RANKING": ranking}
         out["single"] = _service_rate(spark, data, broker.url, redis_proc.url, batch, common)
         out["search_8"] = _service_rate(spark, data, broker.url, redis_proc.url, batch,
-                                        {**common, "MODEL_CANDIDATES": json.dumps(EXPLICIT_GRID)})
+                                        {**common, "MODEL_CANDIDATES": json.dumps(grid)})
     finally:
         broker.stop()
         redis_proc.stop()
@@ -190,10 +197,17 @@ def main(argv: list[str] | None = None) -> int:
               f"{sp['ratings_per_second_8']:.0f} with 8 (ratio {sp['ratio_8_to_1']:.2f})", flush=True)
     if args.service:
         figures["service_throughput"] = {}
-        for ranking in (False, True):
-            sv = service_throughput(ML_SMALL, ranking=ranking)
-            figures["service_throughput"]["with_ranking_model" if ranking else "explicit_only"] = sv
-            print(f"service end to end (ranking model {'on' if ranking else 'off'}): "
+        from modeler.search_eval import EXPLICIT_GRID
+
+        runs = (("explicit_only_rank_lambda_grid", False, EXPLICIT_GRID),
+                ("explicit_only_same_rank_grid", False, SAME_RANK_GRID),
+                ("with_ranking_model_rank_lambda_grid", True, EXPLICIT_GRID))
+        for name, ranking, grid in runs:
+            sv = service_throughput(ML_SMALL, ranking=ranking, grid=grid)
+            figures["service_throughput"][name] = sv
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(figures, indent=2, default=str))  # each run kept as it ends
+            print(f"service end to end ({name}): "
                   f"{sv['single']['ratings_per_second']:.0f} ratings/s with one model, "
                   f"{sv['search_8']['ratings_per_second']:.0f} with 8 candidates "
                   f"(ratio {sv['ratio_8_to_1']:.2f}), load average {sv['loadavg_before']}", flush=True)
