@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from common.codec import decode_matrix
+from common.feedback import Weighting
 from common.keys import ITEMS, RANKING_ITEMS, RANKING_USERS, USERS
 from modeler.config import ModelerSettings
 from modeler.core.als_math import ALSParams, LocalStreamingALS
@@ -209,10 +211,12 @@ class SearchModel:
     # -- one batch ------------------------------------------------------------------------
 
     def train(self, rdd: Any, sink: Any = None) -> SearchStats:
-        """Every candidate scores, then learns, the batch (one Spark task); then the search
-        folds the losses in and decides (prune, respawn, switch), effective from the next
-        batch. ``sink`` is not supported (the publish runs its own write job)."""
-        outcomes = self.sbs.train(rdd, spawn=self._pending_spawn, drop=self._pending_drop)
+        """Every candidate scores, then learns, the batch (one Spark task; ``sink`` writes
+        the segment in that task); then the search folds the losses in and decides (prune,
+        respawn, switch), effective from the next batch."""
+        self.switched = False
+        outcomes = self.sbs.train(rdd, spawn=self._pending_spawn, drop=self._pending_drop, sink=sink)
+        self.last_sink_results = list(self.sbs.last_sink_results)
         self._pending_spawn, self._pending_drop = {}, []
         self.last_outcomes = outcomes
         for cid, o in outcomes.items():
@@ -249,6 +253,12 @@ class SearchModel:
             ranking_hits=st.ranking_hits, ranking_probes=st.ranking_probes, decision=decision)
 
     # -- publishing -----------------------------------------------------------------------
+
+    def sink(self, redis_url: str, prefix: str, segment: int, full: bool, top_n: int) -> SearchSink:
+        """The writer of segment ``segment`` inside the training task, for the leader as it
+        is before the batch (a switch on this batch voids it: the publish rewrites it full)."""
+        return SearchSink(redis_url, prefix, segment, full, top_n, self.leader,
+                          tuple(c.cid for c in self.search.live()), self.base.weighting)
 
     def publish_records(self, full: bool) -> Any:
         """RDD of :func:`modeler.io.publish.write_partition` chunks: the leader's rows as the
@@ -315,6 +325,37 @@ def _chunks(leader: str, live: Sequence[str], full: bool):
                                           t.vec[rows], t.count[rows])
 
     return chunks
+
+
+@dataclass(frozen=True)
+class SearchSink:
+    """``SideBySideALS.train(..., sink=...)``: writes segment ``segment`` in the training task
+    (the leader's rows as the served sets, every live candidate's rows, the batch's rated
+    items), so the publish needs no Spark job of its own; Redis trouble is reported, not
+    raised (the driver then falls back to a write job with retries)."""
+
+    redis_url: str
+    prefix: str
+    segment: int
+    full: bool
+    top_n: int
+    leader: str
+    live: tuple[str, ...]
+    weighting: Weighting
+
+    def __call__(self, models: Mapping[str, LocalStreamingALS], batch: Any) -> dict[str, Any]:
+        chunks: list[Any] = list(_chunks(self.leader, self.live, self.full)(models))
+        if len(batch.users) or len(batch.i_users):
+            # As modeler.service._RatedChunk: implicit events carry their confidence weight w.
+            weights = [self.weighting.implicit_weight(float(w)) for w in batch.i_weights]
+            chunks.append((pub.RATED, list(batch.users), list(batch.items), batch.ratings.tolist(),
+                           list(batch.i_users), list(batch.i_items), weights))
+        try:
+            written, top, rtop = next(pub.write_partition(chunks, self.redis_url, self.prefix, self.segment,
+                                                          self.top_n))
+        except Exception as exc:
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        return {"ok": True, "written": written, "top": top, "rtop": rtop}
 
 
 # ---------------------------------------------------------------------------------------------

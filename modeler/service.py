@@ -389,21 +389,22 @@ class ModelerService:
         """Full or delta, decided once per attempt: before training for the single model,
         whose training job writes the segment (:class:`modeler.io.publish.SegmentSink`);
         left to the publish when Redis is away or lost the model (that path retries and
-        rebuilds what Redis lost), or for a search, whose leader is known only after the batch
-        (a switch makes it full)."""
-        if isinstance(self.model, SearchModel):
-            return pub.PublishPlan(version)
+        rebuilds what Redis lost). A search plans the same way for its leader before the
+        batch; a switch on the batch voids the plan (the publish rewrites the segment full)."""
         s = self.settings
         try:
             ours = self._holds_pointer(self.publisher.pointer())
             if self.version > 0 and not ours:
                 return pub.PublishPlan(version)
-            full = self._next_is_full(ours)
+            full = self._next_is_full(ours, planning=True)
             self.publisher.clear_segment(version)
         except Exception as exc:  # Redis trouble: the publish step retries with backoff
             log.debug("no inline publish of version %d: %s", version, _short(exc))
             self.publisher.reset_client()
             return pub.PublishPlan(version)
+        if isinstance(self.model, SearchModel):
+            return pub.PublishPlan(version, full, self.model.sink(s.redis_url, s.redis_prefix, version, full,
+                                                                  s.popular_size))
         return pub.PublishPlan(version, full, pub.SegmentSink(s.redis_url, s.redis_prefix, version, full,
                                                              s.popular_size))
 
@@ -567,11 +568,11 @@ class ModelerService:
         """Redis still points at the version this modeler published last."""
         return pointer is not None and pointer.version == self.version and self.version > 0
 
-    def _next_is_full(self, ours: bool) -> bool:
+    def _next_is_full(self, ours: bool, planning: bool = False) -> bool:
         """The next segment must hold the whole model: first version, Redis lost ours, the
-        chain of deltas is at its cap, or a search's leader switched (a version never mixes
-        two candidates' rows)."""
-        switched = isinstance(self.model, SearchModel) and self.model.switched
+        chain of deltas is at its cap, or a search's leader switched on this batch (a version
+        never mixes two candidates' rows; unknown while ``planning``, before the batch)."""
+        switched = not planning and isinstance(self.model, SearchModel) and self.model.switched
         return pub.segment_is_full(self._need_full, ours, len(self.segments), self.settings.max_segment_chain,
                                    switched)
 
@@ -609,7 +610,11 @@ class ModelerService:
         """The training job's per-partition answers, if its writes of the segment are usable."""
         if plan.sink is None:
             return None
-        answers = list(self._model.last_sink_results)
+        model = self._model
+        if isinstance(model, SearchModel) and model.switched and not plan.full:
+            log.info("the leader switched on version %d: writing it as a full segment", plan.version)
+            return None
+        answers = list(model.last_sink_results)
         failed = [r.get("error") for r in answers if isinstance(r, dict) and not r.get("ok")]
         if redis_lost or failed:
             log.warning("the training job's writes of version %d are not usable (%s); writing it again",
@@ -641,8 +646,10 @@ class ModelerService:
             full = bool(plan.full)
             self._write_job_s, self._written_inline = 0.0, True
         else:
-            # The plan's decision stands while Redis holds our chain; otherwise it is full.
-            full = plan.full if plan.full is not None and ours else self._next_is_full(ours)
+            # The plan's decision stands while Redis holds our chain and no search leader
+            # switched on this batch; otherwise the rule decides again (then: full).
+            switched = isinstance(model, SearchModel) and model.switched
+            full = plan.full if plan.full is not None and ours and not switched else self._next_is_full(ours)
             self._written_inline = False
             publisher.clear_segment(version)
             sc = self.spark.sparkContext

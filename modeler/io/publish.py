@@ -271,7 +271,8 @@ class PublishPlan(NamedTuple):
 
     version: int
     full: bool | None = None
-    sink: SegmentSink | None = None
+    # A SegmentSink, or the search's writer (modeler.search_service.SearchSink, a layer up).
+    sink: Any = None
 
     def without_sink(self) -> PublishPlan:
         """A retry's plan: the training job's writes are not trusted again."""

@@ -158,7 +158,7 @@ def _tag(kind: str):
 
 
 def _side_by_side_stage(kind: str, base: ALSParams, spawn: Mapping[str, Params], drop: Sequence[str],
-                        probe: int, warm: int):
+                        probe: int, warm: int, sink: Any = None):
     """The one task: the models' record and the batch's records meet here."""
 
     def stage(it: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
@@ -186,8 +186,10 @@ def _side_by_side_stage(kind: str, base: ALSParams, spawn: Mapping[str, Params],
             m = _copy(models[cid])
             outcomes[cid] = _step(kind, m, batch, probe, warm)
             new_models[cid] = m
+        # The sink (e.g. the segment writer) sees the new models and the batch where they live.
+        answer = sink(new_models, batch) if sink is not None else None
         yield (_MODELS, new_models)
-        yield (_BATCH, outcomes)
+        yield (_BATCH, (outcomes, answer))
 
     return stage
 
@@ -210,9 +212,11 @@ class SideBySideALS:
     """K candidates of one model kind (``"explicit"`` or ``"ranking"``) in one Spark task per
     batch (module docstring).
 
-    ``train(rdd, spawn=..., drop=...)`` adds the candidates of ``spawn`` (cold, from this
-    batch on) and removes those of ``drop`` in the same task, then every model steps on the
-    batch; it returns ``{candidate id: CandidateOutcome}``.
+    ``train(rdd, spawn=..., drop=..., sink=...)`` adds the candidates of ``spawn`` (cold,
+    from this batch on) and removes those of ``drop`` in the same task, then every model
+    steps on the batch, then ``sink(models, batch)`` (optional, picklable, run in that task:
+    e.g. writing the models' rows somewhere; its answer is in ``last_sink_results``); it
+    returns ``{candidate id: CandidateOutcome}``.
     """
 
     def __init__(self, candidates: Mapping[str, Params], base: ALSParams | None = None,
@@ -227,11 +231,12 @@ class SideBySideALS:
             raise SearchConfigError("kind: a ranking search needs the ranking model (ALSParams.ranking)")
         self._state = None
         self._pending: dict[str, Params] = dict(candidates)
+        self.last_sink_results: list[Any] = []  # the sink's answer of the last batch (one task)
         self.live: dict[str, Params] = {}
         self.batches = 0
 
     def train(self, rdd, spawn: Mapping[str, Params] | None = None,
-              drop: Sequence[str] = ()) -> dict[str, CandidateOutcome]:
+              drop: Sequence[str] = (), sink: Any = None) -> dict[str, CandidateOutcome]:
         sc = rdd.context
         add = {**self._pending, **dict(spawn or {})}
         self._pending = {}
@@ -243,10 +248,11 @@ class SideBySideALS:
         # The state RDD holds the models' record and this batch's outcomes (small): cached,
         # its lineage cut, so the DAG stays bounded however long the stream runs.
         state = merged.mapPartitions(_side_by_side_stage(self.kind, self.base, add, list(drop), self.probe,
-                                                         self.warm))
+                                                         self.warm, sink))
         state.persist()
         state.localCheckpoint()
-        outcomes: dict[str, CandidateOutcome] = state.filter(lambda kv: kv[0] == _BATCH).map(lambda kv: kv[1]).first()
+        outcomes, answer = state.filter(lambda kv: kv[0] == _BATCH).map(lambda kv: kv[1]).first()
+        self.last_sink_results = [answer] if sink is not None else []
         old, self._state = self._state, state
         if old is not None:
             old.unpersist()
