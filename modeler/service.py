@@ -18,6 +18,13 @@ Failure handling:
   from the topic (a read-only pass over the offsets the model has consumed).
 - SIGTERM: the current batch is finished and published (or, if Redis is away, abandoned:
   a restart redoes it), then the loop ends and the lease is released.
+
+One batch is ``step``: ``_plan`` (full or delta, once), ``_read_and_train``, ``_account``,
+``_publish`` (retried; ``_publish_once`` flips the version), ``_observe``. The module is
+longer than the others because the lifecycle (start, restore, reset, lease), that loop and
+the adapter to the model (settings -> parameters, restore of a published version) each
+depend on the failure handling above; the online search's share is in
+:mod:`modeler.search_service`.
 """
 
 from __future__ import annotations

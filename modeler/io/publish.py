@@ -15,6 +15,10 @@ Layout: :mod:`common.keys`. A version ``v`` is published in three steps:
 
 Readers only ever follow the pointer, so a version that never got its step 3 is invisible,
 and the offsets stored with a version are exactly the ratings its factors have learned.
+
+Over 450 lines because both sides of that protocol live here, executor (``write_partition``
+and the chunks it takes) and driver (``Publisher``, the publish plan, restore, retries), so a
+change to a record's layout is made in one file.
 """
 
 from __future__ import annotations
