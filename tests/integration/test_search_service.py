@@ -220,3 +220,43 @@ def test_kill_9_then_every_candidate_resumes_with_its_score_and_factors(
     for c in summary:
         assert after[c["id"]]["events"] > c["events"]
         assert after[c["id"]]["history"][: len(c["history"])] == c["history"]
+
+
+def test_search_rows_live_and_die_with_their_segment(redis_client, redis_url, keys) -> None:
+    """The search hashes of a segment are written by ``write_partition``, read back by the
+    restore (newest segment wins), cleared with an unpublished attempt and collected with
+    their segment."""
+    import time as _time
+
+    from common.snapshot import Meta, Pointer
+    from modeler.io import publish as pub
+
+    publisher = pub.Publisher(redis_url, keys.prefix, keep_versions=2)
+    vec = np.arange(6, dtype=np.float32).reshape(2, 3)
+    for v in (1, 2, 3):
+        chunks = [pub.FactorChunk(pub.ITEM, ["i1"], np.zeros(1), vec[:1, :2], np.ones(1)),
+                  pub.SearchChunk(pub.SEARCH, "c0", "items", ["i1", "i:2"], np.full(2, float(v)), vec, [v, 2 * v])]
+        assert next(pub.write_partition(chunks, redis_url, keys.prefix, v))[0] == 1
+        meta = Meta(version=v, rank=2, mu=3.0, reg_param=0.1, n_users=0, n_items=1, ratings_seen=v,
+                    created=_time.time() - 60, segments=tuple(range(1, v + 1)))
+        publisher.publish(meta, {"version": v}, [], search_state={"format": 1, "v": v})
+    got = publisher.restore_search(Pointer(3, (1, 2, 3)))
+    assert got is not None and got.state == {"format": 1, "v": 3}
+    ids, records, counts = got.rows["c0"]["items"]
+    assert ids == ["i1", "i:2"] and counts == [3, 6]  # an id with ':' survives the field name
+    assert np.frombuffer(records[1], "<f4").tolist() == [3.0, 3.0, 4.0, 5.0]  # newest wins
+    # An unpublished attempt's leftovers are cleared...
+    pub.write_partition([pub.SearchChunk(pub.SEARCH, "c9", "users", ["u"], np.zeros(1), vec[:1], [1])],
+                        redis_url, keys.prefix, 4).__next__()
+    assert publisher.segment_exists(4)
+    publisher.clear_segment(4)
+    assert not publisher.segment_exists(4) and not redis_client.exists(keys.search_counts(4, "users"))
+    # ...and a segment no live version references goes with its search hashes.
+    for v in (4, 5):
+        pub.write_partition([pub.SearchChunk(pub.SEARCH, "c0", "items", ["i1"], np.zeros(1), vec[:1], [1])],
+                            redis_url, keys.prefix, v).__next__()
+        publisher.publish(Meta(version=v, rank=2, mu=3.0, reg_param=0.1, n_users=0, n_items=1, ratings_seen=v,
+                               created=_time.time() - 60, segments=(v,)), {"version": v}, [])
+    publisher.collect_garbage(min_age_s=0.0)
+    assert not redis_client.exists(keys.search(1, "items"), keys.search_counts(3, "items"))
+    assert redis_client.exists(keys.search(4, "items")) and redis_client.exists(keys.search(5, "items"))
