@@ -260,3 +260,32 @@ def test_search_rows_live_and_die_with_their_segment(redis_client, redis_url, ke
     publisher.collect_garbage(min_age_s=0.0)
     assert not redis_client.exists(keys.search(1, "items"), keys.search_counts(3, "items"))
     assert redis_client.exists(keys.search(4, "items")) and redis_client.exists(keys.search(5, "items"))
+
+
+def test_a_ranking_search_serves_its_leader_ranking_set(spark, bootstrap, topic, redis_url, redis_prefix, ml_small):
+    """Candidates of the ranking model only: judged on prequential NDCG@10, the version
+    carries the leader's ranking rank and α with both factor sets."""
+    rows = ml_rows(ml_small, 900)
+    cands = [{"ranking_rank": 3, "ranking_alpha": 1.0}, {"ranking_rank": 6, "ranking_alpha": 8.0}]
+    settings = _settings(bootstrap, topic, redis_url, redis_prefix, MODEL_CANDIDATES=json.dumps(cands),
+                         MODEL_SEARCH_MIN_USER_POSITIVES=1, MODEL_SEARCH_MIN_EVENTS=1)
+    producer = make_producer(bootstrap)
+    send_rows(producer, topic, rows)
+    producer.close()
+    service = ModelerService(settings, spark=spark)
+    service.run(until=lambda svc: svc.model is not None and svc.model.ratings_seen >= len(rows))
+    model = service.model
+    assert isinstance(model, SearchModel) and model.search.metric.name == "ndcg@10"
+    client = redis.Redis.from_url(redis_url)
+    version = json.loads(client.get(f"{redis_prefix}:current"))["version"]
+    meta = {k.decode(): v.decode() for k, v in client.hgetall(f"{redis_prefix}:ver:{version}").items()}
+    cs = json.loads(meta["candidates"])
+    assert {c["metric"] for c in cs} == {"ndcg@10"} and all(c["events"] > 0 for c in cs)
+    leader = next(c for c in cs if c["served"])
+    assert json.loads(meta["models"]) == ["explicit", "ranking"]
+    assert int(meta["ranking_rank"]) == leader["params"]["ranking_rank"]
+    assert float(meta["ranking_alpha"]) == leader["params"]["ranking_alpha"]
+    # The served ranking vectors are the leader's rank.
+    seg = json.loads(meta["segments"])[-1]
+    rec = next(iter(client.hgetall(f"{redis_prefix}:seg:{seg}:ranking:items").values()))
+    assert len(rec) == 4 * (int(meta["ranking_rank"]) + 1)
