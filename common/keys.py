@@ -23,7 +23,10 @@ key                                       type      contents
                                                     next offset}`` consumed by this version;
                                                     extra field ``model_state`` (modeler-only
                                                     JSON: running rating sum, batch number,
-                                                    hyper-parameters) for an exact restore.
+                                                    hyper-parameters) for an exact restore;
+                                                    with a search, field ``search_state`` (JSON:
+                                                    the search's candidates, scores, schedule,
+                                                    leader and each live candidate's scalars).
 ``{p}:versions``                          zset      live versions, score = created unix time;
                                                     garbage collection walks it.
 ``{p}:seg:{s}:users``                     hash      user id -> factor record (float32 LE bytes:
@@ -37,6 +40,14 @@ key                                       type      contents
                                                     factor segments (``user_counts``,
                                                     ``item_counts``: id -> decimal count); GC'd
                                                     with its segment. Readers may ignore it.
+``{p}:seg:{s}:search:{kind}``             hash      modeler-only: the online search's candidates
+                                                    (``MODEL_CANDIDATES``), field ``{cid}:{id}``
+                                                    -> factor record of candidate ``cid`` (same
+                                                    codec, its own rank; kinds as above), the
+                                                    changed rows of every live candidate (all of
+                                                    them in a full segment); restore after a
+                                                    crash reads them. GC'd with its segment.
+``{p}:seg:{s}:search:{kind}:counts``      hash      ``{cid}:{id}`` -> decimal count of that row
 ``{p}:rated:{user}``                      hash      item id -> rating (decimal string): what the
                                                     user has rated (top-N excludes these).
                                                     Not versioned; writes are idempotent.
@@ -151,6 +162,19 @@ class Keys:
         if kind in RANKING_KINDS:
             return f"{self.prefix}:seg:{segment}:ranking:{kind.removeprefix('ranking_')}"
         return f"{self.prefix}:seg:{segment}:{kind}"
+
+    def search(self, segment: int, kind: str) -> str:
+        """The search candidates' factor records of one kind in a segment (see the table)."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+        return f"{self.prefix}:seg:{segment}:search:{kind}"
+
+    def search_counts(self, segment: int, kind: str) -> str:
+        return f"{self.search(segment, kind)}:counts"
+
+    def search_keys(self, segment: int) -> list[str]:
+        """Every search key a segment may have (for clearing and garbage collection)."""
+        return [name for k in KINDS for name in (self.search(segment, k), self.search_counts(segment, k))]
 
     def state(self, segment: int, name: str) -> str:
         """Modeler-only per-key state of a segment (e.g. rating counts), see the table."""

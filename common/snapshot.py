@@ -296,10 +296,11 @@ def publish_version(client: redis.Redis, keys: Keys, meta: Meta, extra: Any = No
 
 def collect_garbage(
     client: redis.Redis, keys: Keys, keep: int = 3, min_age_s: float = 5.0,
-    state_names: Sequence[str] = (),
+    state_names: Sequence[str] = (), segment_keys: Any = None,
 ) -> int:
     """Drop versions beyond the newest ``keep`` (older than ``min_age_s``) and every segment
-    no surviving version references, with the segment's ``state_names`` hashes.
+    no surviving version references, with the segment's ``state_names`` hashes and the keys
+    ``segment_keys(s)`` names (a callable, e.g. :meth:`Keys.search_keys`).
     Returns the number of keys deleted."""
     scored: list[tuple[bytes, float]] = client.zrange(keys.versions, 0, -1, withscores=True)  # type: ignore[assignment]
     live = sorted((int(v), float(created)) for v, created in scored)
@@ -322,6 +323,8 @@ def collect_garbage(
     for s in dead:
         dead_keys.extend(keys.segment(s, k) for k in KINDS)
         dead_keys.extend(keys.state(s, n) for n in state_names)
+        if segment_keys is not None:
+            dead_keys.extend(segment_keys(s))
     pipe = client.pipeline(transaction=True)
     pipe.zrem(keys.versions, *[str(v) for v in doomed])
     pipe.delete(*dead_keys)

@@ -12,11 +12,20 @@ from common.logging import setup_logging
 
 
 def serve() -> int:
+    from pydantic import ValidationError
+
     from modeler.config import ModelerSettings
     from modeler.runtime import MissingDependency, check_java
     from modeler.service import ModelerService
 
-    settings = ModelerSettings()
+    try:
+        settings = ModelerSettings()
+    except ValidationError as exc:
+        # A bad setting (e.g. MODEL_CANDIDATES) is a start-up error naming the field, no traceback.
+        for err in exc.errors():
+            name = ".".join(str(x) for x in err.get("loc", ())) or "settings"
+            print(f"modeler: invalid setting {name}: {err.get('msg')}", file=sys.stderr)
+        return 2
     setup_logging(settings.log_level, settings.log_format)
     log = logging.getLogger("modeler")
     try:

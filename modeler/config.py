@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from common.settings import CommonSettings, renamed
 
@@ -47,6 +47,26 @@ class ModelerSettings(CommonSettings):
     # Implicit events with a weight above this are dead-lettered (reason "weight: ...").
     event_max_weight: float = Field(1_000_000.0, alias="EVENT_MAX_WEIGHT", gt=0.0)
 
+    # The online hyper-parameter search (docs/online_search.md, modeler.core.search): a JSON
+    # list of parameter objects, or {"ranges": ..., "base": ...}; unset: one model, no search.
+    # Each candidate is ALSParams (the settings above) with its own values.
+    model_candidates: str | None = Field(None, alias="MODEL_CANDIDATES")
+    # What the candidates are judged on; unset: "ndcg@10" when every searched parameter is
+    # the ranking model's (ranking_*), else "rmse". Unset ones below: SearchSettings defaults.
+    model_search_metric: Literal["rmse", "ndcg@10", "recall@10"] | None = Field(None, alias="MODEL_SEARCH_METRIC")
+    model_search_budget: int | None = Field(None, alias="MODEL_SEARCH_BUDGET", ge=1)  # events to the first rung
+    model_search_eta: float | None = Field(None, alias="MODEL_SEARCH_ETA", gt=1.0)  # a rung keeps ⌈m/η⌉
+    model_search_max_gap: int | None = Field(None, alias="MODEL_SEARCH_MAX_GAP", ge=0)  # events between late rungs
+    model_search_fading: float | None = Field(None, alias="MODEL_SEARCH_FADING", gt=0.0, le=1.0)  # β per event
+    model_search_min_events: int | None = Field(None, alias="MODEL_SEARCH_MIN_EVENTS", ge=0)
+    model_search_switch_margin: float | None = Field(None, alias="MODEL_SEARCH_SWITCH_MARGIN", ge=0.0)
+    model_search_patience: int | None = Field(None, alias="MODEL_SEARCH_PATIENCE", ge=1)
+    model_search_respawn: bool | None = Field(None, alias="MODEL_SEARCH_RESPAWN")
+    model_search_perturb: float | None = Field(None, alias="MODEL_SEARCH_PERTURB", gt=1.0)
+    # Ranking search: positives probed per batch, and how many a user must have learned.
+    model_search_probe_size: int | None = Field(None, alias="MODEL_SEARCH_PROBE_SIZE", ge=1)
+    model_search_min_user_positives: int | None = Field(None, alias="MODEL_SEARCH_MIN_USER_POSITIVES", ge=1)
+
     # Micro-batch trigger: a batch reads at most this many records (over all partitions)...
     batch_max_records: int = Field(
         20_000, validation_alias=renamed("MODELER_BATCH_MAX_RECORDS", was="BATCH_MAX_RECORDS"), ge=1)
@@ -87,3 +107,14 @@ class ModelerSettings(CommonSettings):
     checkpoint_dir: str | None = Field(
         None, validation_alias=renamed("MODELER_CHECKPOINT_DIR", was="SPARK_CHECKPOINT_DIR"))
     log_format: str = Field("json", alias="LOG_FORMAT")
+
+    @field_validator("model_candidates")
+    @classmethod
+    def _check_candidates(cls, value: str | None) -> str | None:
+        """A bad MODEL_CANDIDATES fails at start-up with the field named (not at the first batch)."""
+        if value is None or not value.strip():
+            return None
+        from modeler.core.search import parse_candidates
+
+        parse_candidates(value)  # SearchConfigError is a ValueError: pydantic names the field
+        return value

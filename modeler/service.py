@@ -20,6 +20,13 @@ Failure handling:
   from the topic (a read-only pass over the offsets the model has consumed).
 - SIGTERM: the current batch is finished and published (or, if Redis is away, abandoned:
   a restart redoes it), then the loop ends and the lease is released.
+
+One batch is ``step``: ``_plan`` (full or delta, once), ``_read_and_train``, ``_account``,
+``_publish`` (retried; ``_publish_once`` flips the version), ``_observe``. The module is
+longer than the others because the lifecycle (start, restore, reset, lease), that loop and
+the adapter to the model (settings -> parameters, restore of a published version) each
+depend on the failure handling above; the online search's share is in
+:mod:`modeler.search_service`.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 from common.errors import StreamrecError
 from common.feedback import Weighting
@@ -41,8 +48,36 @@ from modeler.config import ModelerSettings
 from modeler.io import kafka_source as ks
 from modeler.io import publish as pub
 from modeler.metrics import ModelerMetrics
+from modeler.search_service import SearchModel, new_search_model, restore_search_model
+
+if TYPE_CHECKING:
+    from modeler.search_service import SearchStats
+    from modeler.spark.streaming_als import StreamingALS, TrainStats
 
 log = logging.getLogger(__name__)
+
+#: What the service trains: one streaming model, or the online search over several
+#: (``MODEL_CANDIDATES``), which offers the same driver-side attributes (its leader's).
+Model = Union["StreamingALS", SearchModel]
+
+
+class BatchRead(NamedTuple):
+    """What the executors read of one batch: their block summaries added up."""
+
+    n_valid: int
+    n_dlq: int
+    reached: dict[int, int]  # partition -> next offset
+    lag: dict[int, int]
+    read_seconds: float
+
+
+class Trained(NamedTuple):
+    """One batch read and learned (not yet published)."""
+
+    stats: TrainStats | SearchStats
+    read: BatchRead
+    blocks: Any  # the cached RDD of ks.Block
+    seconds: float  # reading Kafka on the executors and training
 
 
 @dataclass
@@ -91,7 +126,7 @@ class ModelerService:
             settings.ratings_topic_partitions,
         )
         self._stop = threading.Event()
-        self.model: Any = None
+        self.model: Model | None = None
         self.version = 0  # last version published (or restored)
         self.segments: list[int] = []  # segments of that version
         self.offsets: dict[int, int] = {}  # next offset per partition, consistent with model
@@ -148,7 +183,7 @@ class ModelerService:
                         raise
                     except Exception as exc:
                         self._failures += 1
-                        delay = min(self.settings.retry_max_backoff_s, 0.5 * 2 ** min(self._failures, 8))
+                        delay = pub.backoff(self._failures, self.settings.retry_max_backoff_s)
                         log.exception("start-up failed (%s); retrying in %.1f s", _short(exc), delay)
                         pub.sleep_unless(lambda: self.stopping, delay)
                     continue
@@ -163,7 +198,7 @@ class ModelerService:
                 except Exception as exc:
                     # Unexpected: start over from the published version rather than crash-loop.
                     self._failures += 1
-                    delay = min(self.settings.retry_max_backoff_s, 0.5 * 2 ** min(self._failures, 8))
+                    delay = pub.backoff(self._failures, self.settings.retry_max_backoff_s)
                     log.exception("batch failed (%s); restoring from Redis in %.1f s", _short(exc), delay)
                     self._reset()
                     pub.sleep_unless(lambda: self.stopping, delay)
@@ -186,7 +221,7 @@ class ModelerService:
 
     def _retrying(self, what: str, component: str, fn: Callable[[], Any]) -> Any:
         """Call ``fn`` until it succeeds or we are stopped (then ``None``)."""
-        delays = pub.backoff_delays(0.5, self.settings.retry_max_backoff_s)
+        attempt = 0
         while True:
             try:
                 return fn()
@@ -195,7 +230,8 @@ class ModelerService:
             except Exception as exc:
                 if self.stopping:
                     raise Stopped(what) from exc
-                delay = next(delays)
+                delay = pub.backoff(attempt, self.settings.retry_max_backoff_s)
+                attempt += 1
                 self.metrics.retries.labels(component=component).inc()
                 log.warning("%s failed (%s: %s); retrying in %.1f s", what, type(exc).__name__, exc, delay)
                 if component == "redis":
@@ -217,7 +253,8 @@ class ModelerService:
         partitions = self._retrying("reading topic metadata", "kafka", self.admin.partitions)
         if restored is not None:
             meta = restored.meta
-            self.model = restore_model(self.spark, s, restored)
+            self.model = (restore_search_model(self.spark, s, restored, self.publisher) if s.model_candidates
+                          else restore_model(self.spark, s, restored))
             self.version = meta.version
             self.segments = list(meta.segments)
             self.n_users, self.n_items = len(restored.user_ids), len(restored.item_ids)
@@ -231,14 +268,28 @@ class ModelerService:
                 "restored version %d (%d ratings seen, %d users, %d items), resuming at %s",
                 meta.version, meta.ratings_seen, meta.n_users, meta.n_items, self.offsets,
             )
+        elif s.model_candidates:
+            if s.bootstrap_ratings:
+                log.warning("BOOTSTRAP_RATINGS is ignored with MODEL_CANDIDATES (the candidates start cold)")
+            self.model = new_search_model(s)
+            self.version = 0
+            self.segments = []
+            self.n_users = self.n_items = self.n_ranking_users = self.n_ranking_items = 0
+            self.popular = []
+            self.dlq_total = 0
+            self.offsets = {}
+            self._need_full = True
+            log.info("no model in Redis under %r: searching from the beginning of %s",
+                     s.redis_prefix, s.ratings_topic)
         else:
-            self.model = self._bootstrap() if s.bootstrap_ratings else new_model(s)
+            fresh = self._bootstrap() if s.bootstrap_ratings else new_model(s)
+            self.model = fresh
             self.version = 0
             self.segments = []
             self.n_users = self.n_items = 0
-            if int(self.model.ratings_seen):
-                self.n_users = int(self.model.user_factors.count())
-                self.n_items = int(self.model.item_factors.count())
+            if int(fresh.ratings_seen):
+                self.n_users = int(fresh.user_factors.count())
+                self.n_items = int(fresh.item_factors.count())
             self.n_ranking_users = self.n_ranking_items = 0
             self.popular = []
             self.dlq_total = 0
@@ -314,25 +365,74 @@ class ModelerService:
     # ------------------------------------------------------------------ one batch
 
     def step(self) -> BatchReport | None:
-        """One micro-batch; returns ``None`` when it had to be retried or the stream is idle."""
-        s = self.settings
+        """One micro-batch: read, train, account, publish, observe. Returns ``None`` when it
+        had to be retried or the stream is idle."""
         if not self._renew_lease():
             return None
         t0 = time.perf_counter()
+        plan = self._plan(self.version + 1)
+        trained = self._read_and_train(plan)
+        if trained is None:
+            return None
+        read = trained.read
+        if read.n_valid == 0 and (read.n_dlq == 0 or int(self._model.events_seen) == 0):
+            self._idle(t0, trained)
+            return None
+        entry = self._account(plan.version, t0, trained)
+        t2 = time.perf_counter()
+        published = self._publish(plan, trained, entry)
+        if published is None:
+            # Stopped while Redis was away: abandon this batch; a restart redoes it.
+            self.dlq_total -= read.n_dlq
+            trained.blocks.unpersist()
+            return None
+        return self._observe(plan.version, t0, time.perf_counter() - t2, trained, published)
+
+    @property
+    def _model(self) -> Model:
+        if self.model is None:
+            raise RuntimeError("the modeler has not started (no model)")
+        return self.model
+
+    def _plan(self, version: int) -> pub.PublishPlan:
+        """Full or delta, decided once per attempt: before training for the single model,
+        whose training job writes the segment (:class:`modeler.io.publish.SegmentSink`);
+        left to the publish when Redis is away or lost the model (that path retries and
+        rebuilds what Redis lost). A search plans the same way for its leader before the
+        batch; a switch on the batch voids the plan (the publish rewrites the segment full)."""
+        s = self.settings
+        try:
+            ours = self._holds_pointer(self.publisher.pointer())
+            if self.version > 0 and not ours:
+                return pub.PublishPlan(version)
+            full = self._next_is_full(ours, planning=True)
+            self.publisher.clear_segment(version)
+        except Exception as exc:  # Redis trouble: the publish step retries with backoff
+            log.debug("no inline publish of version %d: %s", version, _short(exc))
+            self.publisher.reset_client()
+            return pub.PublishPlan(version)
+        if isinstance(self.model, SearchModel):
+            return pub.PublishPlan(version, full, self.model.sink(s.redis_url, s.redis_prefix, version, full,
+                                                                  s.popular_size, rated_cap=s.rated_cap))
+        return pub.PublishPlan(version, full, pub.SegmentSink(s.redis_url, s.redis_prefix, version, full,
+                                                             s.popular_size, rated_cap=s.rated_cap))
+
+    def _read_and_train(self, plan: pub.PublishPlan) -> Trained | None:
+        """Kafka is read inside the training job (one Spark job less per batch): the blocks
+        are cached, and each partition's summary (offsets reached) comes back through an
+        accumulator. An empty batch costs that one job and changes nothing. ``None`` when
+        reading or training failed (the model is then restored from Redis)."""
+        s = self.settings
+        model = self._model
+        t0 = time.perf_counter()
         ranges = ks.plan_batch(s.ratings_topic, self.offsets, self.backlog, s.batch_max_records)
         sc = self.spark.sparkContext
-        bootstrap, dlq, lo, hi = s.kafka_bootstrap_servers, s.dlq_topic, s.rating_min, s.rating_max
-        # Kafka is read inside the training job (one Spark job less per batch): the blocks
-        # are cached, and each partition's summary (offsets reached) comes back through an
-        # accumulator. An empty batch costs that one job and changes nothing.
-        blocks, acc = ks.batch_blocks(sc, ranges, bootstrap, dlq, lo, hi,
-                                      getattr(self.model, "num_partitions", None),
-                                      max_weight=s.event_max_weight)
+        blocks, acc = ks.batch_blocks(sc, ranges, s.kafka_bootstrap_servers, s.dlq_topic, s.rating_min,
+                                      s.rating_max, model.num_partitions, max_weight=s.event_max_weight)
         self._inflight = blocks
-        version = self.version + 1
-        sink = self._inline_sink(version)
         try:
-            stats = train_model(self.model, blocks.flatMap(ks.Block.rows), sink)
+            rdd = blocks.flatMap(ks.Block.rows)
+            stats = model.train(rdd, sink=plan.sink) if plan.sink is not None else model.train(rdd)
             summaries = list(acc.value.values())
             if len(summaries) < len(ranges):  # the model did not read every partition
                 summaries = blocks.map(ks.Block.summary).collect()
@@ -340,17 +440,18 @@ class ModelerService:
             # Kafka away, or training failed: the in-memory model may be half-updated.
             self.metrics.batches.labels(outcome="failed").inc()
             self._train_failures += 1
-            delay = min(s.retry_max_backoff_s, 0.5 * 2 ** (self._train_failures - 1))
+            delay = pub.backoff(self._train_failures - 1, s.retry_max_backoff_s)
             log.error("batch failed (%s); restoring the model from Redis in %.1f s",
                       _short(exc), delay, exc_info=self._train_failures == 1)
             self._reset()
             pub.sleep_unless(lambda: self.stopping, delay)
             return None
         self._train_failures = 0
-        t_train = time.perf_counter() - t0  # includes reading Kafka on the executors
-        t_read = sum(x.read_seconds for x in summaries) / max(1, len(summaries))
-        n_valid = sum(x.n_valid for x in summaries)
-        n_dlq = sum(x.n_dlq for x in summaries)
+        return Trained(stats, self._summarise(summaries), blocks, time.perf_counter() - t0)
+
+    def _summarise(self, summaries: list[ks.BlockSummary]) -> BatchRead:
+        """The executors' block summaries added up; lag metrics and dead-letter logs."""
+        s = self.settings
         reached = {x.partition: x.next_offset for x in summaries}
         for x in summaries:
             if x.reset_to is not None:
@@ -368,95 +469,106 @@ class ModelerService:
         for x in summaries:
             for reason in x.dlq_reasons:
                 log.warning("dead-lettered partition %d %s", x.partition, reason)
-        if n_valid == 0 and (n_dlq == 0 or int(self.model.events_seen) == 0):
-            # Nothing learned. Dead letters before the first rating cannot be recorded in a
-            # version (there is no model to publish yet): they are counted with the first one.
-            blocks.unpersist()
-            self._inflight = None
-            self.dlq_total += n_dlq
-            self.metrics.dlq.inc(n_dlq)
-            self.backlog = {p: lag.get(p, 0) for p in self.offsets}
-            if reached:
-                # Only control records or dead letters passed: move on without a new version.
-                self.offsets.update(reached)
-            idle = s.batch_max_interval_s - (time.perf_counter() - t0)
-            if idle > 0:
-                pub.sleep_unless(lambda: self.stopping, idle)
-            return None
-        n_trained = int(stats.get("n_ratings", n_valid))
+        return BatchRead(
+            n_valid=sum(x.n_valid for x in summaries), n_dlq=sum(x.n_dlq for x in summaries),
+            reached=reached, lag=lag,
+            read_seconds=sum(x.read_seconds for x in summaries) / max(1, len(summaries)))
 
-        # ---- publish (the model and the offsets are consistent from here on)
-        t2 = time.perf_counter()
-        new_offsets = dict(self.offsets)
-        new_offsets.update(reached)
-        self.dlq_total += n_dlq
-        self.n_users += int(stats.get("new_users", 0))
-        self.n_items += int(stats.get("new_items", 0))
-        self.n_ranking_users += int(stats.get("ranking_new_users", 0))
-        self.n_ranking_items += int(stats.get("ranking_new_items", 0))
-        probes = int(stats.get("ranking_probes", 0))
-        self.ranking_hits_total += int(stats.get("ranking_hits", 0))
+    def _idle(self, t0: float, trained: Trained) -> None:
+        """Nothing learned. Dead letters before the first rating cannot be recorded in a
+        version (there is no model to publish yet): they are counted with the first one."""
+        s = self.settings
+        read = trained.read
+        trained.blocks.unpersist()
+        self._inflight = None
+        self.dlq_total += read.n_dlq
+        self.metrics.dlq.inc(read.n_dlq)
+        self.backlog = {p: read.lag.get(p, 0) for p in self.offsets}
+        if read.reached:
+            # Only control records or dead letters passed: move on without a new version.
+            self.offsets.update(read.reached)
+        idle = s.batch_max_interval_s - (time.perf_counter() - t0)
+        if idle > 0:
+            pub.sleep_unless(lambda: self.stopping, idle)
+
+    def _account(self, version: int, t0: float, trained: Trained) -> dict[str, Any]:
+        """Counts moved by the batch (the model and the offsets are consistent from here
+        on); returns the version's metrics entry."""
+        model = self._model
+        stats, read = trained.stats, trained.read
+        n_trained = int(stats.n_ratings)
+        self.dlq_total += read.n_dlq
+        self.n_users += int(stats.new_users)
+        self.n_items += int(stats.new_items)
+        self.n_ranking_users += int(stats.ranking_new_users)
+        self.n_ranking_items += int(stats.ranking_new_items)
+        probes = int(stats.ranking_probes)
+        self.ranking_hits_total += int(stats.ranking_hits)
         self.ranking_probes_total += probes
         batch_seconds_so_far = time.perf_counter() - t0
-        rmse = (float(stats["prequential_sse"]) / n_trained) ** 0.5 if n_trained else None
-        entry = {
+        rmse = (float(stats.prequential_sse) / n_trained) ** 0.5 if n_trained else None
+        entry: dict[str, Any] = {
             "version": version,
-            "ratings_seen": int(self.model.ratings_seen),
+            "ratings_seen": int(model.ratings_seen),
             "batch_ratings": n_trained,
-            "batch_implicit": int(stats.get("n_implicit", 0)),
+            "batch_implicit": int(stats.n_implicit),
             # Prequential recall@10 of the ranking model: this batch, and the whole stream.
-            "prequential_recall": int(stats.get("ranking_hits", 0)) / probes if probes else None,
+            "prequential_recall": int(stats.ranking_hits) / probes if probes else None,
             "ranking_hits_total": self.ranking_hits_total,
             "ranking_probes_total": self.ranking_probes_total,
             "prequential_rmse": rmse,
-            "ratings_per_s": n_valid / batch_seconds_so_far if batch_seconds_so_far > 0 else 0.0,
+            "ratings_per_s": read.n_valid / batch_seconds_so_far if batch_seconds_so_far > 0 else 0.0,
             "batch_seconds": batch_seconds_so_far,
-            "read_seconds": t_read,
-            "train_seconds": t_train,
-            "dlq": n_dlq,
+            "read_seconds": read.read_seconds,
+            "train_seconds": trained.seconds,
+            "dlq": read.n_dlq,
             "dlq_total": self.dlq_total,
-            "lag": {str(p): v for p, v in lag.items()},
+            "lag": {str(p): v for p, v in read.lag.items()},
             "time": time.time(),
         }
-        inline = (sink, list(getattr(self.model, "last_sink_results", []))) if sink is not None else None
-        published = self._publish(version, blocks if n_valid else None, new_offsets, entry, inline)
-        if not published:
-            # Stopped while Redis was away: abandon this batch; a restart redoes it.
-            self.dlq_total -= n_dlq
-            blocks.unpersist()
-            return None
-        t_pub = time.perf_counter() - t2
-        self.offsets = new_offsets
-        self.backlog = {p: lag.get(p, 0) for p in self.offsets}
+        if isinstance(model, SearchModel):
+            entry.update(model.entry())
+        return entry
+
+    def _observe(self, version: int, t0: float, t_pub: float, trained: Trained, published: str) -> BatchReport:
+        """After the flip: offsets, caches, metrics, the report and its log line."""
+        model = self._model
+        stats, read = trained.stats, trained.read
+        n_trained = int(stats.n_ratings)
+        self.offsets.update(read.reached)
+        self.backlog = {p: read.lag.get(p, 0) for p in self.offsets}
         # Keep the previous batch cached one more round: the model's RDDs may still
         # be lazily derived from it.
         for old in self._last_blocks:
             old.unpersist()
-        self._last_blocks = [blocks]
+        self._last_blocks = [trained.blocks]
         seconds = time.perf_counter() - t0
-        self.ratings_per_s = n_valid / seconds if seconds > 0 else 0.0
+        self.ratings_per_s = read.n_valid / seconds if seconds > 0 else 0.0
+        rmse = (float(stats.prequential_sse) / n_trained) ** 0.5 if n_trained else None
         m = self.metrics
         m.batches.labels(outcome="published").inc()
         m.ratings.inc(n_trained)
-        m.dlq.inc(n_dlq)
+        m.dlq.inc(read.n_dlq)
         m.ratings_per_s.set(self.ratings_per_s)
         m.batch_seconds.observe(seconds)
         if rmse is not None:
             m.prequential_rmse.set(rmse)
         m.version.set(version)
-        m.ratings_seen.set(int(self.model.ratings_seen))
-        report = BatchReport(version, n_trained, n_dlq, seconds, t_read, t_train, t_pub,
-                             published == "full", lag, self._written_inline,
-                             n_trained + int(stats.get("n_implicit", 0)))
+        m.ratings_seen.set(int(model.ratings_seen))
+        if isinstance(model, SearchModel):
+            m.observe_candidates(model.summary(), switched=model.switched)
+        report = BatchReport(version, n_trained, read.n_dlq, seconds, read.read_seconds, trained.seconds, t_pub,
+                             published == "full", read.lag, self._written_inline,
+                             n_trained + int(stats.n_implicit))
         self.reports.append(report)
         del self.reports[:-100]
         log.info(
             "version %d: %d ratings (%d dead-lettered) in %.2f s (read %.2f, read+train %.2f, publish %.2f"
             " %s) = %.0f ratings/s, prequential RMSE %s, ratings_seen %d%s",
-            version, n_trained, n_dlq, seconds, t_read, t_train, t_pub,
+            version, n_trained, read.n_dlq, seconds, read.read_seconds, trained.seconds, t_pub,
             "written by the training job" if self._written_inline
             else f"of which write job {self._write_job_s:.2f}", self.ratings_per_s,
-            f"{rmse:.4f}" if rmse is not None else "-", int(self.model.ratings_seen),
+            f"{rmse:.4f}" if rmse is not None else "-", int(model.ratings_seen),
             " (full segment)" if published == "full" else "",
         )
         return report
@@ -465,44 +577,27 @@ class ModelerService:
         """Redis still points at the version this modeler published last."""
         return pointer is not None and pointer.version == self.version and self.version > 0
 
-    def _next_is_full(self, ours: bool) -> bool:
-        """The next segment must hold the whole model: first version, Redis lost ours, or the
-        chain of deltas is at its cap."""
-        return self._need_full or not ours or len(self.segments) >= self.settings.max_segment_chain
+    def _next_is_full(self, ours: bool, planning: bool = False) -> bool:
+        """The next segment must hold the whole model: first version, Redis lost ours, the
+        chain of deltas is at its cap, or a search's leader switched on this batch (a version
+        never mixes two candidates' rows; unknown while ``planning``, before the batch)."""
+        switched = not planning and isinstance(self.model, SearchModel) and self.model.switched
+        return pub.segment_is_full(self._need_full, ours, len(self.segments), self.settings.max_segment_chain,
+                                   switched)
 
-    def _inline_sink(self, version: int) -> pub.SegmentSink | None:
-        """The sink that writes segment ``version`` from inside the training job, or ``None``
-        when the publish must run its own write job (Redis away or lost the model: that path
-        retries, and rebuilds what Redis lost)."""
+    def _publish(self, plan: pub.PublishPlan, trained: Trained, entry: dict[str, Any]) -> str | None:
+        """Write segment ``plan.version`` (unless the training job did) and flip to it;
+        retried while Redis is away. Returns ``"full"``/``"delta"``, or ``None`` if stopped
+        before it could publish."""
         s = self.settings
-        try:
-            pointer = self.publisher.pointer()
-            ours = self._holds_pointer(pointer)
-            if self.version > 0 and not ours:
-                return None
-            full = self._next_is_full(ours)
-            self.publisher.clear_segment(version)
-        except Exception as exc:  # Redis trouble: the publish step retries with backoff
-            log.debug("no inline publish of version %d: %s", version, _short(exc))
-            self.publisher.reset_client()
-            return None
-        return pub.SegmentSink(s.redis_url, s.redis_prefix, version, full, s.popular_size,
-                               rated_cap=s.rated_cap)
-
-    def _publish(self, version: int, blocks: Any, offsets: dict[int, int], entry: dict,
-                 inline: tuple[pub.SegmentSink, list[Any]] | None = None) -> str | None:
-        """Write segment ``version`` (unless ``inline``: the training job wrote it already,
-        with these per-partition answers) and flip to it; retried while Redis is away.
-
-        Returns ``"full"``/``"delta"``, or ``None`` if stopped before it could publish.
-        """
-        s = self.settings
-        delays = pub.backoff_delays(0.5, s.retry_max_backoff_s)
+        version = plan.version
+        offsets = {**self.offsets, **trained.read.reached}
+        blocks = trained.blocks if trained.read.n_valid else None
+        attempt = 0
         while True:
             try:
                 # A retry never trusts the inline writes: Redis may have lost them meanwhile.
-                attempt, inline = inline, None
-                return self._publish_once(version, blocks, offsets, entry, attempt)
+                return self._publish_once(plan if attempt == 0 else plan.without_sink(), blocks, offsets, entry)
             except LeaseLost:
                 raise
             except Exception as exc:
@@ -512,74 +607,87 @@ class ModelerService:
                     log.warning("stopping with version %d unpublished (%s); a restart redoes it",
                                 version, _short(exc))
                     return None
-                delay = next(delays)
+                delay = pub.backoff(attempt, s.retry_max_backoff_s)
+                attempt += 1
                 log.warning("publishing version %d failed (%s); retrying in %.1f s",
                             version, _short(exc), delay)
                 if pub.sleep_unless(lambda: self.stopping, delay):
                     log.warning("stopping with version %d unpublished; a restart redoes it", version)
                     return None
 
-    def _publish_once(self, version: int, blocks: Any, offsets: dict[int, int], entry: dict,
-                      inline: tuple[pub.SegmentSink, list[Any]] | None = None) -> str:
+    def _inline_results(self, plan: pub.PublishPlan, redis_lost: bool) -> list[pub.WriteResult] | None:
+        """The training job's per-partition answers, if its writes of the segment are usable."""
+        if plan.sink is None:
+            return None
+        model = self._model
+        if isinstance(model, SearchModel) and model.switched and not plan.full:
+            log.info("the leader switched on version %d: writing it as a full segment", plan.version)
+            return None
+        answers = list(model.last_sink_results)
+        failed = [r.get("error") for r in answers if isinstance(r, dict) and not r.get("ok")]
+        if redis_lost or failed:
+            log.warning("the training job's writes of version %d are not usable (%s); writing it again",
+                        plan.version, "Redis lost the model" if redis_lost else failed[0])
+            return None
+        if not answers or not all(isinstance(r, dict) for r in answers):
+            return None  # nothing was learned (only dead letters): nothing was written
+        return [pub.WriteResult(r["written"], r["top"], r.get("rtop", [])) for r in answers]
+
+    def _publish_once(self, plan: pub.PublishPlan, blocks: Any, offsets: dict[int, int],
+                      entry: dict[str, Any]) -> str:
         from common.snapshot import Meta
 
         s = self.settings
+        model = self._model
+        version = plan.version
         publisher = self.publisher
         if not publisher.hold_lease(self.token):
             raise LeaseLost(f"{publisher.keys.lease} is held by another modeler")
         pointer = publisher.pointer()
         ours = self._holds_pointer(pointer)
         redis_lost = not ours and self.version > 0
-        if inline is not None:
-            answers = inline[1]
-            failed = [r.get("error") for r in answers if isinstance(r, dict) and not r.get("ok")]
-            if redis_lost or failed:
-                log.warning("the training job's writes of version %d are not usable (%s); "
-                            "writing it again", version,
-                            "Redis lost the model" if redis_lost else failed[0])
-                inline = None
-            elif not answers or not all(isinstance(r, dict) for r in answers):
-                inline = None  # nothing was learned (only dead letters): nothing was written
         if redis_lost:
             log.warning("Redis no longer holds version %d (pointer %s): republishing the whole model",
                         self.version, pointer)
         top_n = s.popular_size
-        if inline is not None:
-            full = inline[0].full
-            results = [(r["written"], r["top"], r.get("rtop", [])) for r in inline[1]]
+        results = self._inline_results(plan, redis_lost)
+        if results is not None:
+            full = bool(plan.full)
             self._write_job_s, self._written_inline = 0.0, True
         else:
-            full = self._next_is_full(ours)
+            # The plan's decision stands while Redis holds our chain and no search leader
+            # switched on this batch; otherwise the rule decides again (then: full).
+            switched = isinstance(model, SearchModel) and model.switched
+            full = plan.full if plan.full is not None and ours and not switched else self._next_is_full(ours)
             self._written_inline = False
             publisher.clear_segment(version)
             sc = self.spark.sparkContext
             url, prefix, cap = s.redis_url, s.redis_prefix, s.rated_cap
-            records = publish_rdd(self.model, full, blocks)
+            records = publish_rdd(model, full, blocks)
             if redis_lost:
                 records = records.union(self._rated_backfill_rdd(sc, offsets, blocks))
             t_job = time.perf_counter()
-            results = (
-                records
-                .mapPartitions(lambda it: pub.write_partition(it, url, prefix, version, top_n,
-                                                              rated_cap=cap))
-                .collect()
-            )
+            results = [pub.WriteResult(*r) for r in
+                       records.mapPartitions(lambda it: pub.write_partition(it, url, prefix, version, top_n,
+                                                                             rated_cap=cap))
+                       .collect()]
             self._write_job_s = time.perf_counter() - t_job
-        written = sum(r[0] for r in results)
+        written = sum(r.written for r in results)
         # Most rated items; a stream of implicit events only ranks by positives instead.
-        explicit = int(self.model.ratings_seen) > 0
-        changed = [kv for r in results for kv in (r[1] if explicit else r[2])]
+        explicit = int(model.ratings_seen) > 0
+        changed = [kv for r in results for kv in (r.top if explicit else r.ranking_top)]
         popular = pub.merge_popular([] if full else self.popular, changed, top_n)
-        models = version_models(self.model)
+        models = version_models(model)
         segments = [version] if full else [*self.segments, version]
+        search = model if isinstance(model, SearchModel) else None
         meta = Meta(
             version=version,
-            rank=int(self.model.rank),
-            mu=float(self.model.mu),
-            reg_param=float(self.model.reg_param),
+            rank=int(model.rank),
+            mu=float(model.mu),
+            reg_param=float(model.reg_param),
             n_users=max(self.n_users, self.n_ranking_users),
             n_items=max(self.n_items, self.n_ranking_items),
-            ratings_seen=int(self.model.ratings_seen),
+            ratings_seen=int(model.ratings_seen),
             created=time.time(),
             segments=tuple(segments),
             offsets={ks.offsets_key(s.ratings_topic, p): int(o) for p, o in sorted(offsets.items())},
@@ -587,7 +695,8 @@ class ModelerService:
             popular=popular,
             rating_min=s.rating_min,
             rating_max=s.rating_max,
-            **ranking_meta(self.model, models),
+            **ranking_meta(model, models),
+            candidates=search.summary() if search is not None else [],
         )
         if not publisher.segment_exists(version):
             # An empty segment would make the version unreadable as a chain base.
@@ -595,7 +704,7 @@ class ModelerService:
                 raise RuntimeError(f"full segment {version} came out empty ({written} records)")
             segments.remove(version)
             meta.segments = tuple(segments)
-        publisher.publish(meta, entry, popular, model_state(self.model))
+        publisher.publish(meta, entry, popular, model_state(model), search.to_json() if search is not None else None)
         self.version = version
         self.segments = segments
         self.popular = popular
@@ -621,7 +730,7 @@ class ModelerService:
         ]
         bootstrap, lo, hi, cap = s.kafka_bootstrap_servers, s.rating_min, s.rating_max, s.event_max_weight
         log.info("rebuilding rated items from %d partitions of %s", len(ranges), s.ratings_topic)
-        chunk = _RatedChunk(self.model.params.weighting)
+        chunk = _RatedChunk(self._model.params.weighting)
 
         def read(it: Any) -> Any:
             for rng in it:
@@ -711,7 +820,7 @@ def ranking_meta(model: Any, models: tuple[str, ...]) -> dict[str, Any]:
             "ranking_alpha": float(p.ranking_alpha), "ranking_weighting": p.weighting.to_dict()}
 
 
-def new_model(settings: ModelerSettings) -> Any:
+def new_model(settings: ModelerSettings) -> StreamingALS:
     from modeler.spark.streaming_als import StreamingALS
 
     return StreamingALS(**model_params(settings))
@@ -777,16 +886,6 @@ def restore_model(spark: Any, settings: ModelerSettings, restored: pub.Restored)
     )
 
 
-def train_model(model: Any, ratings: Any, sink: Any = None) -> dict[str, Any]:
-    stats = model.train(ratings, sink=sink) if sink is not None else model.train(ratings)
-    if isinstance(stats, dict):
-        return stats
-    return {k: getattr(stats, k, 0) for k in (
-        "n_ratings", "n_rejected", "prequential_sse", "new_users", "new_items", "n_implicit",
-        "ranking_positives", "ranking_new_users", "ranking_new_items", "ranking_hits",
-        "ranking_probes")}
-
-
 def _factor_records(only_touched: bool) -> Callable[[tuple[int, Any]], Any]:
     """Item and user factor chunks, with rating counts, of one partition of the model.
 
@@ -803,11 +902,12 @@ def _factor_records(only_touched: bool) -> Callable[[tuple[int, Any]], Any]:
     return records
 
 
-def publish_rdd(model: Any, full: bool, blocks: Any) -> Any:
+def publish_rdd(model: Model, full: bool, blocks: Any) -> Any:
     """One RDD of columnar chunks for :func:`modeler.io.publish.write_partition`: the model's
     (changed or all) factor records and the batch's ratings, in as many partitions as the
     model has (one Spark job, few tasks)."""
-    factors = model._state.flatMap(_factor_records(not full))
+    factors = (model.publish_records(full) if isinstance(model, SearchModel)
+               else model._state.flatMap(_factor_records(not full)))
     if blocks is None:
         return factors
     merged = factors.union(blocks.map(_RatedChunk(model.params.weighting)))

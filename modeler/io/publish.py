@@ -15,6 +15,10 @@ Layout: :mod:`common.keys`. A version ``v`` is published in three steps:
 
 Readers only ever follow the pointer, so a version that never got its step 3 is invisible,
 and the offsets stored with a version are exactly the ratings its factors have learned.
+
+Over 450 lines because both sides of that protocol live here, executor (``write_partition``
+and the chunks it takes) and driver (``Publisher``, the publish plan, restore, retries), so a
+change to a record's layout is made in one file.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -41,6 +45,7 @@ log = logging.getLogger(__name__)
 # Tags of the records a publish job writes (see write_partition).
 USER, ITEM, RATED = "u", "i", "r"
 RANKING_USER, RANKING_ITEM = "ru", "ri"  # the ranking model's factor set
+SEARCH = "s"  # a search candidate's rows (the restore state of MODEL_CANDIDATES, common.keys)
 STATE_NAMES = ("user_counts", "item_counts", "ranking_user_counts", "ranking_item_counts")
 _CLIENTS: dict[str, Any] = {}
 
@@ -87,6 +92,9 @@ def write_partition(
       records of the explicit (``u``/``i``) or ranking (``ru``/``ri``, bias 0.0) model into
       segment ``segment``, counts into its state hash (``user_counts``, ``item_counts``,
       ``ranking_user_counts``, ``ranking_item_counts``);
+    - ``("s", candidate id, kind, ids, biases, vectors, counts)``: a search candidate's rows
+      of one factor kind (``users``/``items``/``ranking_users``/``ranking_items``) into the
+      segment's search hashes (``{p}:seg:{s}:search:{kind}``, field ``{cid}:{id}``);
     - ``("r", users, items, ratings[, implicit users, implicit items, weights[, order]])``:
       each user's rated items into ``{p}:rated:{user}``, and items met through implicit
       events (value :data:`IMPLICIT_MARK`, never overwriting a rating); idempotent. With
@@ -97,6 +105,7 @@ def write_partition(
     The top ``top_n`` items by count among the item rows written come back for the
     version's ``popular`` (explicit and ranking counts apart).
     """
+    from common.codec import encode_matrix
     from common.keys import ITEMS, RANKING_ITEMS, RANKING_USERS, USERS, Keys
     from common.snapshot import write_segment
 
@@ -132,6 +141,18 @@ def write_partition(
                     (top if tag == ITEM else rtop).extend((ids[j], int(counts[j])) for j in best)
                 n += len(ids)
                 pending += len(ids)
+            elif tag == SEARCH:
+                _, cid, kind, ids, biases, vectors, counts = rec
+                if not len(ids):
+                    continue
+                fields = [f"{cid}:{i}" for i in ids]
+                encoded = encode_matrix(np.asarray(biases, dtype=np.float32), np.asarray(vectors, dtype=np.float32))
+                text = np.asarray(counts, dtype=np.int64).astype(str).tolist()
+                for start in range(0, len(ids), chunk):
+                    end = start + chunk
+                    pipe.hset(keys.search(segment, kind), mapping=dict(zip(fields[start:end], encoded[start:end])))
+                    pipe.hset(keys.search_counts(segment, kind), mapping=dict(zip(fields[start:end], text[start:end])))
+                pending += len(ids)
             elif tag == RATED:
                 n_rated = _write_rated_record(pipe, keys, rec, segment, rated_cap)
                 n += n_rated
@@ -164,8 +185,32 @@ def _write_rated_record(pipe: Any, keys: Any, rec: tuple, segment: int, cap: int
                        cap=cap, order=float(order))
 
 
+class FactorChunk(NamedTuple):
+    """Factor rows of one table for :func:`write_partition`: ``tag`` ``"u"``/``"i"``
+    (explicit model) or ``"ru"``/``"ri"`` (ranking model, biases 0.0)."""
+
+    tag: str
+    ids: list[str]
+    biases: np.ndarray  # (n,)
+    vectors: np.ndarray  # (n, rank)
+    counts: np.ndarray  # (n,) ratings (or positives) learned per row
+
+
+class SearchChunk(NamedTuple):
+    """A search candidate's rows of one factor kind (``common.keys`` kinds), tag ``"s"``:
+    the restore state of ``MODEL_CANDIDATES``, written to the segment's search hashes."""
+
+    tag: str
+    cid: str
+    kind: str
+    ids: list[str]
+    biases: np.ndarray
+    vectors: np.ndarray
+    counts: np.ndarray
+
+
 def factor_chunks(users: Any, items: Any, only_touched: bool, ranking_users: Any = None,
-                  ranking_items: Any = None) -> list[tuple]:
+                  ranking_items: Any = None) -> list[FactorChunk]:
     """The ``("i"|"u"|"ri"|"ru", ids, biases, vectors, counts)`` chunks of
     :func:`write_partition` for one model partition's tables (anything with ``ids``,
     ``bias``, ``vec``, ``count`` and ``touched``): the rows the last batch changed, or all
@@ -177,7 +222,7 @@ def factor_chunks(users: Any, items: Any, only_touched: bool, ranking_users: Any
     for tag, t in tables:
         rows = np.flatnonzero(t.touched) if only_touched else np.arange(len(t.ids))
         bias = t.bias[rows] if tag in (ITEM, USER) else np.zeros(len(rows), dtype=np.float32)
-        out.append((tag, [t.ids[j] for j in rows], bias, t.vec[rows], t.count[rows]))
+        out.append(FactorChunk(tag, [t.ids[j] for j in rows], bias, t.vec[rows], t.count[rows]))
     return out
 
 
@@ -198,7 +243,7 @@ class SegmentSink:
     rated_cap: int = 0  # MODELER_RATED_CAP: newest items kept per user (0: all)
 
     def __call__(self, update: Any) -> dict[str, Any]:
-        chunks = factor_chunks(update.users, update.items, not self.full,
+        chunks: list[Any] = factor_chunks(update.users, update.items, not self.full,
                                getattr(update, "ranking_users", None), getattr(update, "ranking_items", None))
         iu = getattr(update, "batch_implicit_users", ())
         if len(update.batch_users) or len(iu):
@@ -213,6 +258,37 @@ class SegmentSink:
         except Exception as exc:
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
         return {"ok": True, "written": written, "top": top, "rtop": rtop}
+
+
+class WriteResult(NamedTuple):
+    """One partition's answer of :func:`write_partition`: rows written, and the top items by
+    count among the item rows it wrote (explicit model, ranking model)."""
+
+    written: int
+    top: list[tuple[str, int]]
+    ranking_top: list[tuple[str, int]]
+
+
+class PublishPlan(NamedTuple):
+    """How version ``version``'s segment is written, decided once per attempt: ``full`` (or
+    ``None``: left to the publish, e.g. Redis was away when planning), and the sink that
+    writes it inside the training job (``None``: a write job of its own)."""
+
+    version: int
+    full: bool | None = None
+    # A SegmentSink, or the search's writer (modeler.search_service.SearchSink, a layer up).
+    sink: Any = None
+
+    def without_sink(self) -> PublishPlan:
+        """A retry's plan: the training job's writes are not trusted again."""
+        return self._replace(sink=None)
+
+
+def segment_is_full(need_full: bool, ours: bool, chain: int, max_chain: int, switched: bool = False) -> bool:
+    """A segment must hold the whole model when: nothing was published yet (or a restore
+    asks for it), Redis no longer holds our chain, the chain of deltas is at its cap, or a
+    search's leader switched (a version never mixes two candidates' rows)."""
+    return need_full or not ours or chain >= max_chain or switched
 
 
 def merge_popular(
@@ -255,6 +331,18 @@ class Restored:
 # Extra field of {p}:ver:{v}: JSON scalars the model needs to resume exactly (running
 # rating sum, batch number, hyper-parameters); written in the version's MULTI/EXEC.
 MODEL_STATE_FIELD = "model_state"
+# Extra field of {p}:ver:{v} with a search (MODEL_CANDIDATES): JSON of the search's state.
+SEARCH_STATE_FIELD = "search_state"
+
+
+@dataclass
+class RestoredSearch:
+    """The search state of a version as read back: its JSON, and every candidate's rows as
+    ``rows[cid][kind] = (ids, records (float32 bytes), counts)`` merged over the segments
+    (newest wins); records are decoded by the caller, who knows each candidate's rank."""
+
+    state: dict[str, Any]
+    rows: dict[str, dict[str, tuple[list[str], list[bytes], list[int]]]]
 
 
 # Renew only our own lease; take it when free. Returns 1 when we hold it afterwards.
@@ -364,11 +452,41 @@ class Publisher:
         """Drop leftovers of an attempt at ``segment`` that was never published."""
         names = [self.keys.segment(segment, k) for k in KINDS]
         names += [self.keys.state(segment, n) for n in self.state_names]
+        names += self.keys.search_keys(segment)
         self.client.delete(*names)
 
     def segment_exists(self, segment: int) -> bool:
-        names = [self.keys.segment(segment, k) for k in KINDS]
+        names = [self.keys.segment(segment, k) for k in KINDS] + self.keys.search_keys(segment)
         return bool(self.client.exists(*names))
+
+    def restore_search(self, pointer: Any) -> RestoredSearch | None:
+        """The search state of the version ``pointer`` names, or ``None`` if it has none."""
+        from common.keys import KINDS as kinds
+        from common.snapshot import SnapshotChanged
+
+        raw = self.client.hget(self.keys.meta(pointer.version), SEARCH_STATE_FIELD)
+        if raw is None:
+            return None
+        state = json.loads(raw)
+        merged: dict[str, dict[str, tuple[bytes, int]]] = {k: {} for k in kinds}
+        for s in pointer.segments:  # oldest first: newer rows override
+            for kind in kinds:
+                recs = {k.decode(): v for k, v in self.client.hscan_iter(self.keys.search(s, kind), count=5000)}
+                counts = {k.decode(): int(v) for k, v in
+                          self.client.hscan_iter(self.keys.search_counts(s, kind), count=5000)}
+                for f, rec in recs.items():
+                    merged[kind][f] = (rec, counts.get(f, 0))
+        if not self.client.exists(self.keys.meta(pointer.version)):
+            raise SnapshotChanged(f"version {pointer.version} was garbage-collected while reading")
+        rows: dict[str, dict[str, tuple[list[str], list[bytes], list[int]]]] = {}
+        for kind, fields in merged.items():
+            for f in sorted(fields):
+                cid, _, key = f.partition(":")
+                ids, recs_, counts_ = rows.setdefault(cid, {}).setdefault(kind, ([], [], []))
+                ids.append(key)
+                recs_.append(fields[f][0])
+                counts_.append(fields[f][1])
+        return RestoredSearch(state, rows)
 
     def publish(
         self,
@@ -376,14 +494,17 @@ class Publisher:
         metrics_entry: dict[str, Any],
         popular: list[tuple[str, int]],
         model_state: dict[str, Any] | None = None,
+        search_state: dict[str, Any] | None = None,
     ) -> None:
-        """Flip to ``meta.version`` atomically, with its metrics entry, ``popular`` and the
-        model's resume state."""
+        """Flip to ``meta.version`` atomically, with its metrics entry, ``popular``, the
+        model's resume state and (with a search) the search's."""
         from common.snapshot import publish_version
 
         def more(pipe: Any) -> None:
             if model_state is not None:
                 pipe.hset(self.keys.meta(meta.version), MODEL_STATE_FIELD, json.dumps(model_state, sort_keys=True))
+            if search_state is not None:
+                pipe.hset(self.keys.meta(meta.version), SEARCH_STATE_FIELD, json.dumps(search_state, sort_keys=True))
             pipe.lpush(self.keys.metrics, json.dumps(metrics_entry, sort_keys=True))
             pipe.ltrim(self.keys.metrics, 0, self.metrics_history - 1)
             pipe.set(self.keys.popular, json.dumps([[i, int(c)] for i, c in popular]))
@@ -395,15 +516,22 @@ class Publisher:
         from common.snapshot import collect_garbage
 
         return collect_garbage(self.client, self.keys, keep=self.keep_versions,
-                               min_age_s=min_age_s, state_names=self.state_names)
+                               min_age_s=min_age_s, state_names=self.state_names,
+                               segment_keys=self.keys.search_keys)
+
+
+def backoff(attempt: int, cap: float = 10.0, first: float = 0.5) -> float:
+    """The service's one retry delay: first·2^attempt seconds, capped (attempt 0, 1, 2, ...
+    waits 0.5, 1, 2, ... s)."""
+    return min(cap, first * 2.0 ** min(max(0, attempt), 30))
 
 
 def backoff_delays(first: float = 0.5, cap: float = 10.0) -> Iterator[float]:
-    """0.5, 1, 2, 4, ... seconds, capped: how long to wait before the next retry."""
-    delay = first
+    """0.5, 1, 2, 4, ... seconds, capped: :func:`backoff` of attempts 0, 1, 2, ..."""
+    attempt = 0
     while True:
-        yield delay
-        delay = min(cap, delay * 2)
+        yield backoff(attempt, cap, first)
+        attempt += 1
 
 
 def sleep_unless(stop: Callable[[], bool], seconds: float, step: float = 0.1) -> bool:

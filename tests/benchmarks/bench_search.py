@@ -10,6 +10,10 @@
   model; RMSE of the explicit one reported too).
 * Drift: a synthetic stream whose planted model changes halfway; events from the change to
   the leader switch, and a no-drift control's switches (false alarms).
+* ``--service``: end-to-end throughput of the modeler service (real broker, redis-server,
+  Spark ``local[2]``, ``ModelerService`` in this process) on the first ratings of
+  ml-latest-small, one model against 8 candidates (``MODEL_CANDIDATES``), both in the same
+  run (:func:`service_throughput`). Goal: 8 candidates >= 1/3 of one model.
 
 The machine's load average is written next to the figures: the timings are taken on a
 shared machine.
@@ -70,6 +74,83 @@ def spark_throughput(path: Path, batch_size: int = 5000, batches: int = 10) -> d
     return out
 
 
+def _service_rate(spark: Any, rows: list[tuple], bootstrap: str, redis_url: str, batch: int,
+                  extra: dict[str, Any]) -> dict[str, Any]:
+    """Ratings/s of one ``ModelerService`` draining ``rows`` from a fresh topic: ratings of
+    the versions after the second over their wall time (the first ones include warm-up)."""
+    import uuid
+
+    from devstack.services import create_topics
+    from modeler.config import ModelerSettings
+    from modeler.replay import make_producer, send_rows
+    from modeler.service import ModelerService
+
+    topic = f"bench-search-{uuid.uuid4().hex[:8]}"
+    create_topics(bootstrap, {topic: 4, f"{topic}.dlq": 1})
+    producer = make_producer(bootstrap)
+    send_rows(producer, topic, rows)
+    producer.flush()
+    producer.close()
+    settings = ModelerSettings(**{
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "RATINGS_TOPIC": topic, "DLQ_TOPIC": f"{topic}.dlq",
+        "REDIS_URL": redis_url, "REDIS_PREFIX": topic, "BATCH_MAX_RECORDS": batch,
+        "BATCH_MAX_INTERVAL_S": 0.2, "MODELER_METRICS_PORT": 0, **extra})
+    service = ModelerService(settings, spark=spark)
+    stamps: list[tuple[float, int]] = []
+
+    def until(svc: ModelerService) -> bool:
+        stamps.append((time.perf_counter(), int(svc.model.ratings_seen)))
+        return int(svc.model.ratings_seen) >= len(rows)
+
+    t0 = time.perf_counter()
+    service.run(until=until)
+    counted = stamps[2:] if len(stamps) > 3 else stamps
+    (ta, na), (tb, nb) = counted[0], counted[-1]
+    return {"ratings": len(rows), "versions": len(stamps), "seconds": time.perf_counter() - t0,
+            "ratings_per_second": (nb - na) / (tb - ta) if tb > ta else 0.0,
+            "batch_seconds": [r.seconds for r in service.reports]}
+
+
+#: 8 candidates at the single model's own rank (10, the ALSParams default), λ apart: the
+#: grid whose cost per candidate is the single model's.
+SAME_RANK_GRID = [{"reg_param": lam} for lam in (0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)]
+
+
+def service_throughput(path: Path, n: int = 40_000, batch: int = 5000, ranking: bool = True,
+                       grid: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """End-to-end ratings/s of the service with one model and with 8 candidates (default
+    :data:`modeler.search_eval.EXPLICIT_GRID`; every candidate a whole model: the ranking
+    one too when ``ranking``), the first ``n`` ratings of ``path`` in time order, batches of
+    ``batch``; both in the same run, on the same broker and Redis."""
+    import tempfile
+
+    from common.datasets import read_ratings
+    from devstack.services import start_broker, start_redis
+    from modeler.search_eval import EXPLICIT_GRID
+    from modeler.spark import get_spark
+
+    grid = grid or EXPLICIT_GRID
+    rows = sorted(read_ratings(path), key=lambda r: (r.timestamp, r.user, r.item))[:n]
+    data = [(r.user, r.item, float(r.rating), int(r.timestamp)) for r in rows]
+    work = Path(tempfile.mkdtemp(prefix="bench-search-"))
+    redis_proc = start_redis(workdir=work / "redis")
+    broker = start_broker(workdir=work / "broker")
+    spark = get_spark("local[2]", app_name="bench-search-service")
+    out: dict[str, Any] = {"ratings": len(data), "batch": batch, "ranking_model": ranking,
+                           "candidates": grid, "loadavg_before": os.getloadavg()}
+    try:
+        common = {"MODEL_RANKING": ranking}
+        out["single"] = _service_rate(spark, data, broker.url, redis_proc.url, batch, common)
+        out["search_8"] = _service_rate(spark, data, broker.url, redis_proc.url, batch,
+                                        {**common, "MODEL_CANDIDATES": json.dumps(grid)})
+    finally:
+        broker.stop()
+        redis_proc.stop()
+    out["ratio_8_to_1"] = out["search_8"]["ratings_per_second"] / max(1e-9, out["single"]["ratings_per_second"])
+    out["loadavg_after"] = os.getloadavg()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from modeler.search_eval import dataset_experiment, drift_experiment
 
@@ -79,11 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--skip-drift", action="store_true")
     parser.add_argument("--spark", action="store_true", help="also the Spark side-by-side throughput")
+    parser.add_argument("--service", action="store_true",
+                        help="also the end-to-end service throughput, 8 candidates vs one model")
+    parser.add_argument("--service-only", action="store_true",
+                        help="only that (merged into an existing --out file)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     files = args.ratings if args.ratings is not None else default_files()
     figures: dict[str, Any] = {"host": platform.node(), "python": platform.python_version(),
                                "loadavg_before": os.getloadavg(), "started": time.time(), "datasets": []}
+    if args.service_only:
+        figures = json.loads(args.out.read_text()) if args.out.exists() else figures
+        files, args.skip_drift, args.spark, args.service = [], True, False, True
     for f in files:
         t0 = time.perf_counter()
         d = dataset_experiment(str(f), args.batch_size, args.test_fraction)
@@ -107,6 +195,22 @@ def main(argv: list[str] | None = None) -> int:
         figures["spark_side_by_side"] = sp = spark_throughput(files[0])
         print(f"spark side by side: {sp['ratings_per_second_1']:.0f} ratings/s with 1 candidate, "
               f"{sp['ratings_per_second_8']:.0f} with 8 (ratio {sp['ratio_8_to_1']:.2f})", flush=True)
+    if args.service:
+        figures["service_throughput"] = {}
+        from modeler.search_eval import EXPLICIT_GRID
+
+        runs = (("explicit_only_rank_lambda_grid", False, EXPLICIT_GRID),
+                ("explicit_only_same_rank_grid", False, SAME_RANK_GRID),
+                ("with_ranking_model_rank_lambda_grid", True, EXPLICIT_GRID))
+        for name, ranking, grid in runs:
+            sv = service_throughput(ML_SMALL, ranking=ranking, grid=grid)
+            figures["service_throughput"][name] = sv
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(figures, indent=2, default=str))  # each run kept as it ends
+            print(f"service end to end ({name}): "
+                  f"{sv['single']['ratings_per_second']:.0f} ratings/s with one model, "
+                  f"{sv['search_8']['ratings_per_second']:.0f} with 8 candidates "
+                  f"(ratio {sv['ratio_8_to_1']:.2f}), load average {sv['loadavg_before']}", flush=True)
     figures["loadavg_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(figures, indent=2, default=str))

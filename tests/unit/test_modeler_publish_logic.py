@@ -34,3 +34,25 @@ def test_popular_is_most_rated_first_ties_by_id():
 
 def test_backoff_doubles_up_to_the_cap():
     assert list(itertools.islice(backoff_delays(0.5, 3.0), 6)) == [0.5, 1.0, 2.0, 3.0, 3.0, 3.0]
+
+
+def test_one_retry_delay_for_every_caller():
+    from modeler.io.publish import backoff
+
+    assert [backoff(a, 3.0) for a in range(6)] == [0.5, 1.0, 2.0, 3.0, 3.0, 3.0]
+    assert backoff(-1) == 0.5 and backoff(10_000, 10.0) == 10.0  # no overflow on a long outage
+
+
+def test_full_or_delta_is_one_rule():
+    from modeler.io.publish import PublishPlan, SegmentSink, segment_is_full
+
+    # A delta only while Redis holds our chain, below the cap, with nothing forcing a full one.
+    assert not segment_is_full(False, True, 3, 8)
+    assert segment_is_full(True, True, 3, 8)  # first version / after a restore request
+    assert segment_is_full(False, False, 3, 8)  # Redis lost our chain
+    assert segment_is_full(False, True, 8, 8)  # the chain is at its cap
+    assert segment_is_full(False, True, 3, 8, switched=True)  # a search's leader switched
+    plan = PublishPlan(7, False, SegmentSink("redis://x", "p", 7, False))
+    retry = plan.without_sink()
+    assert (retry.version, retry.full, retry.sink) == (7, False, None)
+    assert PublishPlan(7) == (7, None, None)  # undecided: the publish decides
