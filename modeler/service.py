@@ -270,7 +270,7 @@ class ModelerService:
             )
         elif s.model_candidates:
             if s.bootstrap_ratings:
-                log.warning("BOOTSTRAP_RATINGS is ignored with MODEL_CANDIDATES (the candidates start cold)")
+                log.warning("MODELER_BOOTSTRAP_RATINGS is ignored with MODEL_CANDIDATES (the candidates start cold)")
             self.model = new_search_model(s)
             self.version = 0
             self.segments = []
@@ -334,7 +334,7 @@ class ModelerService:
         return True
 
     def _bootstrap(self) -> Any:
-        """Batch ALS on ``BOOTSTRAP_RATINGS`` (history kept outside Kafka), then stream on.
+        """Batch ALS on ``MODELER_BOOTSTRAP_RATINGS`` (history kept outside Kafka), then stream on.
 
         The file's ratings count in ``ratings_seen``; the topic is still read from its
         beginning, so the file must not be a copy of what the topic holds.

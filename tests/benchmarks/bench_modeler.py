@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,8 +50,12 @@ def _rows() -> list[tuple[str, str, float, int]]:
     return [(r.user, r.item, float(r.rating), int(r.timestamp)) for r in rows]
 
 
-class Watcher(threading.Thread):
-    """Records, for every announced version, when it became visible and its offsets."""
+class VersionWatcher(threading.Thread):
+    """Follows the modeler's version announcements on ``{p}:events``; for each, reads
+    ``fields`` of the version hash and hands them to :meth:`record` (subclasses keep what
+    they need). Shared with ``bench_scale``."""
+
+    fields: tuple[str, ...] = ()
 
     def __init__(self, redis_url: str, prefix: str) -> None:
         super().__init__(daemon=True)
@@ -58,7 +63,6 @@ class Watcher(threading.Thread):
 
         self.client = redis.Redis.from_url(redis_url)
         self.prefix = prefix
-        self.versions: list[tuple[float, int, dict[int, int], int]] = []  # (t, v, offsets, seen)
         self.stop = threading.Event()
         self.pubsub = self.client.pubsub()
         self.pubsub.subscribe(f"{prefix}:events")
@@ -70,11 +74,26 @@ class Watcher(threading.Thread):
                 continue
             t = time.time()
             v = int(msg["data"])
-            meta = self.client.hmget(f"{self.prefix}:ver:{v}", "offsets", "ratings_seen")
-            if meta[0] is None:
-                continue
-            offsets = {int(k.rsplit(":", 1)[1]): int(o) for k, o in json.loads(meta[0]).items()}
-            self.versions.append((t, v, offsets, int(meta[1])))
+            values = self.client.hmget(f"{self.prefix}:ver:{v}", *self.fields)
+            if values[0] is not None:
+                self.record(t, v, values)
+
+    def record(self, t: float, version: int, values: list[Any]) -> None:
+        raise NotImplementedError
+
+
+class Watcher(VersionWatcher):
+    """Records, for every announced version, when it became visible and its offsets."""
+
+    fields = ("offsets", "ratings_seen")
+
+    def __init__(self, redis_url: str, prefix: str) -> None:
+        super().__init__(redis_url, prefix)
+        self.versions: list[tuple[float, int, dict[int, int], int]] = []  # (t, v, offsets, seen)
+
+    def record(self, t: float, version: int, values: list[Any]) -> None:
+        offsets = {int(k.rsplit(":", 1)[1]): int(o) for k, o in json.loads(values[0]).items()}
+        self.versions.append((t, version, offsets, int(values[1])))
 
     def seen(self) -> int:
         return self.versions[-1][3] if self.versions else 0

@@ -43,7 +43,10 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
 log = logging.getLogger("bench_scale")
+
+from tests.benchmarks.bench_modeler import VersionWatcher  # noqa: E402
 
 ML25M_USERS, ML25M_ITEMS = 162_541, 59_047
 
@@ -57,31 +60,18 @@ class Version:
         self.t, self.version, self.seen, self.keys = t, version, seen, keys
 
 
-class Watcher(threading.Thread):
+class Watcher(VersionWatcher):
     """Every announced version: when it became visible, ratings seen, keys in the model."""
 
+    fields = ("ratings_seen", "n_users", "n_items")
+
     def __init__(self, redis_url: str, prefix: str) -> None:
-        super().__init__(daemon=True)
-        import redis
-
-        self.client = redis.Redis.from_url(redis_url)
-        self.prefix = prefix
+        super().__init__(redis_url, prefix)
         self.versions: list[Version] = []
-        self.stop = threading.Event()
-        self.pubsub = self.client.pubsub()
-        self.pubsub.subscribe(f"{prefix}:events")
 
-    def run(self) -> None:
-        while not self.stop.is_set():
-            msg = self.pubsub.get_message(timeout=0.2)
-            if not msg or msg["type"] != "message":
-                continue
-            t = time.time()
-            v = int(msg["data"])
-            seen, users, items = self.client.hmget(f"{self.prefix}:ver:{v}", "ratings_seen", "n_users", "n_items")
-            if seen is None:
-                continue
-            self.versions.append(Version(t, v, int(seen), int(users) + int(items)))
+    def record(self, t: float, version: int, values: list[Any]) -> None:
+        seen, users, items = values
+        self.versions.append(Version(t, version, int(seen), int(users) + int(items)))
 
     def seen(self) -> int:
         return self.versions[-1].seen if self.versions else 0

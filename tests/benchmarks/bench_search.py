@@ -93,8 +93,8 @@ def _service_rate(spark: Any, rows: list[tuple], bootstrap: str, redis_url: str,
     producer.close()
     settings = ModelerSettings(**{
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "RATINGS_TOPIC": topic, "DLQ_TOPIC": f"{topic}.dlq",
-        "REDIS_URL": redis_url, "REDIS_PREFIX": topic, "BATCH_MAX_RECORDS": batch,
-        "BATCH_MAX_INTERVAL_S": 0.2, "MODELER_METRICS_PORT": 0, **extra})
+        "REDIS_URL": redis_url, "REDIS_PREFIX": topic, "MODELER_BATCH_MAX_RECORDS": batch,
+        "MODELER_BATCH_MAX_INTERVAL_S": 0.2, "MODELER_METRICS_PORT": 0, **extra})
     service = ModelerService(settings, spark=spark)
     stamps: list[tuple[float, int]] = []
 

@@ -118,7 +118,7 @@ def test_the_modeler_caps_histories_and_still_learns_every_rating(spark, bootstr
     producer.flush()
     producer.close()
     cap = 8
-    settings = settings_for(bootstrap, topic, redis_url, redis_prefix, BATCH_MAX_RECORDS=300,
+    settings = settings_for(bootstrap, topic, redis_url, redis_prefix, MODELER_BATCH_MAX_RECORDS=300,
                             MODEL_NUM_PARTITIONS=1, MODELER_RATED_CAP=cap)
     assert settings.rated_cap == cap
     service = ModelerService(settings, spark=spark)

@@ -30,9 +30,9 @@ RANKS = {"c0": 2, "c1": 5}
 
 
 def _settings(bootstrap, topic, redis_url, prefix, **extra):
-    env = {"MODEL_CANDIDATES": json.dumps(CANDIDATES), "BATCH_MAX_RECORDS": 300, "MODEL_SEARCH_MIN_EVENTS": 300,
+    env = {"MODEL_CANDIDATES": json.dumps(CANDIDATES), "MODELER_BATCH_MAX_RECORDS": 300, "MODEL_SEARCH_MIN_EVENTS": 300,
            "MODEL_SEARCH_PATIENCE": 1, "MODEL_SEARCH_SWITCH_MARGIN": 0.0, "MODEL_SEARCH_BUDGET": 10**9,
-           "MODEL_SEARCH_RESPAWN": False, "KEEP_VERSIONS": 100}
+           "MODEL_SEARCH_RESPAWN": False, "MODELER_KEEP_VERSIONS": 100}
     return settings_for(bootstrap, topic, redis_url, prefix, **{**env, **extra})
 
 
@@ -172,13 +172,13 @@ def test_kill_9_then_every_candidate_resumes_with_its_score_and_factors(
         ("kafka_bootstrap_servers", "KAFKA_BOOTSTRAP_SERVERS"), ("ratings_topic", "RATINGS_TOPIC"),
         ("dlq_topic", "DLQ_TOPIC"), ("redis_url", "REDIS_URL"), ("redis_prefix", "REDIS_PREFIX"),
         ("model_rank", "MODEL_RANK"), ("model_num_partitions", "MODEL_NUM_PARTITIONS"),
-        ("model_ranking_rank", "MODEL_RANKING_RANK"), ("batch_max_records", "BATCH_MAX_RECORDS"),
+        ("model_ranking_rank", "MODEL_RANKING_RANK"), ("batch_max_records", "MODELER_BATCH_MAX_RECORDS"),
         ("model_search_min_events", "MODEL_SEARCH_MIN_EVENTS"), ("model_search_patience", "MODEL_SEARCH_PATIENCE"),
         ("model_search_switch_margin", "MODEL_SEARCH_SWITCH_MARGIN"), ("model_search_budget", "MODEL_SEARCH_BUDGET"),
-        ("keep_versions", "KEEP_VERSIONS"))})
+        ("keep_versions", "MODELER_KEEP_VERSIONS"))})
     env.update({"MODEL_CANDIDATES": settings.model_candidates or "", "MODEL_SEARCH_RESPAWN": "false",
-                "SPARK_MASTER": "local[2]", "BATCH_MAX_INTERVAL_S": "0.2", "MODELER_LEASE_TTL_S": "2",
-                "RETRY_MAX_BACKOFF_S": "1", "MODELER_METRICS_PORT": "0", "LOG_FORMAT": "text",
+                "SPARK_MASTER": "local[2]", "MODELER_BATCH_MAX_INTERVAL_S": "0.2", "MODELER_LEASE_TTL_S": "2",
+                "MODELER_RETRY_MAX_BACKOFF_S": "1", "MODELER_METRICS_PORT": "0", "LOG_FORMAT": "text",
                 "SPARK_DRIVER_MEMORY": "1g"})
     client = redis.Redis.from_url(redis_url)
     log_path = tmp_path / "modeler.log"
