@@ -481,26 +481,27 @@ def learn_history_batch(params: Any, users: FactorTable, items: FactorTable,
 def history_events(keys: Sequence[str], history: KeyHistory, key_index: dict[str, int],
                    partner_index: dict[str, int]) -> HistoryEvents:
     """The history entries of ``keys`` as rows of a working set (``*_index``: id -> row)."""
-    rows: list[np.ndarray] = []
-    parts: list[np.ndarray] = []
-    confs: list[np.ndarray] = []
-    for k in keys:
-        p, c = history.of(k)
-        if not len(p):
-            continue
-        rows.append(np.full(len(p), key_index[k], dtype=np.int64))
-        parts.append(np.fromiter((partner_index[x] for x in p.tolist()), dtype=np.int64, count=len(p)))
-        confs.append(c.astype(np.float64))
-    if not rows:
+    keys = [k for k in keys if k in history.partners]
+    if not keys:
         return HistoryEvents.empty()
-    return HistoryEvents(np.concatenate(rows), np.concatenate(parts), np.concatenate(confs))
+    parts = [history.partners[k] for k in keys]
+    sizes = np.fromiter((len(x) for x in parts), dtype=np.int64, count=len(parts))
+    rows = np.repeat(np.fromiter((key_index[k] for k in keys), dtype=np.int64, count=len(keys)), sizes)
+    conf = np.concatenate([history.conf[k] for k in keys]).astype(np.float64)
+    return HistoryEvents(rows, _rows_in(np.concatenate(parts), partner_index), conf)
+
+
+def _rows_in(ids: np.ndarray, index: dict[str, int]) -> np.ndarray:
+    """index[id] for many ids at once: a dict lookup per DISTINCT id, then a gather."""
+    uniq, inv = np.unique(ids, return_inverse=True)
+    rows = np.fromiter((index[k] for k in uniq.tolist()), dtype=np.int64, count=len(uniq))
+    return rows[inv.reshape(-1)]
 
 
 def evicted_events(ext: Extended, key_index: dict[str, int], partner_index: dict[str, int]) -> HistoryEvents:
-    get_k, get_p = key_index.__getitem__, partner_index.__getitem__
-    n = len(ext.ev_keys)
-    return HistoryEvents(np.fromiter(map(get_k, ext.ev_keys.tolist()), dtype=np.int64, count=n),
-                         np.fromiter(map(get_p, ext.ev_partners.tolist()), dtype=np.int64, count=n),
+    if not len(ext.ev_keys):
+        return HistoryEvents.empty()
+    return HistoryEvents(_rows_in(ext.ev_keys, key_index), _rows_in(ext.ev_partners, partner_index),
                          ext.ev_conf.astype(np.float64))
 
 
@@ -524,11 +525,9 @@ def plan_side(history: KeyHistory, known_ids: Sequence[str], keys: np.ndarray, p
                                strict=True) if s]
     batch_keys = set(ext.keys)
     solve = sorted(batch_keys.union(k for k in swept if k in history.partners))
-    need: set[str] = set()
-    for k in solve:
-        need.update(history.of(k)[0].tolist())
-    need.update(ext.ev_partners.tolist())
-    return HistoryPlan(solve, sorted(need), ext, history.updated(ext.keys, ext.partners, ext.conf))
+    held = [history.partners[k] for k in solve if k in history.partners]
+    need = np.unique(np.concatenate([*held, ext.ev_partners])) if held else np.unique(ext.ev_partners)
+    return HistoryPlan(solve, need.tolist(), ext, history.updated(ext.keys, ext.partners, ext.conf))
 
 
 # ---------------------------------------------------------------------------------------------
