@@ -31,6 +31,12 @@ Streaming (one pass over micro-batches, the explicit model's structure, see
   after a batch, G += Σ_rows (x_new x_newᵀ − x_old x_oldᵀ) over the rows the batch changed
   (a newcomer's old row is 0): O(changed rows · rank²), never O(model). In Spark they are
   carried by the driver (rank² floats each) and handed to the one task that learns a batch.
+* Per-key history (the default, ``ranking_history`` N > 0): each key keeps its newest N
+  positives (:class:`KeyHistory`) and only the positives evicted from it are in (A, b, N),
+  folded in as they leave. A pass solves the batch's keys and a hashed sweep of other keys
+  (:func:`sweep_mask`) exactly against their histories with today's partner vectors
+  (:func:`learn_history_batch`): ALS restricted to those keys. No replay then. The
+  stale-statistics scheme below is what ``ranking_history=0`` runs.
 * Stale statistics: A_k, b_k hold partner vectors as they were when folded in, and early
   vectors are mostly their random start. Two things bound the damage: a user's statistics
   weigh each positive by the item's maturity m = N_i / (N_i + c) (N_i: the item's positives
@@ -38,7 +44,8 @@ Streaming (one pass over micro-batches, the explicit model's structure, see
   re-enters every pass with today's vectors (it is what keeps re-solving a key against
   current partners). Measured choices: docs/ranking_model.md.
 
-Memory: per key (rank² + rank + 2) × 4 bytes (vector, statistics, count), two rank × rank
+Memory: per key (rank² + rank + 2) × 4 bytes (vector, statistics, count), with the history
+at most N × (4 L + 4) bytes more (L: the partner ids' length in characters), two rank × rank
 float64 Gramians, the replay sample (≤ ``reservoir_size`` expected positives) and, in the
 one-partition layout only, the seen (user, item) pairs for the prequential probe
 (8 bytes per distinct pair, see :class:`SeenPairs`).

@@ -37,8 +37,11 @@ each event's weight and routes every valid event (ratings and implicit events) b
 gathers the rows its positives and its own replay sample touch, C learns it beside the
 explicit model against the Gramians XᵀX / YᵀY the driver carries (rank² floats each, summed
 from the deltas C returns), D writes both back. Its memory: (rank² + rank + 2) × 4 bytes per
-key, its replay sample (≤ ``reservoir_size`` positives) and, with one partition only, the
-prequential probe's seen pairs (8 bytes per distinct pair).
+key, its replay sample (≤ ``reservoir_size`` positives; with ``ranking_history`` N > 0 none,
+but each key's newest N positives instead, ≤ N × (4 L + 4) bytes a key for ids of L
+characters, and one more round trip B0 in the multi-partition layout to fetch the
+histories' partner rows) and, with one partition only, the prequential probe's seen pairs
+(8 bytes per distinct pair).
 
 This module is long because the four stages of both layouts, their named messages and the
 model's persistence belong together: each stage function is the other side of a message.
