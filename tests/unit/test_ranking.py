@@ -262,3 +262,10 @@ def test_the_history_model_keeps_its_gramians_exact_and_its_histories_capped():
     assert model.item_entries + model.items.mass.sum() == model.positives_seen
     assert model.user_entries == model.user_history.entries() < model.positives_seen
     assert (model.users.mass > 0).sum() == sum(n > 5 for n in model.users.count.tolist())
+
+
+def test_bad_history_parameters_are_refused_by_name():
+    with pytest.raises(ValueError, match="ranking_history"):
+        ALSParams(ranking_history=-1)
+    with pytest.raises(ValueError, match="ranking_sweep"):
+        ALSParams(ranking_sweep=float("nan"))
