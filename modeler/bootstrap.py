@@ -4,8 +4,10 @@
    ``b_i = Σ_u (r − μ − b_u) / (λ_i + n_i)``, ``b_u = Σ_i (r − μ − b_i) / (λ_u + n_u)``.
 2. Spark ML ALS (``pyspark.ml.recommendation.ALS``) on the residuals ``r − μ − b_u − b_i``,
    grid search over rank × reg_param on a random validation split, the best refitted on all.
-3. A :class:`~modeler.spark.streaming_als.StreamingALS` starting from those biases and factors
-   (:meth:`StreamingALS.from_factors`), which then keeps learning from the stream.
+3. The ranking model (when on): exact batch implicit ALS in numpy on the same ratings,
+   mapped through the model's weighting (:func:`modeler.core.ranking.batch_ials`).
+4. A :class:`~modeler.spark.streaming_als.StreamingALS` starting from those biases and factors
+   (:meth:`StreamingALS.restore`), which then keeps learning from the stream.
 
 ``python -m modeler bootstrap --ratings FILE`` (wired to :func:`main`) runs it and writes the
 grid and the chosen model's figures as JSON, and the factors as ``.npz`` (no pickle) when
@@ -147,6 +149,7 @@ class BootstrapReport:
     reg_param: float = 0.0
     validation_rmse: float = float("nan")
     seconds: float = 0.0
+    ranking_positives: int = 0  # the ranking model's start (batch implicit ALS), 0: none
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -167,7 +170,10 @@ def bootstrap_model(
 
     ``streaming_kwargs`` go to :class:`StreamingALS` (``rank`` is the one chosen here; the
     streaming ``reg_param`` defaults to the chosen one). The returned model has seen the
-    historic ratings (``ratings_seen``, μ, per-id counts) but holds no replay sample.
+    historic ratings (``ratings_seen``, μ, per-id counts) but holds no replay sample; its
+    ranking model (unless ``ranking=False``) starts from batch implicit ALS on them
+    (``positives_seen`` = the liked ratings; statistics seeded from the counts, histories
+    empty, as after a restore).
     """
     from modeler.spark.streaming_als import StreamingALS
 
@@ -224,11 +230,47 @@ def bootstrap_model(
         [(k, (float(bu[j]), user_vec[j], int(n_u[j]))) for j, k in enumerate(data.users)], slices)
     item_rdd = sc.parallelize(
         [(k, (float(bi[j]), item_vec[j], int(n_i[j]))) for j, k in enumerate(data.items)], slices)
-    model = StreamingALS.restore(sc, user_rdd, item_rdd, mu, n,
-                                 {"rating_sum": float(data.r.sum())}, **kwargs)
+    extra: dict[str, Any] = {"rating_sum": float(data.r.sum())}
+    ranking: dict[str, Any] = {}
+    params = StreamingALS(**kwargs).params
+    if params.ranking:
+        ranking, extra_r = _bootstrap_ranking(sc, data, params, seed, slices)
+        extra.update(extra_r)
+        report.ranking_positives = int(extra_r["positives_seen"])
+    model = StreamingALS.restore(sc, user_rdd, item_rdd, mu, n, extra, **ranking, **kwargs)
     report.mu = mu
     report.seconds = time.perf_counter() - started
     return model, report
+
+
+RANKING_SWEEPS = 10  # batch iALS sweeps of the ranking bootstrap
+
+
+def _bootstrap_ranking(sc, data: Indexed, params: Any, seed: int, slices: int
+                       ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ranking model's start: exact batch implicit ALS (numpy,
+    :func:`modeler.core.ranking.batch_ials`) on the historic ratings mapped through the
+    model's weighting (liked ratings are positives), with its rank, λ and α. Returns the
+    ``ranking_*_rdd`` arguments of :meth:`StreamingALS.restore` (keys with positives only,
+    count = positives) and its counters for ``extra``."""
+    from modeler.core.ranking import batch_ials, event_weights
+
+    w = event_weights(data.r, np.full(len(data.r), np.nan), params.weighting, params.rating_min,
+                      params.rating_max)
+    pos = w > 0
+    x, y = batch_ials(data.u, data.i, w, len(data.users), len(data.items), params.ranking_rank,
+                      params.ranking_alpha, params.ranking_reg_param, RANKING_SWEEPS, seed,
+                      params.init_scale, params.ranking_reg_scaling)
+    n_u = np.bincount(data.u[pos], minlength=len(data.users))
+    n_i = np.bincount(data.i[pos], minlength=len(data.items))
+    users = [(k, (0.0, x[j], int(n_u[j]))) for j, k in enumerate(data.users) if n_u[j]]
+    items = [(k, (0.0, y[j], int(n_i[j]))) for j, k in enumerate(data.items) if n_i[j]]
+    conf_minus_1 = params.ranking_alpha * float(w[pos].sum())
+    log.info("bootstrap ranking model: %d positives, %d users, %d items, rank %d", int(pos.sum()),
+             len(users), len(items), params.ranking_rank)
+    rdds = {"ranking_user_rdd": sc.parallelize(users, slices),
+            "ranking_item_rdd": sc.parallelize(items, slices)}
+    return rdds, {"positives_seen": int(pos.sum()), "conf_minus_1_sum": conf_minus_1}
 
 
 def _factor_matrix(rows, n: int, rank: int) -> np.ndarray:

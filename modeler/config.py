@@ -35,6 +35,10 @@ class ModelerSettings(CommonSettings):
     model_ranking_alpha: float | None = Field(None, alias="MODEL_RANKING_ALPHA", ge=0.0)
     model_ranking_iterations: int | None = Field(None, alias="MODEL_RANKING_ITERATIONS", ge=1)
     model_ranking_replay_ratio: float | None = Field(None, alias="MODEL_RANKING_REPLAY_RATIO", ge=0.0)
+    # Per-key history: newest positives kept per key for exact re-solves (0: off, then the
+    # replay above is used), and the sweep (history entries re-solved per batch positive).
+    model_ranking_history: int | None = Field(None, alias="MODEL_RANKING_HISTORY", ge=0, le=100_000)
+    model_ranking_sweep: float | None = Field(None, alias="MODEL_RANKING_SWEEP", ge=0.0)
     # Positives per batch probed for prequential recall@10 (one-partition layout; 0: off).
     model_ranking_probe_size: int | None = Field(None, alias="MODEL_RANKING_PROBE_SIZE", ge=0)
     # Rating -> weight (common.feedback.Weighting): a rating at or above LIKED (fraction of

@@ -782,6 +782,8 @@ def model_params(settings: ModelerSettings) -> dict[str, Any]:
         "ranking_iterations": s.model_ranking_iterations,
         "ranking_replay_ratio": s.model_ranking_replay_ratio,
         "ranking_probe_size": s.model_ranking_probe_size,
+        "ranking_history": s.model_ranking_history,
+        "ranking_sweep": s.model_ranking_sweep,
     }
     given.update(ranking)
     params: dict[str, Any] = {k: v for k, v in given.items() if v is not None}

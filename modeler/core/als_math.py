@@ -803,6 +803,13 @@ class ALSParams:
     ranking_replay_ratio: float = 6.0
     ranking_replay_scope: str = "auto"
     ranking_forgetting: float = 1.0
+    # Bounded per-key history (modeler.core.ranking, "History"): each key keeps its newest
+    # ``ranking_history`` positives and is re-solved exactly against them with today's
+    # partner vectors (0: off, the stale statistics + replay above); each batch also
+    # re-solves a hashed sweep of keys holding ~``ranking_sweep`` × (batch positives)
+    # history entries. Chosen on validation parts of three sets (docs/ranking_model.md).
+    ranking_history: int = 256
+    ranking_sweep: float = 6.0
     weighting: Weighting = field(default_factory=Weighting)
 
     def __post_init__(self) -> None:
@@ -816,6 +823,8 @@ class ALSParams:
                              "ranking_replay_ratio must be >= 0")
         if not 0.0 < self.ranking_forgetting <= 1.0:
             raise ValueError("ranking_forgetting must be in (0, 1]")
+        if self.ranking_history < 0 or not self.ranking_sweep >= 0:
+            raise ValueError("ranking_history and ranking_sweep must be >= 0")
         if self.ranking_replay_scope not in ("auto", "all", "batch"):
             raise ValueError("ranking_replay_scope must be 'auto', 'all' or 'batch'")
         if self.ranking_reg_scaling not in ("count", "constant"):

@@ -34,6 +34,12 @@ Streaming (one pass over micro-batches, the explicit model's structure, see
   after a batch, G += Σ_rows (x_new x_newᵀ − x_old x_oldᵀ) over the rows the batch changed
   (a newcomer's old row is 0): O(changed rows · rank²), never O(model). In Spark they are
   carried by the driver (rank² floats each) and handed to the one task that learns a batch.
+* Per-key history (the default, ``ranking_history`` N > 0): each key keeps its newest N
+  positives (:class:`KeyHistory`) and only the positives evicted from it are in (A, b, N),
+  folded in as they leave. A pass solves the batch's keys and a hashed sweep of other keys
+  (:func:`sweep_mask`) exactly against their histories with today's partner vectors
+  (:func:`learn_history_batch`): ALS restricted to those keys. No replay then. The
+  stale-statistics scheme below is what ``ranking_history=0`` runs.
 * Stale statistics: A_k, b_k hold partner vectors as they were when folded in, and early
   vectors are mostly their random start. Two things bound the damage: a user's statistics
   weigh each positive by the item's maturity m = N_i / (N_i + c) (N_i: the item's positives
@@ -41,7 +47,8 @@ Streaming (one pass over micro-batches, the explicit model's structure, see
   re-enters every pass with today's vectors (it is what keeps re-solving a key against
   current partners). Measured choices: docs/ranking_model.md.
 
-Memory: per key (rank² + rank + 2) × 4 bytes (vector, statistics, count), two rank × rank
+Memory: per key (rank² + rank + 2) × 4 bytes (vector, statistics, count), with the history
+at most N × (4 L + 4) bytes more (L: the partner ids' length in characters), two rank × rank
 float64 Gramians, the replay sample (≤ ``reservoir_size`` expected positives) and, in the
 one-partition layout only, the seen (user, item) pairs for the prequential probe
 (8 bytes per distinct pair, see :class:`SeenPairs`).
@@ -55,7 +62,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -68,7 +75,9 @@ from modeler.core.als_math import (
     init_factors,
     keep_fraction,
     rating_priority,
+    replay_mask,
     solve_rows,
+    splitmix64,
 )
 
 REG_SCALINGS = ("count", "constant")
@@ -320,6 +329,218 @@ def reference_implicit_solve(p: np.ndarray, c: np.ndarray, other: np.ndarray, re
 
 
 # ---------------------------------------------------------------------------------------------
+# Bounded per-key history: exact re-solves against today's partner vectors
+# ---------------------------------------------------------------------------------------------
+
+SWEEP_SALT = 0x5E3E  # the sweep's key hashes differ from every other draw
+
+
+@dataclass
+class KeyHistory:
+    """The newest ≤ N positives of some keys, oldest first: partner ids and confidences c
+    (float32, as stored; every solve uses the stored value). Keys absent have none (a
+    restored model starts with none: its older positives live in the seeded statistics).
+    Memory: per entry a partner id (a numpy str, 4 bytes a character) and 4 bytes of c."""
+
+    partners: dict[str, np.ndarray] = field(default_factory=dict)
+    conf: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def entries(self) -> int:
+        return sum(len(v) for v in self.partners.values())
+
+    def of(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        return self.partners.get(key, _NO_IDS), self.conf.get(key, _NO_CONF)
+
+    def copy(self) -> KeyHistory:
+        return KeyHistory(dict(self.partners), dict(self.conf))  # arrays are never mutated
+
+    def updated(self, keys: Sequence[str], partners: Sequence[np.ndarray],
+                conf: Sequence[np.ndarray]) -> KeyHistory:
+        out = self.copy()
+        for k, p, c in zip(keys, partners, conf, strict=True):
+            out.partners[k], out.conf[k] = p, c
+        return out
+
+
+_NO_IDS = np.zeros(0, dtype=str)
+_NO_CONF = np.zeros(0, dtype=np.float32)
+
+
+def canonical_order(users: np.ndarray, items: np.ndarray, stamps: np.ndarray, conf: np.ndarray) -> np.ndarray:
+    """An order of a batch's positives that is the same in every layout: by (timestamp,
+    user, item, c). Histories are appended in it, so which entries a cap evicts and the
+    order of every sum are layout-independent."""
+    return np.lexsort((np.asarray(conf), np.asarray(items, dtype=str), np.asarray(users, dtype=str),
+                       np.asarray(stamps)))
+
+
+class Extended(NamedTuple):
+    """:func:`extend_histories`: the keys' new histories, and the entries the cap evicted
+    (key, partner, c), oldest first per key."""
+
+    keys: list[str]
+    partners: list[np.ndarray]
+    conf: list[np.ndarray]
+    ev_keys: np.ndarray
+    ev_partners: np.ndarray
+    ev_conf: np.ndarray
+
+
+def extend_histories(history: KeyHistory, keys: np.ndarray, partners: np.ndarray,
+                     conf: np.ndarray, cap: int) -> Extended:
+    """Append positives (key, partner, c), in the given order, to their keys' histories and
+    keep the newest ``cap`` of each; what falls out is returned to be folded into the
+    key's statistics (A, b, N)."""
+    keys = np.asarray(keys, dtype=str)
+    out_k: list[str] = []
+    out_p: list[np.ndarray] = []
+    out_c: list[np.ndarray] = []
+    ev_k: list[np.ndarray] = []
+    ev_p: list[np.ndarray] = []
+    ev_c: list[np.ndarray] = []
+    if len(keys):
+        g = Groups.of(np.unique(keys, return_inverse=True)[1].reshape(-1))
+        uniq = np.unique(keys)
+        for k, s, n in zip(uniq.tolist(), g.starts.tolist(), g.n.astype(np.int64).tolist(), strict=True):
+            sel = g.order[s:s + n]
+            old_p, old_c = history.of(k)
+            p = np.concatenate([old_p, partners[sel]])  # (never astype: a narrower str dtype truncates)
+            c = np.concatenate([old_c, np.asarray(conf[sel], dtype=np.float32)])
+            cut = len(p) - cap
+            if cut > 0:
+                ev_k.append(np.full(cut, k))
+                ev_p.append(p[:cut])
+                ev_c.append(c[:cut])
+                p, c = p[cut:], c[cut:]
+            out_k.append(k)
+            out_p.append(p)
+            out_c.append(c)
+    return Extended(out_k, out_p, out_c, _cat_or(ev_k, str), _cat_or(ev_p, str),
+                    _cat_or(ev_c, np.float32))
+
+
+def _cat_or(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def sweep_fraction(params: Any, expected_new: int, entries: int) -> float:
+    """Share of a side's keys swept with a batch of ~``expected_new`` positives: the keys
+    holding ~``ranking_sweep`` × ``expected_new`` of that side's ``entries`` history entries."""
+    if params.ranking_sweep <= 0 or expected_new <= 0 or entries <= 0:
+        return 0.0
+    return min(1.0, params.ranking_sweep * expected_new / entries)
+
+
+def sweep_mask(ids: Sequence[str], batch_no: int, fraction: float, seed: int) -> np.ndarray:
+    """Which keys batch ``batch_no`` sweeps: a fresh ~``fraction`` of them each batch, a pure
+    function of (seed, id, batch), so every layout sweeps the same keys."""
+    if not len(ids) or fraction <= 0:
+        return np.zeros(len(ids), dtype=bool)
+    return replay_mask(splitmix64(hash_ids(ids) ^ np.uint64((seed ^ SWEEP_SALT) & 0xFFFFFFFF)),
+                       batch_no, fraction)
+
+
+class HistoryEvents(NamedTuple):
+    """Flat history entries on a working set's rows: key row, partner row, c."""
+
+    rows: np.ndarray
+    partners: np.ndarray
+    conf: np.ndarray
+
+    @classmethod
+    def empty(cls) -> HistoryEvents:
+        return cls(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0))
+
+
+def learn_history_batch(params: Any, users: FactorTable, items: FactorTable,
+                        user_known: np.ndarray, item_known: np.ndarray,
+                        u_hist: HistoryEvents, i_hist: HistoryEvents,
+                        u_evicted: HistoryEvents, i_evicted: HistoryEvents,
+                        gram_users: np.ndarray, gram_items: np.ndarray) -> RankingOutcome:
+    """``ranking_iterations`` passes of ALS restricted to the keys with history entries in
+    ``u_hist``/``i_hist`` (the batch's keys and the sweep), in place on a working set that
+    holds them and every partner of their histories. Each key k, with statistics (A, b, N)
+    of its evicted positives and its history H_k solved against today's partners::
+
+        x_k = (G_other + A_k + Σ_{H_k} (c − 1) q qᵀ + λ (N_k + |H_k|) I)⁻¹ (b_k + Σ_{H_k} c q)
+
+    users first, then items against the users' new rows. Entries evicted by this batch
+    are folded into their keys' statistics afterwards, with the vectors as the batch left
+    them (users weigh items by maturity, as :func:`fold_implicit`); ``*.count`` hold the
+    positives learned before the batch. Returns the Gramians' deltas."""
+    old_u, old_i = users.vec.copy(), items.vec.copy()
+    refused = 0
+    u_groups, i_groups = Groups.of(u_hist.rows), Groups.of(i_hist.rows)
+    g_items = gram_items + gramian_delta(old_i, item_known, items.vec)
+    for _ in range(params.ranking_iterations):
+        refused += implicit_half_step(u_hist.rows, users, u_hist.partners, items, u_hist.conf,
+                                      g_items, params.ranking_reg_param, params.ranking_reg_scaling,
+                                      u_groups)
+        g_users = gram_users + gramian_delta(old_u, user_known, users.vec)
+        refused += implicit_half_step(i_hist.rows, items, i_hist.partners, users, i_hist.conf,
+                                      g_users, params.ranking_reg_param, params.ranking_reg_scaling,
+                                      i_groups)
+        g_items = gram_items + gramian_delta(old_i, item_known, items.vec)
+    fold_implicit(u_evicted.rows, users, u_evicted.partners, items, u_evicted.conf,
+                  params.maturity, items.count[u_evicted.partners])
+    fold_implicit(i_evicted.rows, items, i_evicted.partners, users, i_evicted.conf)
+    return RankingOutcome(gramian_delta(old_u, user_known, users.vec),
+                          gramian_delta(old_i, item_known, items.vec), refused, 0)
+
+
+def history_events(keys: Sequence[str], history: KeyHistory, key_index: dict[str, int],
+                   partner_index: dict[str, int]) -> HistoryEvents:
+    """The history entries of ``keys`` as rows of a working set (``*_index``: id -> row)."""
+    keys = [k for k in keys if k in history.partners]
+    if not keys:
+        return HistoryEvents.empty()
+    parts = [history.partners[k] for k in keys]
+    sizes = np.fromiter((len(x) for x in parts), dtype=np.int64, count=len(parts))
+    rows = np.repeat(np.fromiter((key_index[k] for k in keys), dtype=np.int64, count=len(keys)), sizes)
+    conf = np.concatenate([history.conf[k] for k in keys]).astype(np.float64)
+    return HistoryEvents(rows, _rows_in(np.concatenate(parts), partner_index), conf)
+
+
+def _rows_in(ids: np.ndarray, index: dict[str, int]) -> np.ndarray:
+    """index[id] for many ids at once: a dict lookup per DISTINCT id, then a gather."""
+    uniq, inv = np.unique(ids, return_inverse=True)
+    rows = np.fromiter((index[k] for k in uniq.tolist()), dtype=np.int64, count=len(uniq))
+    return rows[inv.reshape(-1)]
+
+
+def evicted_events(ext: Extended, key_index: dict[str, int], partner_index: dict[str, int]) -> HistoryEvents:
+    if not len(ext.ev_keys):
+        return HistoryEvents.empty()
+    return HistoryEvents(_rows_in(ext.ev_keys, key_index), _rows_in(ext.ev_partners, partner_index),
+                         ext.ev_conf.astype(np.float64))
+
+
+class HistoryPlan(NamedTuple):
+    """One side's part of a history batch, as a pure function of its inputs (the same in
+    the reference and in each Spark partition): the keys to solve (the batch's, the sweep's),
+    the partner ids their histories need, the histories after the batch."""
+
+    solve: list[str]
+    requests: list[str]
+    extended: Extended
+    history: KeyHistory  # pre-batch histories of the keys, with the batch's keys replaced
+
+
+def plan_side(history: KeyHistory, known_ids: Sequence[str], keys: np.ndarray, partners: np.ndarray,
+              conf: np.ndarray, cap: int, batch_no: int, fraction: float, seed: int) -> HistoryPlan:
+    """For the keys of one side living together (a partition, or the whole model): the
+    batch's positives (in canonical order) of those keys, the sweep over ``known_ids``."""
+    ext = extend_histories(history, keys, partners, conf, cap)
+    swept = [k for k, s in zip(known_ids, sweep_mask(known_ids, batch_no, fraction, seed).tolist(),
+                               strict=True) if s]
+    batch_keys = set(ext.keys)
+    solve = sorted(batch_keys.union(k for k in swept if k in history.partners))
+    held = [history.partners[k] for k in solve if k in history.partners]
+    need = np.unique(np.concatenate([*held, ext.ev_partners])) if held else np.unique(ext.ev_partners)
+    return HistoryPlan(solve, need.tolist(), ext, history.updated(ext.keys, ext.partners, ext.conf))
+
+
+# ---------------------------------------------------------------------------------------------
 # Seen pairs and the prequential probe
 # ---------------------------------------------------------------------------------------------
 
@@ -443,6 +664,12 @@ class LocalRankingALS:
         self.conf_minus_1_sum = 0.0
         self.batches = 0
         self.last_batch_size = 0
+        # ranking_history > 0: each key's newest positives (KeyHistory), and how many
+        # entries each side holds (the sweep's fraction).
+        self.user_history = KeyHistory()
+        self.item_history = KeyHistory()
+        self.user_entries = 0
+        self.item_entries = 0
 
     def train(self, users: list[str], items: list[str], ratings: np.ndarray, implicit: np.ndarray,
               stamps: np.ndarray) -> RankingResult:
@@ -456,6 +683,8 @@ class LocalRankingALS:
         self.seen = self.seen.added(users, items) if p.ranking_probe_size > 0 else self.seen
         if not len(pos):
             return out
+        if p.ranking_history > 0:
+            return self._train_history(out, users, items, w, pos, stamps)
         pu = [users[j] for j in pos]
         pi = [items[j] for j in pos]
         conf = 1.0 + p.ranking_alpha * w[pos]
@@ -494,6 +723,61 @@ class LocalRankingALS:
         self.reservoir = self.reservoir.updated(keep_fraction(p.reservoir_size, self.positives_seen),
                                                 pu, pi, conf, prio)
         out.positives, out.replayed, out.refused = len(pos), len(rep_c), res.refused
+        return out
+
+    def _train_history(self, out: RankingResult, users: list[str], items: list[str], w: np.ndarray,
+                       pos: np.ndarray, stamps: np.ndarray) -> RankingResult:
+        """One batch with per-key histories (:func:`learn_history_batch`): the Spark stages
+        make the same :func:`plan_side` calls, per partition."""
+        p = self.params
+        pu = np.asarray(users, dtype=str)[pos]
+        pi = np.asarray(items, dtype=str)[pos]
+        conf = (1.0 + p.ranking_alpha * w[pos]).astype(np.float32)
+        order = canonical_order(pu, pi, stamps[pos], conf)
+        pu, pi, conf = pu[order], pi[order], conf[order]
+        self.batches += 1
+        fu = sweep_fraction(p, self.last_batch_size, self.user_entries)
+        fi = sweep_fraction(p, self.last_batch_size, self.item_entries)
+        u_plan = plan_side(self.user_history, self.users.ids, pu, pi, conf, p.ranking_history,
+                           self.batches, fu, p.seed)
+        i_plan = plan_side(self.item_history, self.items.ids, pi, pu, conf, p.ranking_history,
+                           self.batches, fi, p.seed ^ 1)
+        self.users.touched[:] = False
+        self.items.touched[:] = False
+        u_before, i_before = len(self.users), len(self.items)
+        out.new_users = ensure_ranking_rows(self.users, pu.tolist(), p)
+        out.new_items = ensure_ranking_rows(self.items, pi.tolist(), p)
+        uniq_u = np.unique(self.users.rows(sorted(set(u_plan.solve) | set(i_plan.requests))))
+        uniq_i = np.unique(self.items.rows(sorted(set(i_plan.solve) | set(u_plan.requests))))
+        wu, wi = sub_table(self.users, uniq_u), sub_table(self.items, uniq_i)
+        u_index = {self.users.ids[r]: j for j, r in enumerate(uniq_u.tolist())}
+        i_index = {self.items.ids[r]: j for j, r in enumerate(uniq_i.tolist())}
+        res = learn_history_batch(
+            p, wu, wi, uniq_u < u_before, uniq_i < i_before,
+            history_events(u_plan.solve, u_plan.history, u_index, i_index),
+            history_events(i_plan.solve, i_plan.history, i_index, u_index),
+            evicted_events(u_plan.extended, u_index, i_index),
+            evicted_events(i_plan.extended, i_index, u_index),
+            self.gram_users, self.gram_items)
+        for table, rows, sub, index, solve in ((self.users, uniq_u, wu, u_index, u_plan.solve),
+                                               (self.items, uniq_i, wi, i_index, i_plan.solve)):
+            local = np.array([index[k] for k in solve], dtype=np.int64)
+            rows_s = rows[local]
+            table.vec[rows_s] = sub.vec[local]
+            table.gram[rows_s], table.moment[rows_s], table.mass[rows_s] = (
+                sub.gram[local], sub.moment[local], sub.mass[local])
+            table.touched[rows_s] = True
+        np.add.at(self.users.count, self.users.rows(pu.tolist()), 1)
+        np.add.at(self.items.count, self.items.rows(pi.tolist()), 1)
+        self.gram_users = self.gram_users + res.d_gram_users
+        self.gram_items = self.gram_items + res.d_gram_items
+        self.user_history, self.item_history = u_plan.history, i_plan.history
+        self.user_entries += len(pos) - len(u_plan.extended.ev_keys)
+        self.item_entries += len(pos) - len(i_plan.extended.ev_keys)
+        self.positives_seen += len(pos)
+        self.conf_minus_1_sum += float((conf.astype(np.float64) - 1.0).sum())
+        self.last_batch_size = len(pos)
+        out.positives, out.refused = len(pos), res.refused
         return out
 
     def _probe(self, users: list[str], items: list[str], stamps: np.ndarray,
@@ -616,3 +900,30 @@ def fold_in_users(indptr: np.ndarray, items: np.ndarray, weights: np.ndarray, ro
         lhs = gram + (q.T * (c - 1.0)) @ q + max(lam, 1e-9) * eye
         out[k] = np.linalg.solve(lhs, q.T @ c)
     return out
+
+
+def batch_ials(u: np.ndarray, i: np.ndarray, w: np.ndarray, n_users: int, n_items: int, rank: int,
+               alpha: float, reg_param: float, iterations: int, seed: int, init_scale: float = 0.1,
+               reg_scaling: str = "count") -> tuple[np.ndarray, np.ndarray]:
+    """Exact batch implicit ALS on positives (u, i, w > 0) in numpy (the bootstrap of the
+    ranking model): ``iterations`` sweeps of the user step of :func:`fold_in_users` over
+    every user, then the same step over every item against the users. Returns (X, Y)
+    float32; a key without positives keeps a zero row. O(iterations · (positives · rank² +
+    keys · rank³)), one solve per key (a Python loop: about a minute per sweep at ml-25m)."""
+    keep = np.asarray(w) > 0
+    u, i, w = np.asarray(u)[keep], np.asarray(i)[keep], np.asarray(w, dtype=np.float64)[keep]
+
+    def csr(rows: np.ndarray, cols: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        order = np.lexsort((cols, rows))
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
+        return indptr, cols[order], w[order]
+
+    by_user, by_item = csr(u, i, n_users), csr(i, u, n_items)
+    rng = np.random.default_rng(seed)
+    y = (rng.standard_normal((n_items, rank)) * init_scale).astype(np.float32)
+    x = np.zeros((n_users, rank), dtype=np.float32)
+    for _ in range(iterations):
+        x = fold_in_users(*by_user, np.arange(n_users), y, alpha, reg_param, reg_scaling)
+        y = fold_in_users(*by_item, np.arange(n_items), x, alpha, reg_param, reg_scaling)
+    return x, y

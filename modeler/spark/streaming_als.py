@@ -37,8 +37,11 @@ each event's weight and routes every valid event (ratings and implicit events) b
 gathers the rows its positives and its own replay sample touch, C learns it beside the
 explicit model against the Gramians XᵀX / YᵀY the driver carries (rank² floats each, summed
 from the deltas C returns), D writes both back. Its memory: (rank² + rank + 2) × 4 bytes per
-key, its replay sample (≤ ``reservoir_size`` positives) and, with one partition only, the
-prequential probe's seen pairs (8 bytes per distinct pair).
+key, its replay sample (≤ ``reservoir_size`` positives; with ``ranking_history`` N > 0 none,
+but each key's newest N positives instead, ≤ N × (4 L + 4) bytes a key for ids of L
+characters, and one more round trip B0 in the multi-partition layout to fetch the
+histories' partner rows) and, with one partition only, the prequential probe's seen pairs
+(8 bytes per distinct pair).
 
 This module is long because the four stages of both layouts, their named messages and the
 model's persistence belong together: each stage function is the other side of a message.
@@ -79,15 +82,24 @@ from modeler.core.als_math import (
 )
 from modeler.core.ranking import (
     RESERVOIR_SALT,
+    Extended,
+    HistoryEvents,
+    KeyHistory,
     SeenPairs,
+    canonical_order,
     event_weights,
+    evicted_events,
     gramian,
+    history_events,
+    learn_history_batch,
     learn_ranking_batch,
+    plan_side,
     ranking_init,
     ranking_replay_fraction,
     replay_solves_all,
     run_probe,
     seed_ranking_statistics,
+    sweep_fraction,
 )
 
 log = logging.getLogger(__name__)
@@ -176,6 +188,9 @@ class _RankPart:
     replay: Reservoir
     mirror: Reservoir
     seen: SeenPairs | None = None
+    # ranking_history > 0: the newest positives of this partition's users / items
+    u_hist: KeyHistory = field(default_factory=KeyHistory)
+    i_hist: KeyHistory = field(default_factory=KeyHistory)
 
 
 @dataclass
@@ -284,6 +299,30 @@ class Routed(NamedTuple):
     here_ritems: np.ndarray
     n_implicit: int
     ev_implicit: np.ndarray
+    here_rusers: np.ndarray  # the users, weights and stamps of those positives (histories)
+    here_rweights: np.ndarray
+    here_rstamps: np.ndarray
+
+
+class RankRequest(NamedTuple):
+    """B0 -> B (ranking_history > 0, several partitions): ids living in partition p whose
+    rows the histories of another partition's keys need."""
+
+    src: int
+    users: list[str]
+    items: list[str]
+
+
+class RankHistory(NamedTuple):
+    """B -> C (ranking_history > 0): partition p's keys to solve with their histories
+    after the batch, and what the batch appended to / evicted from its batch keys'."""
+
+    u_solve: list[str]
+    u_hist: KeyHistory
+    u_ext: Extended
+    i_solve: list[str]
+    i_hist: KeyHistory
+    i_ext: Extended
 
 
 class RankGathered(NamedTuple):
@@ -312,6 +351,7 @@ class RankGathered(NamedTuple):
     probes: int
     hits: int
     ev_implicit: np.ndarray
+    history: RankHistory | None = None
 
 
 class Gathered(NamedTuple):
@@ -362,6 +402,8 @@ class RankLearned(NamedTuple):
     imp_users: np.ndarray
     imp_items: np.ndarray
     imp_weights: np.ndarray  # the events' confidence weights w (common.feedback), for {p}:rated
+    u_ext: Extended | None = None  # ranking_history > 0: the batch keys' new histories
+    i_ext: Extended | None = None
 
 
 class Learned(NamedTuple):
@@ -437,7 +479,8 @@ def _route_ratings(params: ALSParams):
             imp = n_imp if p == 0 else 0
             if len(su) or len(si) or len(se) or len(sr) or extra or imp:
                 yield p, Routed(index, u_arr[su], i_arr[su], rates[su], stamps[su], i_arr[si], extra,
-                                ev_u[se], ev_i[se], ev_w[se], ev_t[se], ev_i[sr], imp, ev_imp[se])
+                                ev_u[se], ev_i[se], ev_w[se], ev_t[se], ev_i[sr], imp, ev_imp[se],
+                                ev_u[sr], ev_w[sr], ev_t[sr])
 
     return route
 
@@ -448,8 +491,62 @@ def _rows_of(table: FactorTable, keys: np.ndarray):
     return ids, table.lookup(ids)
 
 
+def _history_plans(params: ALSParams, part: _RankPart, blocks: list[Routed], batch_no: int,
+                   sweep: tuple[float, float]):
+    """This partition's :func:`modeler.core.ranking.plan_side` of both sides: its users'
+    positives and its items' positives, each in the canonical order."""
+    alpha = params.ranking_alpha
+
+    def side(keys, partners, w, t, hist, ids, fraction, seed):
+        conf = (1.0 + alpha * w).astype(np.float32)
+        o = canonical_order(keys, partners, t, conf)  # keys: users, partners: items
+        return plan_side(hist, ids, keys[o], partners[o], conf[o], params.ranking_history,
+                         batch_no, fraction, seed)
+
+    ev_u = _cat([b.ev_users for b in blocks], str)
+    ev_i = _cat([b.ev_items for b in blocks], str)
+    ev_w = _cat([b.ev_weights for b in blocks], np.float64)
+    ev_t = _cat([b.ev_stamps for b in blocks], np.int64)
+    pos = ev_w > 0
+    r_u = _cat([b.here_rusers for b in blocks], str)
+    r_i = _cat([b.here_ritems for b in blocks], str)
+    r_w = _cat([b.here_rweights for b in blocks], np.float64)
+    r_t = _cat([b.here_rstamps for b in blocks], np.int64)
+    u_plan = side(ev_u[pos], ev_i[pos], ev_w[pos], ev_t[pos], part.u_hist, part.users.ids,
+                  sweep[0], params.seed)
+    # (canonical order is by (stamp, user, item, c): the item side sorts its own positives
+    # the same way, so each item's new entries come in the reference's order)
+    conf_i = (1.0 + alpha * r_w).astype(np.float32)
+    o = canonical_order(r_u, r_i, r_t, conf_i)
+    i_plan = plan_side(part.i_hist, part.items.ids, r_i[o], r_u[o], conf_i[o], params.ranking_history,
+                       batch_no, sweep[1], params.seed ^ 1)
+    return u_plan, i_plan
+
+
+def _history_requests(params: ALSParams, batch_no: int, sweep: tuple[float, float]):
+    """B0 (ranking_history > 0, several partitions): per partition, ask the partitions
+    holding the partners of its keys' histories for their rows."""
+    P = params.num_partitions
+
+    def stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, RankRequest]]:
+        pid, part, blocks = _split(it)
+        if part.ranking is None:
+            return
+        u_plan, i_plan = _history_plans(params, part.ranking, blocks, batch_no, sweep)
+        users_of = _pids(i_plan.requests, P)
+        items_of = _pids(u_plan.requests, P)
+        for q in range(P):
+            us = [k for k, t in zip(i_plan.requests, users_of.tolist(), strict=True) if t == q]
+            its = [k for k, t in zip(u_plan.requests, items_of.tolist(), strict=True) if t == q]
+            if us or its:
+                yield q, RankRequest(pid, us, its)
+
+    return stage
+
+
 def _gather_ranking(params: ALSParams, part: _RankPart, blocks: list[Routed], batch_no: int,
-                    fraction: float) -> RankGathered:
+                    fraction: float, sweep: tuple[float, float] = (0.0, 0.0),
+                    requests: list[RankRequest] | None = None) -> RankGathered:
     ev_u = _cat([b.ev_users for b in blocks], str)
     ev_i = _cat([b.ev_items for b in blocks], str)
     ev_w = _cat([b.ev_weights for b in blocks], np.float64)
@@ -475,19 +572,41 @@ def _gather_ranking(params: ALSParams, part: _RankPart, blocks: list[Routed], ba
         count = np.where(known, table.count[np.maximum(r, 0)] if len(table) else 0, 0)
         return ids, vec, known, count, table.stats(r)
 
-    u_ids, uv, uk, uc, ust = rows(part.users, np.concatenate([ev_u[ev_w > 0], rep_u]))
-    i_ids, iv, ik, ic, ist = rows(part.items, np.concatenate([here_i, mirror_i]))
+    history = None
+    if params.ranking_history > 0:
+        u_plan, i_plan = _history_plans(params, part, blocks, batch_no, sweep)
+        if requests is None:  # one partition: every partner lives here
+            req_u, req_i = i_plan.requests, u_plan.requests
+        else:
+            req_u = [k for r in requests for k in r.users]
+            req_i = [k for r in requests for k in r.items]
+        user_keys = np.asarray(sorted(set(u_plan.solve).union(req_u)), dtype=str)
+        item_keys = np.asarray(sorted(set(i_plan.solve).union(req_i)), dtype=str)
+
+        def only(h: KeyHistory, keys: list[str]) -> KeyHistory:
+            return KeyHistory({k: h.partners[k] for k in keys if k in h.partners},
+                              {k: h.conf[k] for k in keys if k in h.conf})
+
+        history = RankHistory(u_plan.solve, only(u_plan.history, u_plan.solve), u_plan.extended,
+                              i_plan.solve, only(i_plan.history, i_plan.solve), i_plan.extended)
+    else:
+        user_keys = np.concatenate([ev_u[ev_w > 0], rep_u])
+        item_keys = np.concatenate([here_i, mirror_i])
+    u_ids, uv, uk, uc, ust = rows(part.users, user_keys)
+    i_ids, iv, ik, ic, ist = rows(part.items, item_keys)
     return RankGathered(u_ids, uv, uk, uc, ust, i_ids, iv, ik, ic, ist, ev_u, ev_i, ev_w, ev_t,
                         rep_u, rep_i, rep_c, sum(b.n_implicit for b in blocks), probes, hits,
-                        _cat([b.ev_implicit for b in blocks], bool))
+                        _cat([b.ev_implicit for b in blocks], bool), history)
 
 
 def _gather_stage(params: ALSParams, batch_no: int, fraction: float, r_batch_no: int = 0,
-                  r_fraction: float = 0.0):
+                  r_fraction: float = 0.0, r_sweep: tuple[float, float] = (0.0, 0.0)):
     """B: per partition, the rows the batch (and its replay) needs, newcomers initialised."""
 
     def stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Gathered]]:
-        pid, part, blocks = _split(it)
+        pid, part, msgs = _split(it)
+        blocks = [b for b in msgs if isinstance(b, Routed)]
+        requests = [b for b in msgs if isinstance(b, RankRequest)] if params.num_partitions > 1 else None
         new_u = _cat([b.users for b in blocks], str)
         new_i = _cat([b.items for b in blocks], str)
         new_r = _cat([b.ratings for b in blocks], np.float64)
@@ -515,7 +634,8 @@ def _gather_stage(params: ALSParams, batch_no: int, fraction: float, r_batch_no:
         i_ids, ib, iv, i_fresh, i_count, i_st = rows_of(part.items, np.concatenate([here_i, mirror_i]))
         ranking = None
         if part.ranking is not None:
-            ranking = _gather_ranking(params, part.ranking, blocks, r_batch_no, r_fraction)
+            ranking = _gather_ranking(params, part.ranking, blocks, r_batch_no, r_fraction, r_sweep,
+                                      requests)
         yield 0, Gathered(pid, u_ids, ub, uv, u_fresh, i_ids, ib, iv, i_fresh,
                           new_u, new_i, new_r, new_t, rep_u, rep_i, rep_r, rejected, u_count, i_count,
                           u_st, i_st, ranking)
@@ -578,10 +698,32 @@ def _learn_ranking(params: ALSParams, carry: RankingCarry, msgs: list[Gathered],
         all_i = np.concatenate([pi, rep_i]).tolist()
         u_rows = np.fromiter((u_index[k] for k in all_u), dtype=np.int64, count=len(all_u))
         i_rows = np.fromiter((i_index[k] for k in all_i), dtype=np.int64, count=len(all_i))
-        out = learn_ranking_batch(params, n_pos, np.concatenate([conf, rep_c.astype(np.float64)]),
-                                  u_rows, i_rows, users, items, u_known, i_known,
-                                  carry.gram_users, carry.gram_items,
-                                  replay_solves_all(params, carry.positives_seen, carry.replay_fraction))
+        if params.ranking_history > 0:
+            hs = [r.history for r in rk if r.history is not None]
+
+            def flat(parts: list[HistoryEvents]) -> HistoryEvents:
+                return HistoryEvents(*(np.concatenate([getattr(x, f) for x in parts])
+                                       for f in HistoryEvents._fields)) if parts else HistoryEvents.empty()
+
+            out = learn_history_batch(
+                params, users, items, u_known, i_known,
+                flat([history_events(h.u_solve, h.u_hist, u_index, i_index) for h in hs]),
+                flat([history_events(h.i_solve, h.i_hist, i_index, u_index) for h in hs]),
+                flat([evicted_events(h.u_ext, u_index, i_index) for h in hs]),
+                flat([evicted_events(h.i_ext, i_index, u_index) for h in hs]),
+                carry.gram_users, carry.gram_items)
+            # Only the solved keys changed (the partners came to be read).
+            solved_u = np.isin(np.asarray(u_ids, dtype=str), [k for h in hs for k in h.u_solve])
+            solved_i = np.isin(np.asarray(i_ids, dtype=str), [k for h in hs for k in h.i_solve])
+            stats["r_evicted_users"] = sum(len(h.u_ext.ev_keys) for h in hs)
+            stats["r_evicted_items"] = sum(len(h.i_ext.ev_keys) for h in hs)
+        else:
+            out = learn_ranking_batch(params, n_pos, np.concatenate([conf, rep_c.astype(np.float64)]),
+                                      u_rows, i_rows, users, items, u_known, i_known,
+                                      carry.gram_users, carry.gram_items,
+                                      replay_solves_all(params, carry.positives_seen, carry.replay_fraction))
+            solved_u = np.ones(len(u_ids), dtype=bool)
+            solved_i = np.ones(len(i_ids), dtype=bool)
         stats.update({"r_new_users": int((~u_known).sum()), "r_new_items": int((~i_known).sum()),
                       "r_refused": out.refused, "r_d_gram_users": out.d_gram_users,
                       "r_d_gram_items": out.d_gram_items})
@@ -590,13 +732,16 @@ def _learn_ranking(params: ALSParams, carry: RankingCarry, msgs: list[Gathered],
         u_inc = np.bincount(u_rows[:n_pos], minlength=len(u_ids))
         i_inc = np.bincount(i_rows[:n_pos], minlength=len(i_ids))
         prio = rating_priority(pu.tolist(), pi.tolist(), ev_t[pos], params.seed ^ RESERVOIR_SALT)
-        keep = keep_mask(prio, keep_frac)
+        keep = keep_mask(prio, keep_frac) if params.ranking_history <= 0 else np.zeros(n_pos, dtype=bool)
     else:  # no positive: no ranking row changes
         u_ids, i_ids = [], []
         u_vec = i_vec = np.zeros((0, rank), dtype=np.float32)
         u_st = i_st = RowStats.zeros(0, rank)
         u_inc = i_inc = np.zeros(0, dtype=np.int64)
         prio, keep = np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=bool)
+        solved_u = solved_i = np.zeros(0, dtype=bool)
+    ext_of = {m.src: m.ranking.history for m in msgs
+              if m.ranking is not None and m.ranking.history is not None} if n_pos else {}
     u_pid = _pids(u_ids, P)
     i_pid = _pids(i_ids, P)
     ku, ki, kc, kp = pu[keep], pi[keep], conf[keep].astype(np.float32), prio[keep]
@@ -606,11 +751,15 @@ def _learn_ranking(params: ALSParams, carry: RankingCarry, msgs: list[Gathered],
     out_msgs = []
     for p in range(P):
         su, si, ru, ri, se = u_pid == p, i_pid == p, ku_pid == p, ki_pid == p, ev_pid == p
+        su, si = su & solved_u, si & solved_i
         sim = se & ev_imp
+        h = ext_of.get(p)
         out_msgs.append(RankLearned(u_arr[su].tolist(), u_vec[su], u_inc[su], u_st.select(su),
                                     i_arr[si].tolist(), i_vec[si], i_inc[si], i_st.select(si),
                                     (ku[ru], ki[ru], kc[ru], kp[ru]), (ki[ri], kp[ri]), keep_frac,
-                                    ev_u[se], ev_i[se], ev_u[sim], ev_i[sim], ev_w[sim]))
+                                    ev_u[se], ev_i[se], ev_u[sim], ev_i[sim], ev_w[sim],
+                                    h.u_ext if h is not None else None,
+                                    h.i_ext if h is not None else None))
     return out_msgs
 
 
@@ -714,13 +863,18 @@ def _apply_ranking(part: _RankPart, msg: RankLearned | None) -> _RankPart:
     users.touched[:] = False
     items.touched[:] = False
     if msg is None:
-        return _RankPart(users, items, part.replay, part.mirror, part.seen)
+        return _RankPart(users, items, part.replay, part.mirror, part.seen, part.u_hist, part.i_hist)
     users.upsert(msg.u_ids, np.zeros(len(msg.u_ids), dtype=np.float32), msg.u_vec, msg.u_inc, msg.u_stats)
     items.upsert(msg.i_ids, np.zeros(len(msg.i_ids), dtype=np.float32), msg.i_vec, msg.i_inc, msg.i_stats)
     replay = part.replay.updated(msg.keep_frac, *msg.replay_keep)
     mirror = part.mirror.updated(msg.keep_frac, None, msg.mirror_keep[0], None, msg.mirror_keep[1])
     seen = part.seen.added(msg.seen_users.tolist(), msg.seen_items.tolist()) if part.seen is not None else None
-    return _RankPart(users, items, replay, mirror, seen)
+    u_hist, i_hist = part.u_hist, part.i_hist
+    if msg.u_ext is not None:
+        u_hist = u_hist.updated(msg.u_ext.keys, msg.u_ext.partners, msg.u_ext.conf)
+    if msg.i_ext is not None:
+        i_hist = i_hist.updated(msg.i_ext.keys, msg.i_ext.partners, msg.i_ext.conf)
+    return _RankPart(users, items, replay, mirror, seen, u_hist, i_hist)
 
 
 def _apply_stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, _Part]]:
@@ -748,11 +902,11 @@ def _apply_stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, _Part]]:
 
 def _fused_stage(params: ALSParams, batch_no: int, fraction: float, rating_sum: float,
                  ratings_seen: int, r_batch_no: int = 0, r_fraction: float = 0.0,
-                 carry: RankingCarry | None = None):
+                 carry: RankingCarry | None = None, r_sweep: tuple[float, float] = (0.0, 0.0)):
     """B+C+D in one task, for a model of ONE partition: gather, learn and write back without
     the two shuffles between them (each PySpark stage and task costs tens of ms, far more
     than the numpy work of a batch). The same functions as the four-stage plan, chained."""
-    gather = _gather_stage(params, batch_no, fraction, r_batch_no, r_fraction)
+    gather = _gather_stage(params, batch_no, fraction, r_batch_no, r_fraction, r_sweep)
     learn = _learn_stage(params, rating_sum, ratings_seen, carry)
 
     def stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, _Part]]:
@@ -953,6 +1107,10 @@ class StreamingALS:
         self.conf_minus_1_sum = 0.0
         self.ranking_batches = 0
         self.ranking_last_batch_size = 0
+        # History entries held per side (ranking_history > 0): the sweep's fractions. Not
+        # persisted: a restored model's histories start empty (docs/ranking_model.md).
+        self.ranking_user_entries = 0
+        self.ranking_item_entries = 0
         self._state: Any = None  # RDD[(pid, _Part)], num_partitions records
 
     # -- plain attributes ------------------------------------------------------------------
@@ -1111,18 +1269,28 @@ class StreamingALS:
         batch_no = self.batches + 1
         fraction = replay_fraction(p, self.last_batch_size, self.ratings_seen)
         r_batch_no = self.ranking_batches + 1
-        r_fraction = ranking_replay_fraction(p, self.ranking_last_batch_size, self.positives_seen)
+        history = p.ranking and p.ranking_history > 0
+        r_fraction = 0.0 if history else ranking_replay_fraction(p, self.ranking_last_batch_size,
+                                                                 self.positives_seen)
+        r_sweep = (sweep_fraction(p, self.ranking_last_batch_size, self.ranking_user_entries),
+                   sweep_fraction(p, self.ranking_last_batch_size, self.ranking_item_entries))
         carry = (RankingCarry(self.gram_users, self.gram_items, self.positives_seen, r_fraction)
                  if p.ranking else None)
         routed = self._keyed(rdd.mapPartitionsWithIndex(_route_ratings(p)))
         if P == 1:
             state = self._zip(self._state, routed).mapPartitions(
                 _fused_stage(p, batch_no, fraction, self.rating_sum, self.ratings_seen,
-                             r_batch_no, r_fraction, carry),
+                             r_batch_no, r_fraction, carry, r_sweep),
                 preservesPartitioning=True)
         else:
-            gathered = self._zip(self._state, routed) \
-                .mapPartitions(_gather_stage(p, batch_no, fraction, r_batch_no, r_fraction)) \
+            inputs = routed
+            if history:
+                # One more round trip: the histories' partners live in other partitions.
+                requests = self._keyed(self._zip(self._state, routed).mapPartitions(
+                    _history_requests(p, r_batch_no, r_sweep)))
+                inputs = routed.union(requests)
+            gathered = self._zip(self._state, inputs) \
+                .mapPartitions(_gather_stage(p, batch_no, fraction, r_batch_no, r_fraction, r_sweep)) \
                 .partitionBy(1, _zero)
             learned = gathered.mapPartitions(
                 _learn_stage(p, self.rating_sum, self.ratings_seen, carry)) \
@@ -1158,6 +1326,8 @@ class StreamingALS:
             self.ranking_last_batch_size = n_pos
             self.gram_users = self.gram_users + st["r_d_gram_users"]
             self.gram_items = self.gram_items + st["r_d_gram_items"]
+            self.ranking_user_entries += n_pos - int(st.get("r_evicted_users", 0))
+            self.ranking_item_entries += n_pos - int(st.get("r_evicted_items", 0))
         stats = TrainStats(
             n_ratings=n_new,
             n_rejected=int(st.get("rejected", 0)),
@@ -1354,7 +1524,7 @@ def _seed_part(moments, params: ALSParams, mean_conf_minus_1: float):
                                         params.ranking_reg_param, params.ranking_reg_scaling)
                 seed_ranking_statistics(ri, r_users_c, g_users, mean_conf_minus_1,
                                         params.ranking_reg_param, params.ranking_reg_scaling)
-                rk = _RankPart(ru, ri, rk.replay, rk.mirror, rk.seen)
+                rk = _RankPart(ru, ri, rk.replay, rk.mirror, rk.seen, rk.u_hist, rk.i_hist)
             yield pid, _Part(users, items, part.replay, part.mirror, ranking=rk)
 
     return seed

@@ -55,6 +55,39 @@ def test_bootstrap_starts_the_stream_from_batch_als_and_keeps_learning(spark, pl
     assert np.sqrt(stats.prequential_sse / stats.n_ratings) == pytest.approx(warm, rel=0.05)
 
 
+def test_bootstrap_starts_the_ranking_model_from_batch_implicit_als(spark, planted):
+    from modeler.core.ranking import event_weights
+
+    rows, _ = planted
+    history = rows[:2400]
+    model, report = boot.bootstrap_model(spark, history, ranks=(3,), regs=(0.1,), iterations=2,
+                                         seed=1, ranking_rank=4)
+    p = model.params
+    w = event_weights(np.array([r.rating for r in history]), np.full(len(history), np.nan),
+                      p.weighting, p.rating_min, p.rating_max)
+    liked = [r for r, x in zip(history, w, strict=True) if x > 0]
+    assert model.positives_seen == report.ranking_positives == len(liked) > 0
+    users = dict(model.ranking_user_factors.collect())
+    items = dict(model.ranking_item_factors.collect())
+    assert set(users) == {r.user for r in liked} and set(items) == {r.item for r in liked}
+    assert dict(model.ranking_item_counts.collect()) == {
+        i: sum(1 for r in liked if r.item == i) for i in items}
+    # The start is a fitted model: a user's liked history items score above the rest.
+    ids = sorted(items)
+    y = np.array([items[k] for k in ids])
+    gains = []
+    for u in sorted(users)[:30]:
+        mine = {r.item for r in liked if r.user == u}
+        s = y @ users[u]
+        gains.append(np.mean([s[j] for j, k in enumerate(ids) if k in mine])
+                     - np.mean([s[j] for j, k in enumerate(ids) if k not in mine]))
+    assert np.mean(gains) > 0.2
+    np.testing.assert_allclose(model.gram_items, y.astype(np.float64).T @ y, atol=1e-6)
+    # ...and it keeps learning from the stream.
+    stats = model.train(spark.sparkContext.parallelize([tuple(r) for r in rows[2400:]], 2))
+    assert stats.ranking_positives > 0 and model.positives_seen == len(liked) + stats.ranking_positives
+
+
 SMALL_GRID = {"ranks": (3,), "regs": (0.1,), "alphas": (1.0, 10.0)}
 BLOCKS = ("popular", "batch_implicit_als", "streaming", "explicit_order")
 

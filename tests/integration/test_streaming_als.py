@@ -214,16 +214,19 @@ def _ranking_table(rdd) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in rdd.collect()}
 
 
-# 3 partitions: the four-stage plan; 1: the fused one-task plan (with the probe)
-@pytest.mark.parametrize("partitions", [3, 1])
-def test_the_ranking_model_matches_the_numpy_reference_in_both_layouts(spark, partitions):
+# 3 partitions: the four-stage plan (with the per-key history: one more round trip); 1: the
+# fused one-task plan (with the probe). History cap 4: entries are evicted into the statistics
+# and the sweep re-solves keys outside the batch; 0: the stale statistics + replay instead.
+@pytest.mark.parametrize(("partitions", "history"), [(3, 4), (1, 4), (1, 0)])
+def test_the_ranking_model_matches_the_numpy_reference_in_both_layouts(spark, partitions, history):
     sc = spark.sparkContext
     model = StreamingALS(rank=3, iterations=2, seed=5, num_partitions=partitions,
                          reservoir_size=300, params=None)
     from dataclasses import replace
 
     model = StreamingALS(params=replace(model.params, ranking_rank=4, ranking_alpha=3.0,
-                                        ranking_probe_size=40))
+                                        ranking_probe_size=40, ranking_history=history,
+                                        ranking_sweep=2.0))
     ref = LocalStreamingALS(model.params)
     rows = _mixed_stream(1200)
     hits = probes = 0
@@ -253,6 +256,12 @@ def test_the_ranking_model_matches_the_numpy_reference_in_both_layouts(spark, pa
     np.testing.assert_allclose(model.gram_items, ranking.gram_items, atol=1e-6)
     touched = {k for k, t in zip(ranking.items.ids, ranking.items.touched) if t}
     assert {k for k, _ in model.changed_ranking_items.collect()} == touched
+    if history:
+        # Entries were evicted (statistics hold them) and the histories are capped.
+        assert ranking.users.mass.sum() > 0 and ranking.items.mass.sum() > 0
+        assert max(len(v) for v in ranking.item_history.partners.values()) == history
+        assert model.ranking_item_entries == ranking.item_entries == ranking.item_history.entries()
+        assert model.ranking_user_entries == ranking.user_entries == ranking.user_history.entries()
     # The explicit model never saw the plays.
     assert model.ratings_seen == ref.ratings_seen == sum(1 for r in rows if len(r) == 4)
     _assert_tables_equal(_table(model.item_factors), ref.items)

@@ -93,7 +93,7 @@ def _implicit_stream(n_users=90, n_items=120, groups=3, per_user=24, seed=0):
 
 def test_incremental_gramians_equal_recomputed_ones_after_many_batches():
     rows, _ = _implicit_stream()
-    params = ALSParams(ranking_rank=6, reservoir_size=300, ranking_probe_size=32)
+    params = ALSParams(ranking_rank=6, reservoir_size=300, ranking_probe_size=32, ranking_history=0)
     model = LocalRankingALS(params)
     for start in range(0, len(rows), 90):  # 24 batches, with replay
         b = rows[start:start + 90]
@@ -175,3 +175,97 @@ def test_a_non_finite_solve_keeps_the_row_and_the_gramian_stays_exact():
                               np.zeros((2, 2)))
     assert out.refused >= 1
     np.testing.assert_array_equal(users.vec, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# The bounded per-key history (ranking_history > 0)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_histories_keep_the_newest_entries_and_evict_the_oldest_in_any_input_order():
+    from modeler.core.ranking import KeyHistory, canonical_order, extend_histories
+
+    users = np.array(["u1", "u2", "u1", "u1", "u2", "u1"])
+    items = np.array(["a", "b", "c", "d", "e", "f"])
+    stamps = np.array([1, 2, 3, 4, 5, 6])
+    conf = np.array([2, 3, 4, 5, 6, 7], dtype=np.float32)
+    old = KeyHistory({"u1": np.array(["z"])}, {"u1": np.array([9.0], dtype=np.float32)})
+    results = []
+    for perm in (np.arange(6), np.array([5, 3, 1, 0, 4, 2])):
+        u, i, t, c = users[perm], items[perm], stamps[perm], conf[perm]
+        o = canonical_order(u, i, t, c)
+        results.append(extend_histories(old, u[o], i[o], c[o], cap=3))
+    for ext in results:
+        got = dict(zip(ext.keys, (p.tolist() for p in ext.partners), strict=True))
+        assert got == {"u1": ["c", "d", "f"], "u2": ["b", "e"]}
+        assert ext.ev_keys.tolist() == ["u1", "u1"] and ext.ev_partners.tolist() == ["z", "a"]
+        assert ext.ev_conf.tolist() == [9.0, 2.0]
+    assert old.of("u1")[0].tolist() == ["z"]  # the input history is not mutated
+
+
+def test_a_key_with_its_whole_history_is_solved_exactly_against_todays_partners():
+    # One pass per batch: the second batch's users see both batches' positives, solved
+    # against the item vectors as the first batch left them (newcomers at their start).
+    rank, alpha, lam = 3, 2.0, 0.1
+    params = ALSParams(ranking_rank=rank, ranking_iterations=1, ranking_alpha=alpha,
+                       ranking_reg_param=lam, ranking_history=50, ranking_sweep=0.0,
+                       ranking_probe_size=0)
+    model = LocalRankingALS(params)
+    rng = np.random.default_rng(3)
+    b1 = [(f"u{rng.integers(6)}", f"i{rng.integers(10)}") for _ in range(40)]
+    b2 = [(f"u{rng.integers(6)}", f"i{rng.integers(14)}") for _ in range(40)]
+
+    def train(batch, t0):
+        n = len(batch)
+        model.train([u for u, _ in batch], [i for _, i in batch], np.full(n, np.nan),
+                    np.full(n, 3.0), np.arange(t0, t0 + n))
+
+    train(b1, 0)
+    from modeler.core.ranking import ensure_ranking_rows
+
+    before = LocalRankingALS(params)
+    before.items = sub_table(model.items, np.arange(len(model.items)))
+    before.items.ids, before.items.index = list(model.items.ids), dict(model.items.index)
+    ensure_ranking_rows(before.items, [i for _, i in b2], params)
+    train(b2, 100)
+    w = np.log1p(3.0)
+    y = before.items.vec.astype(np.float64)
+    pairs = b1 + b2
+    for u in sorted({u for u, _ in b2}):
+        cells = [before.items.index[i] for uu, i in pairs if uu == u]
+        p = np.zeros((1, len(y)))
+        c = np.ones((1, len(y)))
+        for j in cells:  # a repeated pair is two entries: c − 1 and c add up
+            p[0, j] = 1.0
+            c[0, j] += alpha * w
+        conf_sum = np.zeros(len(y))
+        np.add.at(conf_sum, cells, 1.0 + alpha * w)
+        lhs = y.T @ y + (y.T * (c[0] - 1.0)) @ y + lam * len(cells) * np.eye(rank)
+        want = np.linalg.solve(lhs, y.T @ conf_sum)
+        np.testing.assert_allclose(model.users.vec[model.users.index[u]], want, rtol=1e-4, atol=1e-5)
+    assert model.users.mass.sum() == 0  # nothing evicted: no statistics
+
+
+def test_the_history_model_keeps_its_gramians_exact_and_its_histories_capped():
+    params = ALSParams(ranking_rank=4, ranking_history=5, ranking_sweep=3.0, ranking_probe_size=0)
+    model = LocalRankingALS(params)
+    rng = np.random.default_rng(11)
+    for b in range(12):
+        n = 120
+        model.train([f"u{x}" for x in rng.integers(0, 15, n)], [f"i{x}" for x in rng.integers(0, 40, n)],
+                    np.full(n, np.nan), np.full(n, 1.0), np.arange(b * n, (b + 1) * n))
+    np.testing.assert_allclose(model.gram_users, gramian(model.users.vec), atol=1e-9)
+    np.testing.assert_allclose(model.gram_items, gramian(model.items.vec), atol=1e-9)
+    assert max(len(v) for v in model.user_history.partners.values()) == 5
+    # Every positive is in a history or folded into the statistics, exactly once (items take
+    # users at full weight, so their statistics' mass counts the evicted entries).
+    assert model.item_entries + model.items.mass.sum() == model.positives_seen
+    assert model.user_entries == model.user_history.entries() < model.positives_seen
+    assert (model.users.mass > 0).sum() == sum(n > 5 for n in model.users.count.tolist())
+
+
+def test_bad_history_parameters_are_refused_by_name():
+    with pytest.raises(ValueError, match="ranking_history"):
+        ALSParams(ranking_history=-1)
+    with pytest.raises(ValueError, match="ranking_sweep"):
+        ALSParams(ranking_sweep=float("nan"))
