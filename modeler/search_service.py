@@ -350,8 +350,8 @@ class SearchSink:
         if len(batch.users) or len(batch.i_users):
             # As modeler.service._RatedChunk: implicit events carry their confidence weight w.
             weights = [self.weighting.implicit_weight(float(w)) for w in batch.i_weights]
-            chunks.append((pub.RATED, list(batch.users), list(batch.items), batch.ratings.tolist(),
-                           list(batch.i_users), list(batch.i_items), weights))
+            chunks.append(pub.rated_chunk(list(batch.users), list(batch.items), batch.ratings.tolist(),
+                                          list(batch.i_users), list(batch.i_items), weights))
         try:
             written, top, rtop = next(pub.write_partition(chunks, self.redis_url, self.prefix, self.segment,
                                                           self.top_n, rated_cap=self.rated_cap))

@@ -924,7 +924,7 @@ class _RatedChunk:
 
     weighting: Weighting
 
-    def __call__(self, block: ks.Block, order: float | None = None) -> tuple:
+    def __call__(self, block: ks.Block, order: float | None = None) -> pub.RatedChunk:
         weights = [self.weighting.implicit_weight(w) for w in block.i_weights]
-        return (pub.RATED, block.users, block.items, block.ratings, block.i_users, block.i_items, weights,
-                order)
+        return pub.rated_chunk(block.users, block.items, block.ratings, block.i_users, block.i_items, weights,
+                               order)

@@ -28,7 +28,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -95,7 +95,7 @@ def write_partition(
     - ``("s", candidate id, kind, ids, biases, vectors, counts)``: a search candidate's rows
       of one factor kind (``users``/``items``/``ranking_users``/``ranking_items``) into the
       segment's search hashes (``{p}:seg:{s}:search:{kind}``, field ``{cid}:{id}``);
-    - ``("r", users, items, ratings[, implicit users, implicit items, weights[, order]])``:
+    - :class:`RatedChunk` ``("r", users, items, ratings[, implicit users, implicit items, weights[, order]])``:
       each user's rated items into ``{p}:rated:{user}``, and items met through implicit
       events (value :data:`IMPLICIT_MARK`, never overwriting a rating); idempotent. With
       ``rated_cap`` > 0 only the newest ``rated_cap`` items per user stay, recency being
@@ -171,17 +171,36 @@ def write_partition(
     yield n, top[:top_n], rtop[:top_n]
 
 
+class RatedChunk(NamedTuple):
+    """A batch's rated items for :func:`write_partition` (tag ``"r"``): ratings, and items met
+    through implicit events with their confidence weights w; ``order`` is the entries'
+    recency for a capped history (``None``: the version being written)."""
+
+    tag: str
+    users: Sequence[str]
+    items: Sequence[str]
+    ratings: Sequence[float]
+    i_users: Sequence[str] = ()
+    i_items: Sequence[str] = ()
+    i_weights: Sequence[float] = ()  # w of each implicit event (1.0 each when empty)
+    order: float | None = None
+
+
+def rated_chunk(users: Sequence[str], items: Sequence[str], ratings: Sequence[float],
+                i_users: Sequence[str] = (), i_items: Sequence[str] = (), i_weights: Sequence[float] = (),
+                order: float | None = None) -> RatedChunk:
+    return RatedChunk(RATED, users, items, ratings, i_users, i_items, i_weights, order)
+
+
 def _write_rated_record(pipe: Any, keys: Any, rec: tuple, segment: int, cap: int) -> int:
     """Queue one ``RATED`` record's writes (:func:`common.snapshot.write_rated`); entries."""
     from common.snapshot import write_rated
 
-    users, items, ratings = rec[1], rec[2], rec[3]
-    implicit: Iterable[tuple[str, str, float]] = ()
-    if len(rec) > 4:
-        weights = rec[6] if len(rec) > 6 else [1.0] * len(rec[4])
-        implicit = zip(rec[4], rec[5], weights, strict=True)
-    order = rec[7] if len(rec) > 7 and rec[7] is not None else segment
-    return write_rated(pipe, keys, zip(users, items, ratings, strict=True), implicit,
+    r = rec if isinstance(rec, RatedChunk) else RatedChunk(*rec)
+    weights = r.i_weights if len(r.i_weights) else [1.0] * len(r.i_users)
+    implicit: Iterable[tuple[str, str, float]] = zip(r.i_users, r.i_items, weights, strict=True)
+    order = r.order if r.order is not None else segment
+    return write_rated(pipe, keys, zip(r.users, r.items, r.ratings, strict=True), implicit,
                        cap=cap, order=float(order))
 
 
@@ -247,10 +266,10 @@ class SegmentSink:
                                getattr(update, "ranking_users", None), getattr(update, "ranking_items", None))
         iu = getattr(update, "batch_implicit_users", ())
         if len(update.batch_users) or len(iu):
-            chunks.append((RATED, update.batch_users.tolist(), update.batch_items.tolist(),
-                           update.batch_ratings.tolist(), list(iu),
-                           list(getattr(update, "batch_implicit_items", ())),
-                           np.asarray(getattr(update, "batch_implicit_weights", ()), float).tolist()))
+            chunks.append(rated_chunk(update.batch_users.tolist(), update.batch_items.tolist(),
+                                      update.batch_ratings.tolist(), list(iu),
+                                      list(getattr(update, "batch_implicit_items", ())),
+                                      np.asarray(getattr(update, "batch_implicit_weights", ()), float).tolist()))
         try:
             written, top, rtop = next(write_partition(chunks, self.redis_url, self.prefix,
                                                       self.segment, self.top_n,

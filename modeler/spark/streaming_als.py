@@ -1,4 +1,9 @@
-"""Streaming ALS (bias-SGD matrix factorisation) on Spark RDDs, one ``train()`` per mini-batch.
+"""Streaming ALS on Spark RDDs, one ``train()`` per mini-batch: the explicit rating model and
+the ranking model (implicit-feedback ALS) trained side by side in the same tasks.
+
+Long (over 1,500 lines) because both models' four stages, in both layouts (one partition and
+many), their restore and their per-key histories share one partition record and one task;
+split by model, each half would repeat the routing and gathering that keep them in one pass.
 
 The maths lives in :mod:`modeler.core.als_math` (numpy only); this module only moves blocks of
 rows between partitions. Layout, chosen after the seeds' performance warnings:
