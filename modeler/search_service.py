@@ -348,10 +348,7 @@ class SearchSink:
     def __call__(self, models: Mapping[str, LocalStreamingALS], batch: Any) -> dict[str, Any]:
         chunks: list[Any] = list(_chunks(self.leader, self.live, self.full)(models))
         if len(batch.users) or len(batch.i_users):
-            # As modeler.service._RatedChunk: implicit events carry their confidence weight w.
-            weights = [self.weighting.implicit_weight(float(w)) for w in batch.i_weights]
-            chunks.append(pub.rated_chunk(list(batch.users), list(batch.items), batch.ratings.tolist(),
-                                          list(batch.i_users), list(batch.i_items), weights))
+            chunks.append(pub.rated_from(batch, self.weighting))
         try:
             written, top, rtop = next(pub.write_partition(chunks, self.redis_url, self.prefix, self.segment,
                                                           self.top_n, rated_cap=self.rated_cap))

@@ -925,6 +925,4 @@ class _RatedChunk:
     weighting: Weighting
 
     def __call__(self, block: ks.Block, order: float | None = None) -> pub.RatedChunk:
-        weights = [self.weighting.implicit_weight(w) for w in block.i_weights]
-        return pub.rated_chunk(block.users, block.items, block.ratings, block.i_users, block.i_items, weights,
-                               order)
+        return pub.rated_from(block, self.weighting, order)

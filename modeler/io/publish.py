@@ -39,6 +39,7 @@ from common.keys import KINDS
 # Re-exported: the rated hash's implicit value is written by common.snapshot.write_rated.
 from common.snapshot import IMPLICIT_MARK as IMPLICIT_MARK
 from common.snapshot import implicit_value as implicit_value
+from common.snapshot import write_rated
 
 log = logging.getLogger(__name__)
 
@@ -192,10 +193,19 @@ def rated_chunk(users: Sequence[str], items: Sequence[str], ratings: Sequence[fl
     return RatedChunk(RATED, users, items, ratings, i_users, i_items, i_weights, order)
 
 
+def rated_from(events: Any, weighting: Any, order: float | None = None) -> RatedChunk:
+    """The rated items of a batch's events: anything with the columns ``users``, ``items``,
+    ``ratings`` and ``i_users``, ``i_items``, ``i_weights`` (a Kafka ``Block``, a side-by-side
+    batch). An implicit event's value v is recorded as its confidence weight
+    w = ``weighting.implicit_weight(v)`` (:class:`common.feedback.Weighting`), the mapping
+    the models train with, so the predictor's refit weighs it as training did."""
+    weights = [weighting.implicit_weight(float(v)) for v in events.i_weights]
+    return rated_chunk(list(events.users), list(events.items), np.asarray(events.ratings, float).tolist(),
+                       list(events.i_users), list(events.i_items), weights, order)
+
+
 def _write_rated_record(pipe: Any, keys: Any, rec: tuple, segment: int, cap: int) -> int:
     """Queue one ``RATED`` record's writes (:func:`common.snapshot.write_rated`); entries."""
-    from common.snapshot import write_rated
-
     r = rec if isinstance(rec, RatedChunk) else RatedChunk(*rec)
     weights = r.i_weights if len(r.i_weights) else [1.0] * len(r.i_users)
     implicit: Iterable[tuple[str, str, float]] = zip(r.i_users, r.i_items, weights, strict=True)

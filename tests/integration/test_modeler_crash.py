@@ -10,8 +10,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -21,40 +19,22 @@ import pytest
 import redis
 
 from modeler.replay import encode, make_producer
-from tests.support.modeler import ml_rows, plain_predict, plain_ranking, plain_snapshot, settings_for
+from tests.support.modeler import (
+    kill_9,
+    ml_rows,
+    plain_predict,
+    plain_ranking,
+    plain_snapshot,
+    published,
+    reaped,
+    settings_for,
+    start_modeler,
+    wait_for,
+)
 
 pytestmark = pytest.mark.spark
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def start_modeler(env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    log = open(log_path, "ab")  # noqa: SIM115 - the child owns it
-    return subprocess.Popen(
-        [sys.executable, "-m", "modeler"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL, start_new_session=True,
-    )
-
-
-def published(client: redis.Redis, prefix: str) -> tuple[int, int]:
-    """(version, ratings_seen) of the visible version, (0, 0) before the first."""
-    raw = client.get(f"{prefix}:current")
-    if raw is None:
-        return 0, 0
-    version = json.loads(raw)["version"]
-    seen = client.hget(f"{prefix}:ver:{version}", "ratings_seen")
-    return version, int(seen or 0)
-
-
-def wait_for(cond, timeout: float, proc: subprocess.Popen, log_path: Path, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"modeler exited ({proc.returncode}) before {what}:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}:\n{log_path.read_text()[-3000:]}")
 
 
 def held_out(row: tuple) -> bool:
@@ -91,32 +71,21 @@ def test_kill_9_twice_then_every_rating_counts_once(
     rng = random.Random(11)
     kills = []
     for _ in range(2):
-        proc = start_modeler(env, log_path)
-        try:
+        with reaped(start_modeler(env, log_path)) as proc:
             start_version = published(client, redis_prefix)[0]
             wait_for(lambda v=start_version: published(client, redis_prefix)[0] >= v + 1, 180, proc, log_path,
                      "a new version")
             # Somewhere inside a later batch: reading, training, writing or publishing.
             time.sleep(rng.uniform(0.0, 1.5))
             kills.append(published(client, redis_prefix))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+            kill_9(proc)
     assert all(0 < seen < len(train) for _, seen in kills), f"kills were not mid-stream: {kills}"
 
-    proc = start_modeler(env, log_path)
-    try:
+    with reaped(start_modeler(env, log_path)) as proc:
         wait_for(lambda: published(client, redis_prefix)[1] >= len(train), 240, proc, log_path,
                  "every rating to be published")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log_path.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
     assert "restored version" in log_path.read_text()
 
     snap = plain_snapshot(client, redis_prefix)

@@ -19,7 +19,14 @@ import redis
 from devstack.services import start_redis
 from modeler.replay import encode, make_producer, send_rows
 from modeler.service import ModelerService, new_model
-from tests.support.modeler import ml_rows, plain_predict, plain_snapshot, run_until_seen, settings_for
+from tests.support.modeler import (
+    assert_complete_once,
+    ml_rows,
+    plain_predict,
+    plain_snapshot,
+    run_until_seen,
+    settings_for,
+)
 from tests.support.topics import read_records
 
 pytestmark = pytest.mark.spark
@@ -52,18 +59,6 @@ def wait_published(client: redis.Redis, prefix: str, service: ModelerService, n:
             return
         time.sleep(0.2)
     pytest.fail(f"no version with {n} ratings was published")
-
-
-def assert_complete_once(client: redis.Redis, prefix: str, rows: list) -> dict:
-    """The current version holds every user and item of ``rows``, each rating counted once
-    (``ratings_seen`` and the stored offsets); returns the snapshot."""
-    snap = plain_snapshot(client, prefix)
-    meta = snap["meta"]
-    assert int(meta["ratings_seen"]) == len(rows)
-    assert sum(json.loads(meta["offsets"]).values()) == len(rows)
-    assert set(snap["users"]) == {r[0] for r in rows}
-    assert set(snap["items"]) == {r[1] for r in rows}
-    return snap
 
 
 # ------------------------------------------------------------------ tests

@@ -110,7 +110,7 @@ def test_the_modeler_caps_histories_and_still_learns_every_rating(spark, bootstr
 
     from modeler.replay import make_producer, send_rows
     from modeler.service import ModelerService
-    from tests.integration.test_modeler_service import assert_complete_once, ml_rows, run_until_seen, settings_for
+    from tests.support.modeler import assert_complete_once, ml_rows, run_until_seen, settings_for
 
     rows = ml_rows(ml_small, 900)
     producer = make_producer(bootstrap)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import threading
 import time
 
@@ -18,7 +17,17 @@ import redis
 from modeler.replay import make_producer, send_rows
 from modeler.search_service import SearchModel
 from modeler.service import ModelerService
-from tests.integration.test_modeler_service import ml_rows, plain_predict, plain_snapshot, settings_for
+from tests.support.modeler import (
+    kill_9,
+    ml_rows,
+    plain_predict,
+    plain_snapshot,
+    published,
+    reaped,
+    settings_for,
+    start_modeler,
+    wait_for,
+)
 from tests.support.versions import serve
 
 pytestmark = pytest.mark.spark
@@ -157,8 +166,6 @@ def _stored_predict(client: redis.Redis, prefix: str, version: int, cid: str, ra
 
 def test_kill_9_then_every_candidate_resumes_with_its_score_and_factors(
         spark, bootstrap, topic, redis_url, redis_prefix, ml_small, tmp_path):
-    from tests.integration.test_modeler_crash import published, start_modeler, wait_for
-
     rows = ml_rows(ml_small, 1500)
     # The ranking model on (small), so its rows are restored too.
     cands = [*CANDIDATES, {"rank": 3, "reg_param": 0.5}]
@@ -182,15 +189,9 @@ def test_kill_9_then_every_candidate_resumes_with_its_score_and_factors(
                 "SPARK_DRIVER_MEMORY": "1g"})
     client = redis.Redis.from_url(redis_url)
     log_path = tmp_path / "modeler.log"
-    proc = start_modeler(env, log_path)
-    try:
+    with reaped(start_modeler(env, log_path)) as proc:
         wait_for(lambda: published(client, redis_prefix)[0] >= 2, 240, proc, log_path, "two versions")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        kill_9(proc)
     version, seen = published(client, redis_prefix)
     assert 0 < seen < len(rows), f"the kill was not mid-stream: {seen}"
     meta = {k.decode(): v.decode() for k, v in client.hgetall(f"{redis_prefix}:ver:{version}").items()}

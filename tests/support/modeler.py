@@ -4,10 +4,17 @@ only the documented key layout (``common.keys``) with a plain redis client and n
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
+import pytest
 import redis
 
 from common.datasets import read_ratings
@@ -104,3 +111,66 @@ def plain_ranking(client: redis.Redis, prefix: str) -> tuple[dict, dict]:
             table[k] = rec[1:]
         out.append(table)
     return out[0], out[1]
+
+
+# ------------------------------------------------------------- python -m modeler as a process
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def start_modeler(env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "ab")  # noqa: SIM115 - the child owns it
+    return subprocess.Popen(
+        [sys.executable, "-m", "modeler"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, start_new_session=True,
+    )
+
+
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """``proc`` is killed and waited for when the block ends, whatever happened in it."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def kill_9(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+
+
+def published(client: redis.Redis, prefix: str) -> tuple[int, int]:
+    """(version, ratings_seen) of the visible version, (0, 0) before the first."""
+    raw = client.get(f"{prefix}:current")
+    if raw is None:
+        return 0, 0
+    version = json.loads(raw)["version"]
+    seen = client.hget(f"{prefix}:ver:{version}", "ratings_seen")
+    return version, int(seen or 0)
+
+
+def wait_for(cond, timeout: float, proc: subprocess.Popen, log_path: Path, what: str) -> None:
+    """Until ``cond()``; fails with the modeler's log if it exits or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"modeler exited ({proc.returncode}) before {what}:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}:\n{log_path.read_text()[-3000:]}")
+
+
+def assert_complete_once(client: redis.Redis, prefix: str, rows: list) -> dict:
+    """The current version holds every user and item of ``rows``, each rating counted once
+    (``ratings_seen`` and the stored offsets); returns the snapshot."""
+    snap = plain_snapshot(client, prefix)
+    meta = snap["meta"]
+    assert int(meta["ratings_seen"]) == len(rows)
+    assert sum(json.loads(meta["offsets"]).values()) == len(rows)
+    assert set(snap["users"]) == {r[0] for r in rows}
+    assert set(snap["items"]) == {r[1] for r in rows}
+    return snap
