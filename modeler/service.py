@@ -21,12 +21,13 @@ Failure handling:
 - SIGTERM: the current batch is finished and published (or, if Redis is away, abandoned:
   a restart redoes it), then the loop ends and the lease is released.
 
-One batch is ``step``: ``_plan`` (full or delta, once), ``_read_and_train``, ``_account``,
-``_publish`` (retried; ``_publish_once`` flips the version), ``_observe``. The module is
-longer than the others because the lifecycle (start, restore, reset, lease), that loop and
-the adapter to the model (settings -> parameters, restore of a published version) each
-depend on the failure handling above; the online search's share is in
-:mod:`modeler.search_service`.
+One batch is ``step``: the publish flow's ``plan`` (full or delta, once),
+``_read_and_train``, ``_account``, the flow's ``publish`` (retried; it flips the version),
+``_observe``. How a version is written and made visible, and the published chain, are
+:mod:`modeler.publishing`'s; the online search's share is in :mod:`modeler.search_service`.
+The module is longer than most because the lifecycle (start, restore, reset, lease), the
+loop and the adapter to the model (settings -> parameters, restore of a published version)
+each depend on the failure handling above.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple, Union
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from common.errors import StreamrecError
 from common.feedback import Weighting
@@ -48,6 +49,17 @@ from modeler.config import ModelerSettings
 from modeler.io import kafka_source as ks
 from modeler.io import publish as pub
 from modeler.metrics import ModelerMetrics
+from modeler.publishing import (  # noqa: F401 - ranking_meta, version_models: re-exported
+    Chain,
+    LeaseLost,
+    Model,
+    ModelCounts,
+    PublishedBatch,
+    PublishFlow,
+    ranking_meta,
+    short,
+    version_models,
+)
 from modeler.search_service import SearchModel, new_search_model, restore_search_model
 
 if TYPE_CHECKING:
@@ -55,11 +67,6 @@ if TYPE_CHECKING:
     from modeler.spark.streaming_als import StreamingALS, TrainStats
 
 log = logging.getLogger(__name__)
-
-#: What the service trains: one streaming model, or the online search over several
-#: (``MODEL_CANDIDATES``), which offers the same driver-side attributes (its leader's).
-Model = Union["StreamingALS", SearchModel]
-
 
 class BatchRead(NamedTuple):
     """What the executors read of one batch: their block summaries added up."""
@@ -127,13 +134,14 @@ class ModelerService:
         )
         self._stop = threading.Event()
         self.model: Model | None = None
-        self.version = 0  # last version published (or restored)
-        self.segments: list[int] = []  # segments of that version
+        # The published chain (last version, its segments and popular list) and how a
+        # batch joins it.
+        self.flow = PublishFlow(settings, self.publisher, self.admin, self.metrics, lambda: self.spark,
+                                lambda: self.stopping, self.token)
         self.offsets: dict[int, int] = {}  # next offset per partition, consistent with model
         self.backlog: dict[int, int | None] = {}
         self.dlq_total = 0
         self.n_users = 0
-        self.popular: list[tuple[str, int]] = []
         self.n_items = 0
         self.n_ranking_users = 0  # rows of the ranking model (an implicit-only stream has no others)
         self.n_ranking_items = 0
@@ -141,13 +149,10 @@ class ModelerService:
         self.ranking_hits_total = 0
         self.ranking_probes_total = 0
         self._last_blocks: list[Any] = []
-        self._need_full = True
         self._ready = False
         self._train_failures = 0
         self._failures = 0
         self._inflight: Any = None
-        self._write_job_s = 0.0  # the last publish's separate write job (0: none ran)
-        self._written_inline = False  # the last version was written by its training job
         self.reports: list[BatchReport] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -171,6 +176,19 @@ class ModelerService:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    @property
+    def version(self) -> int:
+        """The last version this modeler published (or restored); 0: none."""
+        return self.flow.chain.version
+
+    @property
+    def segments(self) -> list[int]:
+        return self.flow.chain.segments
+
+    @property
+    def popular(self) -> list[tuple[str, int]]:
+        return self.flow.chain.popular
+
     def run(self, max_batches: int | None = None, until: Callable[[ModelerService], bool] | None = None) -> None:
         """Loop until stopped (or ``max_batches`` non-empty batches, or ``until(self)``)."""
         done = 0
@@ -184,7 +202,7 @@ class ModelerService:
                     except Exception as exc:
                         self._failures += 1
                         delay = pub.backoff(self._failures, self.settings.retry_max_backoff_s)
-                        log.exception("start-up failed (%s); retrying in %.1f s", _short(exc), delay)
+                        log.exception("start-up failed (%s); retrying in %.1f s", short(exc), delay)
                         pub.sleep_unless(lambda: self.stopping, delay)
                     continue
                 try:
@@ -199,7 +217,7 @@ class ModelerService:
                     # Unexpected: start over from the published version rather than crash-loop.
                     self._failures += 1
                     delay = pub.backoff(self._failures, self.settings.retry_max_backoff_s)
-                    log.exception("batch failed (%s); restoring from Redis in %.1f s", _short(exc), delay)
+                    log.exception("batch failed (%s); restoring from Redis in %.1f s", short(exc), delay)
                     self._reset()
                     pub.sleep_unless(lambda: self.stopping, delay)
                     continue
@@ -255,15 +273,12 @@ class ModelerService:
             meta = restored.meta
             self.model = (restore_search_model(self.spark, s, restored, self.publisher) if s.model_candidates
                           else restore_model(self.spark, s, restored))
-            self.version = meta.version
-            self.segments = list(meta.segments)
+            self.flow.chain = Chain(meta.version, list(meta.segments), list(meta.popular), need_full=False)
             self.n_users, self.n_items = len(restored.user_ids), len(restored.item_ids)
             self.n_ranking_users = len(restored.ranking_user_ids)
             self.n_ranking_items = len(restored.ranking_item_ids)
-            self.popular = list(meta.popular)
             self.dlq_total = int(meta.metrics.get("dlq_total", 0))
             self.offsets = ks.offsets_for_topic(meta.offsets, s.ratings_topic)
-            self._need_full = False
             log.info(
                 "restored version %d (%d ratings seen, %d users, %d items), resuming at %s",
                 meta.version, meta.ratings_seen, meta.n_users, meta.n_items, self.offsets,
@@ -272,29 +287,23 @@ class ModelerService:
             if s.bootstrap_ratings:
                 log.warning("MODELER_BOOTSTRAP_RATINGS is ignored with MODEL_CANDIDATES (the candidates start cold)")
             self.model = new_search_model(s)
-            self.version = 0
-            self.segments = []
+            self.flow.chain = Chain()
             self.n_users = self.n_items = self.n_ranking_users = self.n_ranking_items = 0
-            self.popular = []
             self.dlq_total = 0
             self.offsets = {}
-            self._need_full = True
             log.info("no model in Redis under %r: searching from the beginning of %s",
                      s.redis_prefix, s.ratings_topic)
         else:
             fresh = self._bootstrap() if s.bootstrap_ratings else new_model(s)
             self.model = fresh
-            self.version = 0
-            self.segments = []
+            self.flow.chain = Chain()
             self.n_users = self.n_items = 0
             if int(fresh.ratings_seen):
                 self.n_users = int(fresh.user_factors.count())
                 self.n_items = int(fresh.item_factors.count())
             self.n_ranking_users = self.n_ranking_items = 0
-            self.popular = []
             self.dlq_total = 0
             self.offsets = {}
-            self._need_full = True
             log.info("no model in Redis under %r: training from the beginning of %s",
                      s.redis_prefix, s.ratings_topic)
         missing = [p for p in partitions if p not in self.offsets]
@@ -326,7 +335,7 @@ class ModelerService:
         except Exception as exc:
             self.metrics.retries.labels(component="redis").inc()
             self.publisher.reset_client()
-            log.warning("Redis unavailable (%s); retrying", _short(exc))
+            log.warning("Redis unavailable (%s); retrying", short(exc))
             pub.sleep_unless(lambda: self.stopping, min(self.settings.retry_max_backoff_s, 2.0))
             return False
         if not held:
@@ -370,7 +379,7 @@ class ModelerService:
         if not self._renew_lease():
             return None
         t0 = time.perf_counter()
-        plan = self._plan(self.version + 1)
+        plan = self.flow.plan(self._model, self.version + 1)
         trained = self._read_and_train(plan)
         if trained is None:
             return None
@@ -380,7 +389,10 @@ class ModelerService:
             return None
         entry = self._account(plan.version, t0, trained)
         t2 = time.perf_counter()
-        published = self._publish(plan, trained, entry)
+        published = self.flow.publish(
+            self._model, plan, PublishedBatch(trained.blocks if read.n_valid else None, dict(self.offsets),
+                                              read.reached),
+            entry, ModelCounts(self.n_users, self.n_items, self.n_ranking_users, self.n_ranking_items))
         if published is None:
             # Stopped while Redis was away: abandon this batch; a restart redoes it.
             self.dlq_total -= read.n_dlq
@@ -393,29 +405,6 @@ class ModelerService:
         if self.model is None:
             raise RuntimeError("the modeler has not started (no model)")
         return self.model
-
-    def _plan(self, version: int) -> pub.PublishPlan:
-        """Full or delta, decided once per attempt: before training for the single model,
-        whose training job writes the segment (:class:`modeler.io.publish.SegmentSink`);
-        left to the publish when Redis is away or lost the model (that path retries and
-        rebuilds what Redis lost). A search plans the same way for its leader before the
-        batch; a switch on the batch voids the plan (the publish rewrites the segment full)."""
-        s = self.settings
-        try:
-            ours = self._holds_pointer(self.publisher.pointer())
-            if self.version > 0 and not ours:
-                return pub.PublishPlan(version)
-            full = self._next_is_full(ours, planning=True)
-            self.publisher.clear_segment(version)
-        except Exception as exc:  # Redis trouble: the publish step retries with backoff
-            log.debug("no inline publish of version %d: %s", version, _short(exc))
-            self.publisher.reset_client()
-            return pub.PublishPlan(version)
-        if isinstance(self.model, SearchModel):
-            return pub.PublishPlan(version, full, self.model.sink(s.redis_url, s.redis_prefix, version, full,
-                                                                  s.popular_size, rated_cap=s.rated_cap))
-        return pub.PublishPlan(version, full, pub.SegmentSink(s.redis_url, s.redis_prefix, version, full,
-                                                             s.popular_size, rated_cap=s.rated_cap))
 
     def _read_and_train(self, plan: pub.PublishPlan) -> Trained | None:
         """Kafka is read inside the training job (one Spark job less per batch): the blocks
@@ -442,7 +431,7 @@ class ModelerService:
             self._train_failures += 1
             delay = pub.backoff(self._train_failures - 1, s.retry_max_backoff_s)
             log.error("batch failed (%s); restoring the model from Redis in %.1f s",
-                      _short(exc), delay, exc_info=self._train_failures == 1)
+                      short(exc), delay, exc_info=self._train_failures == 1)
             self._reset()
             pub.sleep_unless(lambda: self.stopping, delay)
             return None
@@ -558,7 +547,7 @@ class ModelerService:
         if isinstance(model, SearchModel):
             m.observe_candidates(model.summary(), switched=model.switched)
         report = BatchReport(version, n_trained, read.n_dlq, seconds, read.read_seconds, trained.seconds, t_pub,
-                             published == "full", read.lag, self._written_inline,
+                             published == "full", read.lag, self.flow.written_inline,
                              n_trained + int(stats.n_implicit))
         self.reports.append(report)
         del self.reports[:-100]
@@ -566,192 +555,15 @@ class ModelerService:
             "version %d: %d ratings (%d dead-lettered) in %.2f s (read %.2f, read+train %.2f, publish %.2f"
             " %s) = %.0f ratings/s, prequential RMSE %s, ratings_seen %d%s",
             version, n_trained, read.n_dlq, seconds, read.read_seconds, trained.seconds, t_pub,
-            "written by the training job" if self._written_inline
-            else f"of which write job {self._write_job_s:.2f}", self.ratings_per_s,
+            "written by the training job" if self.flow.written_inline
+            else f"of which write job {self.flow.write_job_s:.2f}", self.ratings_per_s,
             f"{rmse:.4f}" if rmse is not None else "-", int(model.ratings_seen),
             " (full segment)" if published == "full" else "",
         )
         return report
 
-    def _holds_pointer(self, pointer: Any) -> bool:
-        """Redis still points at the version this modeler published last."""
-        return pointer is not None and pointer.version == self.version and self.version > 0
-
-    def _next_is_full(self, ours: bool, planning: bool = False) -> bool:
-        """The next segment must hold the whole model: first version, Redis lost ours, the
-        chain of deltas is at its cap, or a search's leader switched on this batch (a version
-        never mixes two candidates' rows; unknown while ``planning``, before the batch)."""
-        switched = not planning and isinstance(self.model, SearchModel) and self.model.switched
-        return pub.segment_is_full(self._need_full, ours, len(self.segments), self.settings.max_segment_chain,
-                                   switched)
-
-    def _publish(self, plan: pub.PublishPlan, trained: Trained, entry: dict[str, Any]) -> str | None:
-        """Write segment ``plan.version`` (unless the training job did) and flip to it;
-        retried while Redis is away. Returns ``"full"``/``"delta"``, or ``None`` if stopped
-        before it could publish."""
-        s = self.settings
-        version = plan.version
-        offsets = {**self.offsets, **trained.read.reached}
-        blocks = trained.blocks if trained.read.n_valid else None
-        attempt = 0
-        while True:
-            try:
-                # A retry never trusts the inline writes: Redis may have lost them meanwhile.
-                return self._publish_once(plan if attempt == 0 else plan.without_sink(), blocks, offsets, entry)
-            except LeaseLost:
-                raise
-            except Exception as exc:
-                self.metrics.retries.labels(component="redis").inc()
-                self.publisher.reset_client()
-                if self.stopping:
-                    log.warning("stopping with version %d unpublished (%s); a restart redoes it",
-                                version, _short(exc))
-                    return None
-                delay = pub.backoff(attempt, s.retry_max_backoff_s)
-                attempt += 1
-                log.warning("publishing version %d failed (%s); retrying in %.1f s",
-                            version, _short(exc), delay)
-                if pub.sleep_unless(lambda: self.stopping, delay):
-                    log.warning("stopping with version %d unpublished; a restart redoes it", version)
-                    return None
-
-    def _inline_results(self, plan: pub.PublishPlan, redis_lost: bool) -> list[pub.WriteResult] | None:
-        """The training job's per-partition answers, if its writes of the segment are usable."""
-        if plan.sink is None:
-            return None
-        model = self._model
-        if isinstance(model, SearchModel) and model.switched and not plan.full:
-            log.info("the leader switched on version %d: writing it as a full segment", plan.version)
-            return None
-        answers = list(model.last_sink_results)
-        failed = [r.get("error") for r in answers if isinstance(r, dict) and not r.get("ok")]
-        if redis_lost or failed:
-            log.warning("the training job's writes of version %d are not usable (%s); writing it again",
-                        plan.version, "Redis lost the model" if redis_lost else failed[0])
-            return None
-        if not answers or not all(isinstance(r, dict) for r in answers):
-            return None  # nothing was learned (only dead letters): nothing was written
-        return [pub.WriteResult(r["written"], r["top"], r.get("rtop", [])) for r in answers]
-
-    def _publish_once(self, plan: pub.PublishPlan, blocks: Any, offsets: dict[int, int],
-                      entry: dict[str, Any]) -> str:
-        from common.snapshot import Meta
-
-        s = self.settings
-        model = self._model
-        version = plan.version
-        publisher = self.publisher
-        if not publisher.hold_lease(self.token):
-            raise LeaseLost(f"{publisher.keys.lease} is held by another modeler")
-        pointer = publisher.pointer()
-        ours = self._holds_pointer(pointer)
-        redis_lost = not ours and self.version > 0
-        if redis_lost:
-            log.warning("Redis no longer holds version %d (pointer %s): republishing the whole model",
-                        self.version, pointer)
-        top_n = s.popular_size
-        results = self._inline_results(plan, redis_lost)
-        if results is not None:
-            full = bool(plan.full)
-            self._write_job_s, self._written_inline = 0.0, True
-        else:
-            # The plan's decision stands while Redis holds our chain and no search leader
-            # switched on this batch; otherwise the rule decides again (then: full).
-            switched = isinstance(model, SearchModel) and model.switched
-            full = plan.full if plan.full is not None and ours and not switched else self._next_is_full(ours)
-            self._written_inline = False
-            publisher.clear_segment(version)
-            sc = self.spark.sparkContext
-            url, prefix, cap = s.redis_url, s.redis_prefix, s.rated_cap
-            records = publish_rdd(model, full, blocks)
-            if redis_lost:
-                records = records.union(self._rated_backfill_rdd(sc, offsets, blocks))
-            t_job = time.perf_counter()
-            results = [pub.WriteResult(*r) for r in
-                       records.mapPartitions(lambda it: pub.write_partition(it, url, prefix, version, top_n,
-                                                                             rated_cap=cap))
-                       .collect()]
-            self._write_job_s = time.perf_counter() - t_job
-        written = sum(r.written for r in results)
-        # Most rated items; a stream of implicit events only ranks by positives instead.
-        explicit = int(model.ratings_seen) > 0
-        changed = [kv for r in results for kv in (r.top if explicit else r.ranking_top)]
-        popular = pub.merge_popular([] if full else self.popular, changed, top_n)
-        models = version_models(model)
-        segments = [version] if full else [*self.segments, version]
-        search = model if isinstance(model, SearchModel) else None
-        meta = Meta(
-            version=version,
-            rank=int(model.rank),
-            mu=float(model.mu),
-            reg_param=float(model.reg_param),
-            n_users=max(self.n_users, self.n_ranking_users),
-            n_items=max(self.n_items, self.n_ranking_items),
-            ratings_seen=int(model.ratings_seen),
-            created=time.time(),
-            segments=tuple(segments),
-            offsets={ks.offsets_key(s.ratings_topic, p): int(o) for p, o in sorted(offsets.items())},
-            metrics=entry,
-            popular=popular,
-            rating_min=s.rating_min,
-            rating_max=s.rating_max,
-            **ranking_meta(model, models),
-            candidates=search.summary() if search is not None else [],
-        )
-        if not publisher.segment_exists(version):
-            # An empty segment would make the version unreadable as a chain base.
-            if full:
-                raise RuntimeError(f"full segment {version} came out empty ({written} records)")
-            segments.remove(version)
-            meta.segments = tuple(segments)
-        publisher.publish(meta, entry, popular, model_state(model), search.to_json() if search is not None else None)
-        self.version = version
-        self.segments = segments
-        self.popular = popular
-        self._need_full = False
-        try:
-            publisher.collect_garbage(s.gc_min_age_s)
-        except Exception as exc:  # a failed GC is retried after the next batch
-            log.warning("garbage collection failed: %s", _short(exc))
-        return "full" if full else "delta"
-
-    def _rated_backfill_rdd(self, sc: Any, offsets: dict[int, int], blocks: Any) -> Any:
-        """``RATED`` records of every rating and event before this batch: re-read from the
-        topic (read-only, no DLQ) to rebuild the rated-item hashes Redis lost. A user's
-        messages live in one partition, read in offset order: the k-th block's recency is
-        −1/(k+1), increasing and below every batch's own (its version, ≥ 1), so a capped
-        history (``MODELER_RATED_CAP``) keeps the same newest items it would have kept."""
-        s = self.settings
-        begin = self.admin.beginning_offsets(list(self.offsets))
-        ranges = [
-            ks.OffsetRange(s.ratings_topic, p, begin.get(p, 0), max(0, self.offsets[p] - begin.get(p, 0)))
-            for p in sorted(self.offsets)
-            if self.offsets[p] > begin.get(p, 0)
-        ]
-        bootstrap, lo, hi, cap = s.kafka_bootstrap_servers, s.rating_min, s.rating_max, s.event_max_weight
-        log.info("rebuilding rated items from %d partitions of %s", len(ranges), s.ratings_topic)
-        chunk = _RatedChunk(self._model.params.weighting)
-
-        def read(it: Any) -> Any:
-            for rng in it:
-                for k, block in enumerate(ks.read_range_chunks(rng, bootstrap, lo, hi, max_weight=cap)):
-                    yield chunk(block, order=-1.0 / (k + 1))
-
-        return sc.parallelize(ranges, max(1, len(ranges))).mapPartitions(read)
-
-
 class Stopped(StreamrecError):
     """The service was asked to stop while waiting or retrying."""
-
-
-class LeaseLost(StreamrecError, RuntimeError):
-    """Another modeler took the single-writer lease."""
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(exc).__name__}: {first[:300]}"
 
 
 # ------------------------------------------------------------------------------------------
@@ -797,41 +609,10 @@ def model_params(settings: ModelerSettings) -> dict[str, Any]:
     return params
 
 
-def version_models(model: Any) -> tuple[str, ...]:
-    """The factor sets a version of ``model`` carries (``Meta.models``): the explicit model
-    once it has learned a rating, the ranking model once it has learned a positive."""
-    from common.keys import EXPLICIT, RANKING
-
-    out = []
-    if int(model.ratings_seen) > 0 or not getattr(model, "has_ranking", False):
-        out.append(EXPLICIT)
-    if getattr(model, "has_ranking", False) and int(model.positives_seen) > 0:
-        out.append(RANKING)
-    return tuple(out) or (EXPLICIT,)  # nothing learned yet: the metadata's default
-
-
-def ranking_meta(model: Any, models: tuple[str, ...]) -> dict[str, Any]:
-    """The ranking model's fields of :class:`common.snapshot.Meta`."""
-    from common.keys import RANKING
-
-    if RANKING not in models:
-        return {"models": models}
-    p = model.params
-    return {"models": models, "ranking_rank": int(p.ranking_rank),
-            "ranking_reg_param": float(p.ranking_reg_param),
-            "ranking_alpha": float(p.ranking_alpha), "ranking_weighting": p.weighting.to_dict()}
-
-
 def new_model(settings: ModelerSettings) -> StreamingALS:
     from modeler.spark.streaming_als import StreamingALS
 
     return StreamingALS(**model_params(settings))
-
-
-def model_state(model: Any) -> dict[str, Any]:
-    """Scalars a restore needs besides factors and counts (JSON, stored with the version)."""
-    state = model.state()  # lazy RDDs: only its scalars are used here
-    return dict(state.extra)
 
 
 def restore_model(spark: Any, settings: ModelerSettings, restored: pub.Restored) -> Any:
@@ -886,43 +667,3 @@ def restore_model(spark: Any, settings: ModelerSettings, restored: pub.Restored)
         sc, sc.parallelize(users, slices), sc.parallelize(items, slices),
         meta.mu, meta.ratings_seen, extra, **ranking_kw, **kwargs,
     )
-
-
-def _factor_records(only_touched: bool) -> Callable[[tuple[int, Any]], Any]:
-    """Item and user factor chunks, with rating counts, of one partition of the model.
-
-    The model's partitions hold a ``FactorTable`` per side (ids, bias, vec, count, touched);
-    the public ``changed_users``/``changed_items`` carry no counts, which a restore needs,
-    and a tuple per row would cost far more to move than a few arrays.
-    """
-
-    def records(kv: tuple[int, Any]) -> Any:
-        rk = kv[1].ranking
-        return pub.factor_chunks(kv[1].users, kv[1].items, only_touched,
-                                 rk.users if rk is not None else None, rk.items if rk is not None else None)
-
-    return records
-
-
-def publish_rdd(model: Model, full: bool, blocks: Any) -> Any:
-    """One RDD of columnar chunks for :func:`modeler.io.publish.write_partition`: the model's
-    (changed or all) factor records and the batch's ratings, in as many partitions as the
-    model has (one Spark job, few tasks)."""
-    factors = (model.publish_records(full) if isinstance(model, SearchModel)
-               else model._state.flatMap(_factor_records(not full)))
-    if blocks is None:
-        return factors
-    merged = factors.union(blocks.map(_RatedChunk(model.params.weighting)))
-    return merged.coalesce(max(1, model.num_partitions))
-
-
-@dataclass(frozen=True)
-class _RatedChunk:
-    """A block's ratings and implicit events as a ``RATED`` publish record; implicit events
-    carry their confidence weight w (the same mapping the model trains with). ``order``:
-    the entries' recency for a capped history (``None``: the version being written)."""
-
-    weighting: Weighting
-
-    def __call__(self, block: ks.Block, order: float | None = None) -> pub.RatedChunk:
-        return pub.rated_from(block, self.weighting, order)
