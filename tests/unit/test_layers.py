@@ -1,4 +1,4 @@
-"""The modeler's layers import one way: service -> io/spark -> core; core is numpy only."""
+"""The modeler's layers import one way: service -> publishing -> io/spark -> core; core is numpy only."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ ROOT = Path(__file__).resolve().parents[2]
 IMPORT = re.compile(r"^\s*(?:from|import)\s+([\w.]+)", re.M)
 
 RULES = {
-    "modeler/core": ("pyspark", "redis", "kafka", "modeler.spark", "modeler.io", "modeler.service"),
-    "modeler/spark": ("redis", "kafka", "modeler.io", "modeler.service"),
-    "modeler/io": ("modeler.service",),
+    "modeler/core": ("pyspark", "redis", "kafka", "modeler.spark", "modeler.io", "modeler.service",
+                     "modeler.publishing"),
+    "modeler/spark": ("redis", "kafka", "modeler.io", "modeler.service", "modeler.publishing"),
+    "modeler/io": ("modeler.service", "modeler.publishing"),
 }
 
 
