@@ -66,6 +66,7 @@ class ModelerSettings(CommonSettings):
     model_search_switch_margin: float | None = Field(None, alias="MODEL_SEARCH_SWITCH_MARGIN", ge=0.0)
     model_search_patience: int | None = Field(None, alias="MODEL_SEARCH_PATIENCE", ge=1)
     model_search_respawn: bool | None = Field(None, alias="MODEL_SEARCH_RESPAWN")
+    model_search_population: int | None = Field(None, alias="MODEL_SEARCH_POPULATION", ge=0)  # live after respawns
     model_search_perturb: float | None = Field(None, alias="MODEL_SEARCH_PERTURB", gt=1.0)
     # Ranking search: positives probed per batch, and how many a user must have learned.
     model_search_probe_size: int | None = Field(None, alias="MODEL_SEARCH_PROBE_SIZE", ge=1)

@@ -124,6 +124,7 @@ def search_settings(settings: ModelerSettings, candidates: Sequence[Params]) -> 
             patience=s.model_search_patience or d.patience,
             min_events=d.min_events if s.model_search_min_events is None else s.model_search_min_events,
             respawn=d.respawn if s.model_search_respawn is None else s.model_search_respawn,
+            population=d.population if s.model_search_population is None else s.model_search_population,
             perturb=s.model_search_perturb or d.perturb,
             seed=d.seed if s.model_seed is None else s.model_seed)
     except SearchConfigError as exc:

@@ -990,19 +990,23 @@ class LocalStreamingALS:
 
             self.ranking = LocalRankingALS(p)
 
-    def train(self, batch: Iterable[tuple[Any, ...]]) -> BatchResult:
+    def train(self, batch: Iterable[tuple[Any, ...]], explicit: bool = True, ranking: bool = True) -> BatchResult:
         """Learn one batch of ``(user, item, rating[, timestamp])`` ratings and
         ``(user, item, None, timestamp, weight)`` implicit events. Ratings train the explicit
-        model; ratings (through ``weighting``) and implicit events train the ranking model."""
+        model; ratings (through ``weighting``) and implicit events train the ranking model.
+        ``explicit=False`` / ``ranking=False`` leave that model untouched (its counters in
+        the result are 0): the online search trains a model its candidates share once
+        (:mod:`modeler.spark.side_by_side`)."""
         p = self.params
         (us, its, rs, ts), (ius, iis, iws, its_), bad = split_events(batch)
         users, items, rates, stamps, rejected = validate_arrays(us, its, rs, ts, p.rating_min,
                                                                 p.rating_max)
         iu, ii, iw, it_, irej = validate_implicit(ius, iis, iws, its_)
         rejected += bad + irej
-        result = self._train_explicit(users, items, rates, stamps, rejected)
+        result = (self._train_explicit(users, items, rates, stamps, rejected) if explicit
+                  else BatchResult(0, rejected, 0.0, 0, 0, 0, 0))
         result.n_implicit = len(iw)
-        if self.ranking is not None:
+        if self.ranking is not None and ranking:
             rr = self.ranking.train(users + iu, items + ii,
                                     np.concatenate([rates, np.full(len(iw), np.nan)]),
                                     np.concatenate([np.full(len(rates), np.nan), iw]),

@@ -15,8 +15,10 @@ The loop, per micro-batch (every candidate has seen exactly the same events):
 3. Freed slots may respawn around the current best: its parameters perturbed (multiplied or
    divided by a step), in the spirit of SSPT (Veloso et al., 2021, "Hyperparameter
    self-tuning for data streams"), which keeps a small population moving around the best
-   model instead of a fixed grid. The population never exceeds the initial size, so memory
-   stays at K times one model.
+   model instead of a fixed grid. Respawns refill the population only up to ``population``
+   live candidates (default 2: the leader and one challenger), never beyond the initial
+   size K: the halving's savings are kept (K live candidates forever would cost K times one
+   model for the whole stream), and memory stays at most K times one model.
 4. The leader is switched when another live candidate has beaten it by ``switch_margin`` for
    ``patience`` consecutive batches; the answer carries the reason (a new version is then
    published by the caller).
@@ -344,6 +346,8 @@ class SearchSettings:
     patience: int = 2
     min_events: int = 500  # no switch to, nor pruning of, a candidate scored on fewer events
     respawn: bool = True
+    # Live candidates respawns refill up to (0: the initial K, every freed slot respawns).
+    population: int = 2
     perturb: float = 1.5
     history_points: int = 64
     seed: int = 42
@@ -357,6 +361,8 @@ class SearchSettings:
             raise SearchConfigError(f"switch_margin: must be >= 0, got {self.switch_margin!r}")
         if self.patience < 1:
             raise SearchConfigError(f"patience: must be >= 1, got {self.patience!r}")
+        if self.population < 0:
+            raise SearchConfigError(f"population: must be >= 0, got {self.population!r}")
         if self.perturb <= 1.0:
             raise SearchConfigError(f"perturb: must be > 1, got {self.perturb!r}")
         if self.history_points < 2:
@@ -364,7 +370,7 @@ class SearchSettings:
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("metric", "fading", "switch_margin", "patience",
-                                           "min_events", "respawn", "perturb", "history_points", "seed")}
+                                           "min_events", "respawn", "population", "perturb", "history_points", "seed")}
         s = self.schedule
         d["schedule"] = {"budget": s.budget, "eta": s.eta, "min_live": s.min_live, "max_gap": s.max_gap}
         return d
@@ -491,9 +497,10 @@ class SearchState:
             if self.challenger == c.cid:
                 self.challenger, self.streak = None, 0
         spawned: list[str] = []
-        if st.respawn and doomed:
+        room = min(self.capacity, st.population or self.capacity) - len(self.live())
+        if st.respawn and doomed and room > 0:
             best = self.ranked(self.live())[0]
-            for j in range(len(doomed)):
+            for j in range(min(len(doomed), room)):
                 params = self._perturbed(best.params, salt=self.next_id * 7919 + j)
                 if params is not None:
                     spawned.append(self._spawn(params, parent=best.cid).cid)

@@ -120,11 +120,65 @@ class _Batch(NamedTuple):
                 np.concatenate([self.stamps, self.i_stamps]))
 
 
-def _step(kind: str, model: LocalStreamingALS, batch: _Batch, probe: int, warm: int) -> CandidateOutcome:
+#: ALSParams fields the ranking model reads, and those the explicit model reads (both: the
+#: shared ones); a search whose candidates agree on one model's fields trains it once.
+_SHARED_FIELDS = ("seed", "init_scale", "maturity", "reservoir_size", "rating_min", "rating_max")
+RANKING_FIELDS = tuple(f.name for f in dataclasses.fields(ALSParams)
+                       if f.name.startswith("ranking") or f.name == "weighting") + _SHARED_FIELDS
+EXPLICIT_FIELDS = tuple(f.name for f in dataclasses.fields(ALSParams)
+                        if not f.name.startswith("ranking") and f.name != "weighting")
+#: The explicit model's state on a LocalStreamingALS (what candidates sharing it share).
+_EXPLICIT_STATE = ("users", "items", "reservoir", "mu", "rating_sum", "ratings_seen", "batches",
+                   "last_batch_size")
+
+
+def shared_model(kind: str, params: Sequence[ALSParams]) -> str | None:
+    """Which of its two models every candidate of a ``kind`` search has in common: the
+    ranking model of an explicit search whose candidates agree on every field it reads
+    (``"ranking"``), the explicit model of a ranking search whose candidates agree on the
+    explicit model's fields (``"explicit"``), else ``None``. A shared model is trained once
+    per batch and referenced by every candidate: K candidates then cost K of the searched
+    model and ONE of the other, in time, in the cached state and in the leader served
+    (its other factor set is the same whoever leads)."""
+    if len(params) < 2:
+        return None
+    first = params[0]
+    if kind == EXPLICIT and first.ranking:
+        same = all(getattr(p, f) == getattr(first, f) for p in params[1:] for f in RANKING_FIELDS)
+        return RANKING if same else None
+    if kind == RANKING:
+        same = all(getattr(p, f) == getattr(first, f) for p in params[1:] for f in EXPLICIT_FIELDS)
+        return EXPLICIT if same else None
+    return None
+
+
+def _link(model: LocalStreamingALS, carrier: LocalStreamingALS, share: str) -> None:
+    """``model`` takes ``carrier``'s copy of the shared model (the same objects)."""
+    if share == RANKING:
+        model.ranking = carrier.ranking
+    else:
+        for name in _EXPLICIT_STATE:
+            setattr(model, name, getattr(carrier, name))
+
+
+def _with_shared(res: Any, shared: Any, share: str) -> Any:
+    """A candidate's batch result with the shared model's counters (learned once, by the
+    carrier) in place of the zeros its own ``train`` left there."""
+    if share == RANKING:
+        return dataclasses.replace(res, ranking_positives=shared.ranking_positives,
+                                   ranking_hits=shared.ranking_hits, ranking_probes=shared.ranking_probes)
+    return dataclasses.replace(res, n_ratings=shared.n_ratings, prequential_sse=shared.prequential_sse,
+                               new_users=shared.new_users, new_items=shared.new_items,
+                               n_replayed=shared.n_replayed, n_diverged=shared.n_diverged)
+
+
+def _step(kind: str, model: LocalStreamingALS, batch: _Batch, probe: int, warm: int,
+          share: str | None = None, shared: Any = None) -> CandidateOutcome:
     """Score one candidate on the batch (before it learns it), then let it learn the batch.
 
     Explicit: Σ squared errors of the batch's ratings. Ranking: Σ NDCG@10 over a probe sample
-    of the batch's positives (:func:`modeler.core.search.probe_target_ranks`)."""
+    of the batch's positives (:func:`modeler.core.search.probe_target_ranks`). With ``share``
+    the candidate learns only its own model; ``shared`` is the shared one's batch result."""
     ranks: list[int] = []
     if kind == RANKING:
         p = model.params
@@ -132,7 +186,9 @@ def _step(kind: str, model: LocalStreamingALS, batch: _Batch, probe: int, warm: 
         w = event_weights(ratings, implicit, p.weighting, p.rating_min, p.rating_max)
         ranks = probe_target_ranks(model.ranking, users, items, w > 0, stamps, probe, min_user_positives=warm)
     first = model.batches == 0
-    res = model.train(batch.records())
+    res = model.train(batch.records(), explicit=share != EXPLICIT, ranking=share != RANKING)
+    if share is not None:
+        res = _with_shared(res, shared, share)
     stats = CandidateStats(
         n_ratings=int(res.n_ratings), prequential_sse=float(res.prequential_sse), n_implicit=int(res.n_implicit),
         ranking_positives=int(res.ranking_positives), ranking_hits=int(res.ranking_hits),
@@ -182,9 +238,21 @@ def _side_by_side_stage(kind: str, base: ALSParams, spawn: Mapping[str, Params],
         batch = _Batch(users, items, rates, stamps, iu, ii, iw, it_)
         outcomes: dict[str, CandidateOutcome] = {}
         new_models: dict[str, Any] = {}
-        for cid in sorted(models):
-            m = _copy(models[cid])
-            outcomes[cid] = _step(kind, m, batch, probe, warm)
+        order = sorted(models)
+        share = shared_model(kind, [models[c].params for c in order])
+        shared = None
+        if share is not None:
+            # The carrier: the oldest candidate (its copy of the shared model has learned the
+            # most; a newborn takes it over warm). It learns the shared model once.
+            carrier = min(order, key=lambda c: (c in spawn, _cid_key(c)))
+            cm = _copy(models[carrier], share=None)
+            shared = cm.train(batch.records(), explicit=share == EXPLICIT, ranking=share == RANKING)
+            new_models[carrier] = cm
+        for cid in order:
+            m = new_models.get(cid) or _copy(models[cid], share=share)
+            if share is not None:
+                _link(m, new_models[carrier], share)
+            outcomes[cid] = _step(kind, m, batch, probe, warm, share, shared)
             new_models[cid] = m
         # The sink (e.g. the segment writer) sees the new models and the batch where they live.
         answer = sink(new_models, batch) if sink is not None else None
@@ -194,14 +262,20 @@ def _side_by_side_stage(kind: str, base: ALSParams, spawn: Mapping[str, Params],
     return stage
 
 
-def _copy(m: LocalStreamingALS) -> LocalStreamingALS:
+def _cid_key(cid: str) -> tuple[int, str]:
+    digits = cid.lstrip("c")
+    return (int(digits), cid) if digits.isdigit() else (1 << 30, cid)
+
+
+def _copy(m: LocalStreamingALS, share: str | None = None) -> LocalStreamingALS:
     """A copy whose arrays can be updated without touching the cached original (the tables,
     the ranking model's too; the reservoirs, Gramians and seen pairs are replaced, never
-    updated, by ``train``)."""
+    updated, by ``train``). The ``share``d model is not copied: the carrier's is linked in."""
     out = copy.copy(m)
-    out.users = m.users.copy()
-    out.items = m.items.copy()
-    if m.ranking is not None:
+    if share != EXPLICIT:
+        out.users = m.users.copy()
+        out.items = m.items.copy()
+    if m.ranking is not None and share != RANKING:
         out.ranking = copy.copy(m.ranking)
         out.ranking.users = m.ranking.users.copy()
         out.ranking.items = m.ranking.items.copy()

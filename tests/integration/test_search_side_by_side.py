@@ -97,3 +97,39 @@ def test_ranking_candidates_in_one_task_equal_separate_runs(spark) -> None:
         user = batches[-1][0][0]
         assert sbs.recommend(cid, user) == arm.model.recommend(user, 10)
     assert [g.total for g in got["c0"]] != [g.total for g in got["c1"]]
+
+
+def test_the_model_the_candidates_agree_on_is_trained_once_and_shared(spark) -> None:
+    """An explicit search with the ranking model on: every candidate reads the same ranking
+    fields, so ONE ranking model learns each batch and every candidate (a newborn too) holds
+    that same object, through the cached state's pickling; it equals a separate run's
+    ranking model. The searched models still equal their separate runs."""
+    import dataclasses
+
+    from modeler.spark.side_by_side import shared_model
+
+    sc = spark.sparkContext
+    batches = _batches(4, 400)
+    sbs = SideBySideALS({"c0": GRID["c0"], "c1": GRID["c1"]}, BASE)
+    for j, b in enumerate(batches):
+        sbs.train(sc.parallelize(b, 2), spawn={"c2": GRID["c2"]} if j == 2 else None)
+    models = sbs.models().first()
+    assert models["c0"].ranking is models["c1"].ranking is models["c2"].ranking
+    ref0, _ = _reference(GRID["c0"], batches)
+    ref2, _ = _reference(GRID["c2"], batches[2:])
+    shared = models["c0"].ranking
+    np.testing.assert_allclose(shared.items.vec, ref0.ranking.items.vec, atol=1e-6)
+    assert shared.items.ids == ref0.ranking.items.ids and shared.positives_seen == ref0.ranking.positives_seen
+    # The newborn's own (explicit) model learned from its birth, the shared one is warm.
+    np.testing.assert_allclose(models["c2"].items.vec, ref2.items.vec, atol=1e-6)
+    assert models["c2"].ratings_seen == ref2.ratings_seen < shared.positives_seen + models["c0"].ratings_seen
+
+    # Nothing is shared when a candidate changes a field the other model reads.
+    p = [dataclasses.replace(BASE, **g) for g in GRID.values()]
+    assert shared_model("explicit", p) == "ranking"
+    assert shared_model("explicit", [*p, dataclasses.replace(BASE, reservoir_size=10)]) is None
+    assert shared_model("explicit", [*p, dataclasses.replace(BASE, ranking_alpha=5.0)]) is None
+    r = [dataclasses.replace(BASE, ranking_rank=k) for k in (4, 8)]
+    assert shared_model("ranking", r) == "explicit"
+    assert shared_model("ranking", [*r, dataclasses.replace(BASE, rank=4)]) is None
+    assert shared_model("explicit", [dataclasses.replace(BASE, ranking=False, rank=k) for k in (3, 4)]) is None

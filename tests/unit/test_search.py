@@ -141,7 +141,7 @@ def test_the_served_candidate_is_never_pruned():
 
 def test_respawn_keeps_the_population_and_perturbs_the_best():
     st = SearchState(GRID, SearchSettings(metric="rmse", fading=1.0, respawn=True, perturb=2.0,
-                                          min_events=1000,
+                                          min_events=1000, population=0,
                                           schedule=HalvingSchedule(budget=1000, eta=1.5)), leader=7)
     quality = {f"c{j}": 1.0 + (7 - j) * 0.1 for j in range(8)}
     d = _feed(st, 1000, quality)[-1]
@@ -290,3 +290,32 @@ def test_probe_skips_users_with_few_positives():
     warm = probe_target_ranks(model, users[33:], items[33:], np.ones(2, bool), stamps[33:], 10,
                               min_user_positives=20)
     assert len(both) == 2 and len(warm) == 1
+
+
+def test_respawns_refill_only_up_to_the_population():
+    """With the default population (2) the halving's savings are kept: 8 -> 4 -> 2 live
+    without respawns, then each pruned challenger is replaced by one perturbation of the best,
+    so two candidates stay live; population 3 keeps three; never more than K."""
+    quality = {f"c{j}": 1.0 + (7 - j) * 0.1 for j in range(8)}
+    st = SearchState(GRID, SearchSettings(metric="rmse", fading=1.0, respawn=True, min_events=1000,
+                                          schedule=HalvingSchedule(budget=1000, eta=2.0)), leader=7)
+    assert st.settings.population == 2
+    live_counts = []
+    spawned: list[str] = []
+    for _ in range(12):
+        for d in _feed(st, 1000, {**quality, **dict.fromkeys(spawned, 9.0)}):
+            spawned += d.spawned
+        live_counts.append(len(st.live()))
+    assert live_counts[0] == 4 and live_counts[1] == 2 and max(live_counts[1:]) == 2
+    assert spawned and all(st.get(c).parent == "c7" for c in spawned)  # around the best, c7
+    assert st.leader == "c7" and "c7" in [c.cid for c in st.live()]
+
+    st3 = SearchState(GRID, SearchSettings(metric="rmse", fading=1.0, respawn=True, min_events=1000, population=3,
+                                           schedule=HalvingSchedule(budget=1000, eta=2.0)), leader=7)
+    counts = []
+    for _ in range(12):
+        _feed(st3, 1000, quality)
+        counts.append(len(st3.live()))
+    assert max(counts[2:]) == 3 and max(counts) <= st3.capacity
+    with pytest.raises(SearchConfigError, match="population"):
+        SearchSettings(population=-1)
