@@ -24,7 +24,6 @@ This is the one-partition layout (the default on a local master). The multi-part
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -222,7 +221,9 @@ def _side_by_side_stage(kind: str, base: ALSParams, spawn: Mapping[str, Params],
         records: list[Any] = []
         for tag, x in it:
             if tag == _MODELS:
-                # A cached partition may be read again (task retry): never mutate it in place.
+                # Updated in place: these objects are this task's own. A Python RDD's cached
+                # partition is kept as pickled bytes in the JVM, so a task retry (or the
+                # next read of the cache) unpickles fresh copies; the cache never sees these.
                 models = dict(x)
             else:
                 records.append(x)
@@ -245,11 +246,11 @@ def _side_by_side_stage(kind: str, base: ALSParams, spawn: Mapping[str, Params],
             # The carrier: the oldest candidate (its copy of the shared model has learned the
             # most; a newborn takes it over warm). It learns the shared model once.
             carrier = min(order, key=lambda c: (c in spawn, _cid_key(c)))
-            cm = _copy(models[carrier], share=None)
+            cm = models[carrier]
             shared = cm.train(batch.records(), explicit=share == EXPLICIT, ranking=share == RANKING)
             new_models[carrier] = cm
         for cid in order:
-            m = new_models.get(cid) or _copy(models[cid], share=share)
+            m = new_models.get(cid) or models[cid]
             if share is not None:
                 _link(m, new_models[carrier], share)
             outcomes[cid] = _step(kind, m, batch, probe, warm, share, shared)
@@ -265,21 +266,6 @@ def _side_by_side_stage(kind: str, base: ALSParams, spawn: Mapping[str, Params],
 def _cid_key(cid: str) -> tuple[int, str]:
     digits = cid.lstrip("c")
     return (int(digits), cid) if digits.isdigit() else (1 << 30, cid)
-
-
-def _copy(m: LocalStreamingALS, share: str | None = None) -> LocalStreamingALS:
-    """A copy whose arrays can be updated without touching the cached original (the tables,
-    the ranking model's too; the reservoirs, Gramians and seen pairs are replaced, never
-    updated, by ``train``). The ``share``d model is not copied: the carrier's is linked in."""
-    out = copy.copy(m)
-    if share != EXPLICIT:
-        out.users = m.users.copy()
-        out.items = m.items.copy()
-    if m.ranking is not None and share != RANKING:
-        out.ranking = copy.copy(m.ranking)
-        out.ranking.users = m.ranking.users.copy()
-        out.ranking.items = m.ranking.items.copy()
-    return out
 
 
 class SideBySideALS:
