@@ -40,11 +40,11 @@ def rank_chunk(chunk: list[TopNJob]) -> list[Ranked]:
     ranked = recommend_batch(model, [(j.bias, j.vector, j.n, j.exclude) for j in chunk], by=by)
     if by == BY_RATING:
         return [(rows, vals, model.clip(vals)) for rows, vals in ranked]
-    rated = [k for k, job in enumerate(chunk) if job.rate is not None]
+    rated = [(k, job.rate) for k, job in enumerate(chunk) if job.rate is not None]
     ratings: list[np.ndarray | None] = [None] * len(chunk)
     if rated:
-        found = model.predict_lists([(*chunk[k].rate, ranked[k][0]) for k in rated])  # type: ignore[misc]
-        for k, values in zip(rated, found, strict=True):
+        found = model.predict_lists([(bias, vector, ranked[k][0]) for k, (bias, vector) in rated])
+        for (k, _), values in zip(rated, found, strict=True):
             ratings[k] = values
     return [(rows, vals, r) for (rows, vals), r in zip(ranked, ratings, strict=True)]
 
