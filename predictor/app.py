@@ -70,6 +70,7 @@ def create_app(settings: PredictorSettings | None = None) -> FastAPI:
             yield
         finally:
             watcher.stop()
+            batcher.close()
             with contextlib.suppress(Exception):
                 await client.aclose()
 

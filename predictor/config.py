@@ -25,7 +25,7 @@ class PredictorSettings(CommonSettings):
     # Serve the ranking model with each user folded in from their whole history against the
     # version's item vectors (exact iALS user step), instead of the streamed user vector.
     refit_users: bool = Field(True, alias="PREDICTOR_REFIT_USERS")
-    # Top-N batching under load (see predictor.app.TopNBatcher): a busy worker waits up to
+    # Top-N batching under load (see predictor.batcher.TopNBatcher): a busy worker waits up to
     # this long for concurrent requests to share one pass over the item matrix ...
     batch_wait_ms: float = Field(2.0, ge=0, le=100, alias="PREDICTOR_BATCH_WAIT_MS")
     # ... or until this many are pending (bounds the time the event loop is blocked).

@@ -140,14 +140,16 @@ async def recommend_for(
     by = by or BY_RATING
     bias = entry.bias if by == BY_RATING else 0.0
     exclude = None if include_rated else entry.rated
+    ratings: np.ndarray | None
     if candidates is None:
-        rows, scores = await svc.batcher.submit(model, bias, vector, n, exclude, by)
+        rate = (entry.bias, entry.vector) if by == BY_RANKING and model.has_explicit else None
+        rows, scores, ratings = await svc.batcher.submit(model, bias, vector, n, exclude, by, rate)
     else:
         index = model.index
         cand_rows = np.fromiter((index[c] for c in candidates if c in index), dtype=np.int64)
         rows, scores = recommend(model, bias, vector, n, exclude=exclude, candidates=cand_rows, by=by)
-    # By rating the scores are r̂ itself, unclipped; by ranking the ratings are predicted apart.
-    ratings = model.clip(scores) if by == BY_RATING else ratings_of(model, entry.bias, entry.vector, rows)
+        # By rating the scores are r̂ itself, unclipped; by ranking the ratings are predicted apart.
+        ratings = model.clip(scores) if by == BY_RATING else ratings_of(model, entry.bias, entry.vector, rows)
     return {"user": user, "strategy": "model", "version": model.version, "rank_by": by,
             "items": scored_items(svc, model, rows, scores, ratings)}
 

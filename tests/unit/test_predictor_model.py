@@ -68,6 +68,24 @@ def test_recommend_is_the_formula_with_exclusions_and_candidates() -> None:
     assert rows.tolist() == expected
 
 
+def test_predict_lists_is_the_clipped_formula_per_user() -> None:
+    m = planted(n_items=500, rank=6, seed=7)
+    rng = np.random.default_rng(8)
+    users = [(0.4, rng.normal(0, 2.0, 6).astype(np.float32), rng.choice(500, 10, replace=False)),
+             (-0.3, None, np.array([3, 1, 4])),
+             (0.0, rng.normal(0, 0.5, 6).astype(np.float32), np.empty(0, np.int64)),
+             (2.5, rng.normal(0, 0.5, 6).astype(np.float32), np.array([7]))]
+    got = m.predict_lists(users)
+    assert len(got) == len(users)
+    for (bias, vec, rows), values in zip(users, got, strict=True):
+        factors = m.item_factors[rows].astype(np.float64) @ vec if vec is not None else 0.0
+        raw = 3.5 + bias + m.item_bias[rows].astype(np.float64) + factors
+        assert np.allclose(values, np.clip(raw, 0.5, 5.0), atol=1e-5)
+        assert np.allclose(values, m.predict_rows(bias, vec, rows), atol=1e-6)
+    clipped = np.concatenate(got)
+    assert clipped.min() >= 0.5 and clipped.max() <= 5.0 and (clipped == 5.0).any()
+
+
 def test_recommend_batch_equals_one_by_one() -> None:
     m = planted(n_items=12000, rank=16, seed=3)
     rng = np.random.default_rng(4)
