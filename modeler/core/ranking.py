@@ -361,6 +361,32 @@ class KeyHistory:
             out.partners[k], out.conf[k] = p, c
         return out
 
+    # Pickled flat: a Spark partition's histories are pickled and unpickled with the model
+    # every batch, and thousands of small arrays cost ~10x the bytes they hold (one reduce
+    # per array). Two flat arrays and the sizes instead; unpickled keys get views of them
+    # (never mutated, see ``copy``). Partner ids may come back in a wider str dtype (the
+    # widest of the concatenation): the same strings.
+    def __getstate__(self) -> dict[str, Any]:
+        keys = list(self.partners)
+        if keys != list(self.conf):
+            return {"partners": self.partners, "conf": self.conf}
+        sizes = np.fromiter((len(self.partners[k]) for k in keys), dtype=np.int64, count=len(keys))
+        flat_p = np.concatenate([self.partners[k] for k in keys]) if keys else _NO_IDS
+        flat_c = np.concatenate([self.conf[k] for k in keys]) if keys else _NO_CONF
+        return {"keys": keys, "sizes": sizes, "flat_partners": flat_p,
+                "flat_conf": np.asarray(flat_c, dtype=np.float32)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "keys" not in state:
+            self.partners, self.conf = state["partners"], state["conf"]
+            return
+        keys = state["keys"]
+        self.partners, self.conf = {}, {}
+        if keys:
+            cuts = np.cumsum(state["sizes"])[:-1]
+            self.partners = dict(zip(keys, np.split(state["flat_partners"], cuts), strict=True))
+            self.conf = dict(zip(keys, np.split(state["flat_conf"], cuts), strict=True))
+
 
 _NO_IDS = np.zeros(0, dtype=str)
 _NO_CONF = np.zeros(0, dtype=np.float32)
