@@ -183,18 +183,38 @@ def implicit_half_step(rows: np.ndarray, table: FactorTable, other_rows: np.ndar
     keys, n_k, gram, h = implicit_sums(rows, q, conf - 1.0, conf, np.ones(len(rows)), g)
     # β (``forgetting``) < 1 discounts the statistics: β A_k, β b_k, β N_k.
     beta = forgetting
-    lhs = gram + beta * table.gram[keys].astype(np.float64) + np.asarray(gram_other, dtype=np.float64)[None]
+    # lhs = G_pass + β A_k + G_other, rhs = β b_k + h. With per-key histories most keys hold
+    # no statistics (nothing evicted yet): only rows with some are added, in place (adding
+    # zeros would change no bit of the sums).
+    mass = table.mass[keys]
+    st = np.flatnonzero(stats_held(table, keys, mass))
+    lhs = gram
+    rhs = h
+    if len(st):
+        lhs[st] += beta * table.gram[keys[st]].astype(np.float64)
+        rhs[st] = beta * table.moment[keys[st]].astype(np.float64) + rhs[st]
+    lhs += np.asarray(gram_other, dtype=np.float64)[None]
     if reg_scaling == "count":
-        diag = reg_param * (beta * table.mass[keys].astype(np.float64) + n_k)
+        diag = reg_param * (beta * mass.astype(np.float64) + n_k)
     else:
         diag = np.full(len(keys), float(reg_param))
     lhs[:, np.arange(table.rank), np.arange(table.rank)] += (diag + 1e-9)[:, None]
     with np.errstate(over="ignore", invalid="ignore"):
-        new_v = solve_rows(lhs, beta * table.moment[keys].astype(np.float64) + h).astype(np.float32)
+        new_v = solve_rows(lhs, rhs).astype(np.float32)
     ok = np.isfinite(new_v).all(axis=1)
     table.vec[keys[ok]] = new_v[ok]
     table.touched[keys] = True
     return int((~ok).sum())
+
+
+def stats_held(table: FactorTable, keys: np.ndarray, mass: np.ndarray | None = None) -> np.ndarray:
+    """True for the rows ``keys`` whose statistics (A, b, N) are not all zero. A is a sum of
+    w q qᵀ with w ≥ 0 (maturity × (c − 1), c ≥ 1; the seeded A likewise), positive
+    semi-definite, so it is zero exactly when its diagonal is."""
+    m = table.mass[keys] if mass is None else mass
+    ar = np.arange(table.rank)
+    return ((m != 0) | (table.moment[keys] != 0).any(axis=1)
+            | (table.gram[keys[:, None], ar, ar] != 0).any(axis=1))
 
 
 def fold_implicit(rows: np.ndarray, table: FactorTable, other_rows: np.ndarray,

@@ -448,7 +448,7 @@ def _route_ratings(params: ALSParams):
     ranking, weighting = params.ranking, params.weighting
 
     def pids(keys: list[str]) -> np.ndarray:
-        return np.fromiter((partition_of(k, num_partitions) for k in keys), dtype=np.int64, count=len(keys))
+        return _pids(keys, num_partitions)
 
     def route(index: int, it: Iterator[Any]) -> Iterator[tuple[int, Routed]]:
         (us, its, rs, ts), (ius, iis, iws, its_), bad_shape = split_events(it)
@@ -775,6 +775,9 @@ def _work_table(rank: int, vec: np.ndarray, count: np.ndarray, st: RowStats) -> 
 
 
 def _pids(keys: list[str], num_partitions: int) -> np.ndarray:
+    """:func:`partition_of` of many ids (no hashing for a model of one partition)."""
+    if num_partitions == 1:
+        return np.zeros(len(keys), dtype=np.int64)
     return np.fromiter((partition_of(k, num_partitions) for k in keys), dtype=np.int64, count=len(keys))
 
 
