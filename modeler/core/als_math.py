@@ -379,6 +379,29 @@ class FactorTable:
             self.moment = np.zeros((n, r), dtype=np.float32)
             self.mass = np.zeros(n, dtype=np.float32)
 
+    # Pickled with the statistics of the rows that hold some only: a Spark partition is
+    # pickled and unpickled with every batch, and most rows of the ranking model (per-key
+    # histories) have none - (rank² + rank + 1) × 4 zero bytes each otherwise.
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        n = len(self.mass)
+        if self.gram.shape == (n, self.rank, self.rank) and n:
+            held = ((self.mass != 0) | (self.moment != 0).any(axis=1)
+                    | (self.gram.reshape(n, -1) != 0).any(axis=1))
+            rows = np.flatnonzero(held)
+            state.update(gram=self.gram[rows], moment=self.moment[rows], mass=self.mass[rows],
+                         stats_rows=rows, stats_n=n)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        rows = state.pop("stats_rows", None)
+        n = state.pop("stats_n", 0)
+        if rows is not None:
+            full = RowStats.zeros(n, state["rank"])
+            full.gram[rows], full.moment[rows], full.mass[rows] = state["gram"], state["moment"], state["mass"]
+            state.update(gram=full.gram, moment=full.moment, mass=full.mass)
+        self.__dict__.update(state)
+
     def copy(self) -> FactorTable:
         """A deep copy (a persisted partition may be read again: never mutate it in place)."""
         return FactorTable(self.rank, list(self.ids), dict(self.index), self.bias.copy(),

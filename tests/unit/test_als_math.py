@@ -218,6 +218,25 @@ def test_factor_table_upsert_overwrites_known_and_appends_new_rows():
     assert table.touched.tolist() == [False, True, True]
 
 
+def test_factor_table_pickles_every_row_and_statistic_whatever_rows_hold_none():
+    import pickle
+
+    table = FactorTable(3)
+    table.ensure(["a", "b", "c", "d"], 0, 0.1)
+    table.gram[1] = np.arange(9, dtype=np.float32).reshape(3, 3)  # A without N or m
+    table.moment[2] = [0.0, -1.5, 0.0]
+    table.mass[3] = 2.0
+    for t in (table, FactorTable(3)):
+        back = pickle.loads(pickle.dumps(t))
+        assert back.ids == t.ids and back.index == t.index
+        for name in ("bias", "vec", "count", "touched", "gram", "moment", "mass"):
+            got, want = getattr(back, name), getattr(t, name)
+            assert got.dtype == want.dtype and got.shape == want.shape and (got == want).all(), name
+    back = pickle.loads(pickle.dumps(table))
+    back.gram[0, 0, 0] = 1.0  # writable, and its own memory
+    assert table.gram[0, 0, 0] == 0.0
+
+
 @pytest.mark.parametrize("vector_step", ["rls", "sgd"])
 def test_a_planted_low_rank_matrix_is_recovered_near_the_noise_level(vector_step):
     rows, _, planted = generate(n_users=150, n_items=200, n_ratings=12_000, rank=3, seed=5,
