@@ -445,8 +445,8 @@ def extend_histories(history: KeyHistory, keys: np.ndarray, partners: np.ndarray
     ev_p: list[np.ndarray] = []
     ev_c: list[np.ndarray] = []
     if len(keys):
-        g = Groups.of(np.unique(keys, return_inverse=True)[1].reshape(-1))
-        uniq = np.unique(keys)
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        g = Groups.of(inverse.reshape(-1))
         for k, s, n in zip(uniq.tolist(), g.starts.tolist(), g.n.astype(np.int64).tolist(), strict=True):
             sel = g.order[s:s + n]
             old_p, old_c = history.of(k)
