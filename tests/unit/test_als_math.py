@@ -188,7 +188,7 @@ def test_plain_columns_are_validated_like_the_per_record_path():
     assert fast[3].dtype == slow[3].dtype == np.int64 and fast[3].tolist() == slow[3].tolist() == [10, 16, -(2**40)]
     assert fast[4] == slow[4] == 5
     batch = list(zip(users, items, rates, stamps, strict=True))
-    mixed = split_events(batch + [("u9", "i9", None, 1, 2.0)])  # a 5-field record: per record
+    mixed = split_events([*batch, ("u9", "i9", None, 1, 2.0)])  # a 5-field record: per record
     assert split_events(batch) == (mixed[0], [[], [], [], []], 0)
     assert mixed[1:] == ([["u9"], ["i9"], [2.0], [1]], 0)
     assert split_events(iter(batch))[0] == [users, items, rates, stamps]
