@@ -403,9 +403,11 @@ class KeyHistory:
         keys = state["keys"]
         self.partners, self.conf = {}, {}
         if keys:
-            cuts = np.cumsum(state["sizes"])[:-1]
-            self.partners = dict(zip(keys, np.split(state["flat_partners"], cuts), strict=True))
-            self.conf = dict(zip(keys, np.split(state["flat_conf"], cuts), strict=True))
+            ends = np.cumsum(state["sizes"]).tolist()
+            spans = list(zip([0, *ends[:-1]], ends, strict=True))
+            flat_p, flat_c = state["flat_partners"], state["flat_conf"]  # (slices: np.split is 5x slower)
+            self.partners = {k: flat_p[a:b] for k, (a, b) in zip(keys, spans, strict=True)}
+            self.conf = {k: flat_c[a:b] for k, (a, b) in zip(keys, spans, strict=True)}
 
 
 _NO_IDS = np.zeros(0, dtype=str)
