@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # broker and Redis on free ports. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 
-.PHONY: help bootstrap up test test-fast lint bench bench-core bench-modeler bench-predictor bench-kafka bench-batch bench-search bench-scale eval batch-demo clean
+.PHONY: help bootstrap up test test-fast lint bench bench-core bench-modeler bench-predictor bench-kafka bench-batch bench-search bench-scale bench-task eval batch-demo clean
 
 help:
 	@echo "make up      start broker, Redis, modeler, predictor, frontend; stream MovieLens in"
@@ -51,6 +51,11 @@ bench-core: bootstrap
 
 bench-modeler: bootstrap
 	$(PY) -m tests.benchmarks.bench_modeler
+
+# CPU per 10k ratings of the modeler's one-partition training task, in-process (no Spark);
+# repeatable under load. Not part of `make bench`.
+bench-task: bootstrap
+	$(PY) -m tests.benchmarks.bench_task_cpu
 
 bench-predictor: bootstrap
 	$(PY) -m tests.benchmarks.bench_predictor

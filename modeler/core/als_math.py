@@ -59,6 +59,7 @@ the same seed and batches give the same model on any machine and any partition l
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import zlib
 from collections.abc import Iterable, Sequence
@@ -378,6 +379,29 @@ class FactorTable:
             self.gram = np.zeros((n, r, r), dtype=np.float32)
             self.moment = np.zeros((n, r), dtype=np.float32)
             self.mass = np.zeros(n, dtype=np.float32)
+
+    # Pickled with the statistics of the rows that hold some only: a Spark partition is
+    # pickled and unpickled with every batch, and most rows of the ranking model (per-key
+    # histories) have none - (rank² + rank + 1) × 4 zero bytes each otherwise.
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        n = len(self.mass)
+        if self.gram.shape == (n, self.rank, self.rank) and n:
+            held = ((self.mass != 0) | (self.moment != 0).any(axis=1)
+                    | (self.gram.reshape(n, -1) != 0).any(axis=1))
+            rows = np.flatnonzero(held)
+            state.update(gram=self.gram[rows], moment=self.moment[rows], mass=self.mass[rows],
+                         stats_rows=rows, stats_n=n)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        rows = state.pop("stats_rows", None)
+        n = state.pop("stats_n", 0)
+        if rows is not None:
+            full = RowStats.zeros(n, state["rank"])
+            full.gram[rows], full.moment[rows], full.mass[rows] = state["gram"], state["moment"], state["mass"]
+            state.update(gram=full.gram, moment=full.moment, mass=full.mass)
+        self.__dict__.update(state)
 
     def copy(self) -> FactorTable:
         """A deep copy (a persisted partition may be read again: never mutate it in place)."""
@@ -894,10 +918,17 @@ def split_events(records: Iterable[Any]) -> tuple[Columns, Columns, int]:
     a record ``(user, item, None, timestamp, weight)`` (a 5th field not None) is an implicit
     event. Returns (rating columns, implicit columns, bad shapes): each columns a tuple
     (users, items, values, timestamps) with values the rating or the implicit weight."""
+    recs = records if isinstance(records, list) else list(records)
+    if all(type(rec) is tuple and len(rec) == 4 for rec in recs):
+        # Every record a plain (user, item, rating, timestamp) tuple (the common batch):
+        # columns in one transpose, nothing to check per record.
+        cols = [[rec[0] for rec in recs], [rec[1] for rec in recs], [rec[2] for rec in recs],
+                [rec[3] for rec in recs]]
+        return cols, [[], [], [], []], 0  # type: ignore[return-value]
     ratings: list[Any] = []
     implicit: list[Any] = []
     bad = 0
-    for rec in records:
+    for rec in recs:
         try:
             weight = rec[4] if len(rec) > 4 else None
         except TypeError:
@@ -924,6 +955,9 @@ def validate_arrays(
     rating_min: float, rating_max: float,
 ) -> tuple[list[str], list[str], np.ndarray, np.ndarray, int]:
     """Keep ratings with non-empty ids and a finite rating on the scale; return them + #rejected."""
+    fast = _validate_plain(users, items, ratings, timestamps, rating_min, rating_max)
+    if fast is not None:
+        return fast
     ku: list[str] = []
     ki: list[str] = []
     kr: list[float] = []
@@ -945,6 +979,33 @@ def validate_arrays(
         kr.append(rf)
         kt.append(tf)
     return ku, ki, np.asarray(kr, dtype=np.float64), np.asarray(kt, dtype=np.int64), rejected
+
+
+def _validate_plain(
+    users: Sequence[Any], items: Sequence[Any], ratings: Sequence[Any], timestamps: Sequence[Any],
+    rating_min: float, rating_max: float,
+) -> tuple[list[str], list[str], np.ndarray, np.ndarray, int] | None:
+    """:func:`validate_arrays` vectorised, for columns of plain types only (ids ``str``,
+    ratings ``float``/``int``, timestamps ``int``): the same answer without a Python step per
+    record. None for anything else (the per-record path decides those)."""
+    n = len(users)
+    if not (len(items) == len(ratings) == len(timestamps) == n):
+        return None
+    if not (all(type(u) is str for u in users) and all(type(i) is str for i in items)
+            and all(type(r) is float or type(r) is int for r in ratings)
+            and all(type(t) is int for t in timestamps)):
+        return None
+    try:
+        rf = np.asarray(ratings, dtype=np.float64).reshape(n)
+        tf = np.asarray(timestamps, dtype=np.int64).reshape(n)
+    except (OverflowError, ValueError, TypeError):
+        return None
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(rf) & (rf >= rating_min) & (rf <= rating_max)
+    ok &= np.fromiter((u != "" and i != "" for u, i in zip(users, items)), dtype=bool, count=n)
+    keep = ok.tolist()
+    return (list(itertools.compress(users, keep)), list(itertools.compress(items, keep)), rf[ok], tf[ok],
+            int(n - ok.sum()))
 
 
 @dataclass

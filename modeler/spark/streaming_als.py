@@ -448,7 +448,7 @@ def _route_ratings(params: ALSParams):
     ranking, weighting = params.ranking, params.weighting
 
     def pids(keys: list[str]) -> np.ndarray:
-        return np.fromiter((partition_of(k, num_partitions) for k in keys), dtype=np.int64, count=len(keys))
+        return _pids(keys, num_partitions)
 
     def route(index: int, it: Iterator[Any]) -> Iterator[tuple[int, Routed]]:
         (us, its, rs, ts), (ius, iis, iws, its_), bad_shape = split_events(it)
@@ -718,8 +718,10 @@ def _learn_ranking(params: ALSParams, carry: RankingCarry, msgs: list[Gathered],
                 flat([evicted_events(h.i_ext, i_index, u_index) for h in hs]),
                 carry.gram_users, carry.gram_items)
             # Only the solved keys changed (the partners came to be read).
-            solved_u = np.isin(np.asarray(u_ids, dtype=str), [k for h in hs for k in h.u_solve])
-            solved_i = np.isin(np.asarray(i_ids, dtype=str), [k for h in hs for k in h.i_solve])
+            solved_u = np.zeros(len(u_ids), dtype=bool)
+            solved_i = np.zeros(len(i_ids), dtype=bool)
+            solved_u[[u_index[k] for h in hs for k in h.u_solve]] = True
+            solved_i[[i_index[k] for h in hs for k in h.i_solve]] = True
             stats["r_evicted_users"] = sum(len(h.u_ext.ev_keys) for h in hs)
             stats["r_evicted_items"] = sum(len(h.i_ext.ev_keys) for h in hs)
         else:
@@ -736,8 +738,11 @@ def _learn_ranking(params: ALSParams, carry: RankingCarry, msgs: list[Gathered],
             items.stats(np.arange(len(i_ids)))
         u_inc = np.bincount(u_rows[:n_pos], minlength=len(u_ids))
         i_inc = np.bincount(i_rows[:n_pos], minlength=len(i_ids))
-        prio = rating_priority(pu.tolist(), pi.tolist(), ev_t[pos], params.seed ^ RESERVOIR_SALT)
-        keep = keep_mask(prio, keep_frac) if params.ranking_history <= 0 else np.zeros(n_pos, dtype=bool)
+        if params.ranking_history <= 0:
+            prio = rating_priority(pu.tolist(), pi.tolist(), ev_t[pos], params.seed ^ RESERVOIR_SALT)
+            keep = keep_mask(prio, keep_frac)
+        else:  # per-key histories: no replay sample to feed
+            prio, keep = np.zeros(n_pos, dtype=np.uint64), np.zeros(n_pos, dtype=bool)
     else:  # no positive: no ranking row changes
         u_ids, i_ids = [], []
         u_vec = i_vec = np.zeros((0, rank), dtype=np.float32)
@@ -775,6 +780,9 @@ def _work_table(rank: int, vec: np.ndarray, count: np.ndarray, st: RowStats) -> 
 
 
 def _pids(keys: list[str], num_partitions: int) -> np.ndarray:
+    """:func:`partition_of` of many ids (no hashing for a model of one partition)."""
+    if num_partitions == 1:
+        return np.zeros(len(keys), dtype=np.int64)
     return np.fromiter((partition_of(k, num_partitions) for k in keys), dtype=np.int64, count=len(keys))
 
 

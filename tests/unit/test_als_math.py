@@ -173,6 +173,27 @@ def test_nan_and_out_of_scale_ratings_are_rejected_and_counted():
     assert users == ["a"] and rejected == 1 and rates.tolist() == [1.0]
 
 
+def test_plain_columns_are_validated_like_the_per_record_path():
+    from modeler.core.als_math import split_events
+
+    users = ["u1", "", "u3", "u4", "u5", "u6", "u7", "u8"]
+    items = ["i1", "i2", "", "i4", "i5", "i6", "i7", "i8"]
+    rates = [4.0, 3.0, 3.0, float("nan"), float("-inf"), 5.5, 0.5, 2]
+    stamps = [10, 11, 12, 13, 14, 15, 16, -(2**40)]
+    fast = validate_arrays(users, items, rates, stamps, 0.5, 5.0)
+    # numpy scalars are not plain floats: the per-record path decides the same columns
+    slow = validate_arrays(users, items, [np.float64(r) for r in rates], stamps, 0.5, 5.0)
+    assert fast[0] == slow[0] == ["u1", "u7", "u8"] and fast[1] == slow[1] == ["i1", "i7", "i8"]
+    assert fast[2].dtype == slow[2].dtype == np.float64 and fast[2].tolist() == slow[2].tolist() == [4.0, 0.5, 2.0]
+    assert fast[3].dtype == slow[3].dtype == np.int64 and fast[3].tolist() == slow[3].tolist() == [10, 16, -(2**40)]
+    assert fast[4] == slow[4] == 5
+    batch = list(zip(users, items, rates, stamps, strict=True))
+    mixed = split_events([*batch, ("u9", "i9", None, 1, 2.0)])  # a 5-field record: per record
+    assert split_events(batch) == (mixed[0], [[], [], [], []], 0)
+    assert mixed[1:] == ([["u9"], ["i9"], [2.0], [1]], 0)
+    assert split_events(iter(batch))[0] == [users, items, rates, stamps]
+
+
 def test_a_diverging_update_is_refused_and_nothing_non_finite_enters():
     # The seeds' summed step with a huge learning rate on a key with many ratings diverges;
     # the guard keeps such rows at their last finite values.
@@ -216,6 +237,25 @@ def test_factor_table_upsert_overwrites_known_and_appends_new_rows():
     assert table.bias.tolist() == [0.0, 1.0, 2.0]
     assert table.count.tolist() == [0, 3, 1]
     assert table.touched.tolist() == [False, True, True]
+
+
+def test_factor_table_pickles_every_row_and_statistic_whatever_rows_hold_none():
+    import pickle
+
+    table = FactorTable(3)
+    table.ensure(["a", "b", "c", "d"], 0, 0.1)
+    table.gram[1] = np.arange(9, dtype=np.float32).reshape(3, 3)  # A without N or m
+    table.moment[2] = [0.0, -1.5, 0.0]
+    table.mass[3] = 2.0
+    for t in (table, FactorTable(3)):
+        back = pickle.loads(pickle.dumps(t))
+        assert back.ids == t.ids and back.index == t.index
+        for name in ("bias", "vec", "count", "touched", "gram", "moment", "mass"):
+            got, want = getattr(back, name), getattr(t, name)
+            assert got.dtype == want.dtype and got.shape == want.shape and (got == want).all(), name
+    back = pickle.loads(pickle.dumps(table))
+    back.gram[0, 0, 0] = 1.0  # writable, and its own memory
+    assert table.gram[0, 0, 0] == 0.0
 
 
 @pytest.mark.parametrize("vector_step", ["rls", "sgd"])

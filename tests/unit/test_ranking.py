@@ -203,6 +203,23 @@ def test_histories_keep_the_newest_entries_and_evict_the_oldest_in_any_input_ord
     assert old.of("u1")[0].tolist() == ["z"]  # the input history is not mutated
 
 
+def test_histories_survive_pickling_flat_with_the_same_entries():
+    import pickle
+
+    from modeler.core.ranking import KeyHistory
+
+    hist = KeyHistory({"u1": np.array(["a", "bbbb"]), "u22": np.array(["c"]), "u3": np.zeros(0, dtype=str)},
+                      {"u1": np.array([2.0, 3.5], dtype=np.float32), "u22": np.array([4.0], dtype=np.float32),
+                       "u3": np.zeros(0, dtype=np.float32)})
+    for h in (hist, KeyHistory()):
+        back = pickle.loads(pickle.dumps(h))
+        assert list(back.partners) == list(h.partners) and list(back.conf) == list(h.conf)
+        for k in h.partners:
+            assert back.partners[k].tolist() == h.partners[k].tolist()
+            assert back.conf[k].tolist() == h.conf[k].tolist() and back.conf[k].dtype == np.float32
+        assert back.entries() == h.entries()
+
+
 def test_a_key_with_its_whole_history_is_solved_exactly_against_todays_partners():
     # One pass per batch: the second batch's users see both batches' positives, solved
     # against the item vectors as the first batch left them (newcomers at their start).
