@@ -34,7 +34,7 @@ from common.codec import decode_matrix
 from common.feedback import Weighting
 from common.keys import ITEMS, RANKING_ITEMS, RANKING_USERS, USERS
 from modeler.config import ModelerSettings
-from modeler.core.als_math import ALSParams, LocalStreamingALS
+from modeler.core.als_math import ALSParams, LocalStreamingALS, ParamsAttributes
 from modeler.core.search import (
     WARM_USER_POSITIVES,
     Decision,
@@ -141,7 +141,7 @@ def _check_candidates(base: ALSParams, candidates: Sequence[Params], kind: str) 
         raise SearchConfigError("MODEL_SEARCH_METRIC: a ranking search needs MODEL_RANKING on")
 
 
-class SearchModel:
+class SearchModel(ParamsAttributes):
     """K candidates and the search over them; the leader's attributes (module docstring)."""
 
     num_partitions = 1
@@ -172,14 +172,6 @@ class SearchModel:
     @property
     def params(self) -> ALSParams:
         return candidate_params(self.base, self.search.leader_candidate().params)
-
-    @property
-    def rank(self) -> int:
-        return self.params.rank
-
-    @property
-    def reg_param(self) -> float:
-        return self.params.reg_param
 
     @property
     def mu(self) -> float:

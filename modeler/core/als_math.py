@@ -1008,6 +1008,21 @@ def _validate_plain(
             int(n - ok.sum()))
 
 
+class ParamsAttributes:
+    """``rank`` and ``reg_param`` of a model whose ``params`` is an :class:`ALSParams`: what the
+    service and the publish flow read of the single model and of the search's leader alike."""
+
+    params: Any  # an ALSParams: an attribute, or a property of the class using this
+
+    @property
+    def rank(self) -> int:
+        return int(self.params.rank)
+
+    @property
+    def reg_param(self) -> float:
+        return float(self.params.reg_param)
+
+
 @dataclass
 class BatchResult:
     n_ratings: int

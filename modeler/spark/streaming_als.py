@@ -68,6 +68,7 @@ from common.schema import RatingScale
 from modeler.core.als_math import (
     ALSParams,
     FactorTable,
+    ParamsAttributes,
     Reservoir,
     RowStats,
     gather,
@@ -1037,7 +1038,7 @@ def _items_of(part: _Part) -> FactorTable:
 # ---------------------------------------------------------------------------------------------
 
 
-class StreamingALS:
+class StreamingALS(ParamsAttributes):
     """Streaming bias-SGD matrix factorisation, trained one mini-batch RDD at a time.
 
     ``model = StreamingALS(rank=10, iterations=2, reg_param=0.1, learning_rate=0.1, seed=42,
@@ -1127,14 +1128,6 @@ class StreamingALS:
         self._state: Any = None  # RDD[(pid, _Part)], num_partitions records
 
     # -- plain attributes ------------------------------------------------------------------
-
-    @property
-    def rank(self) -> int:
-        return self.params.rank
-
-    @property
-    def reg_param(self) -> float:
-        return self.params.reg_param
 
     @property
     def num_partitions(self) -> int:

@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -147,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     if best:
         result["best_ratings_per_second"] = best["ratings_per_second"]
         result["best_num_partitions"] = best["num_partitions"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    from tests.benchmarks.report import write_report
+
+    write_report(args.out, result)
     return 0
 
 

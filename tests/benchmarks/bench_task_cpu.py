@@ -21,7 +21,6 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before numpy: Spark's Python workers get 1
 
 import argparse
-import json
 import pickle
 import sys
 import time
@@ -134,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"task CPU {result['cpu_seconds_per_10k_ratings']:.3f} s per 10k ratings "
           f"(batches of {args.batch_size}, load {load_before[0]:.1f}); model record "
           f"{len(driver.blob) / 1e6:.1f} MB", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    from tests.benchmarks.report import write_report
+
+    write_report(args.out, result)
     return 0
 
 
