@@ -1,7 +1,13 @@
 """Streaming bias-SGD matrix factorisation: the maths, in numpy only (no Spark, no Redis).
-Long because the tables, hashing, reservoir, SGD and least-squares steps, ``ALSParams`` and
-the single-process reference :class:`LocalStreamingALS` are the one numeric core the Spark
-stages, the ranking model and the tests all build on.
+Here: the least-squares (RLS) steps of a batch, ``ALSParams`` (the one source of defaults) and
+the single-process reference :class:`LocalStreamingALS`. It builds on
+:mod:`~modeler.core.hashing` (stable ids → partitions, initial factors, priorities),
+:mod:`~modeler.core.tables` (factor tables, statistics, the reservoir),
+:mod:`~modeler.core.sgd` (the bias-SGD step and its per-rating references) and
+:mod:`~modeler.core.events` (a batch as validated columns), and re-exports their names,
+which the Spark stages, the ranking model and the tests import from here. Longer than most
+because ``ALSParams`` documents every hyper-parameter and the reference runs the whole
+algorithm beside the steps it is made of.
 
 Model (the seeds' B-SGD)::
 
@@ -59,9 +65,7 @@ the same seed and batches give the same model on any machine and any partition l
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -70,504 +74,49 @@ import numpy as np
 
 from common.feedback import Weighting
 
-AGGREGATIONS = ("sum", "mean", "damped")
+# The topics this module builds on, re-exported: the Spark stages, the ranking model, the
+# commands and the tests import them from here.
+from modeler.core.events import (  # noqa: F401
+    Columns,
+    split_events,
+    split_records,
+    validate_arrays,
+    validate_implicit,
+)
+from modeler.core.hashing import (  # noqa: F401
+    hash_ids,
+    init_factors,
+    partition_of,
+    rating_priority,
+    replay_mask,
+    splitmix64,
+    stable_hash,
+)
+from modeler.core.sgd import (  # noqa: F401
+    AGGREGATIONS,
+    aggregate,
+    apply_update,
+    bias_step,
+    finite_rows,
+    predict_raw,
+    reference_batch_pass,
+    reference_sgd_step,
+    step_sizes,
+)
+from modeler.core.tables import (  # noqa: F401
+    FactorTable,
+    Groups,
+    Reservoir,
+    RowStats,
+    keep_fraction,
+    keep_mask,
+)
+
 VECTOR_STEPS = ("rls", "sgd")
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MASK32 = np.uint64(0xFFFFFFFF)
-
 
 # ---------------------------------------------------------------------------------------------
-# Stable hashing: partitions, initial factors, reservoir priorities
+# Least-squares statistics and the batch step
 # ---------------------------------------------------------------------------------------------
-
-
-def stable_hash(key: str) -> int:
-    """A 32-bit hash of an id that is the same in every process (unlike ``hash()``)."""
-    return zlib.crc32(key.encode("utf-8"))
-
-
-def partition_of(key: str, num_partitions: int) -> int:
-    """The partition a user or item id lives in, for every RDD of the model."""
-    return zlib.crc32(key.encode("utf-8")) % num_partitions
-
-
-def hash_ids(keys: Sequence[str]) -> np.ndarray:
-    """:func:`stable_hash` of many ids as a uint64 array."""
-    return np.fromiter((zlib.crc32(k.encode("utf-8")) for k in keys), dtype=np.uint64, count=len(keys))
-
-
-def splitmix64(x: np.ndarray) -> np.ndarray:
-    """The splitmix64 finaliser, vectorised: a well-mixed uint64 from any uint64 (wraps mod 2^64)."""
-    with np.errstate(over="ignore"):
-        z = x.astype(np.uint64) + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-def _seeded(h: np.ndarray, seed: int, salt: int) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        base = splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64) + np.uint64(salt))
-        return splitmix64(h.astype(np.uint64) ^ base)
-
-
-def init_factors(ids: Sequence[str], rank: int, seed: int, init_scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """Initial ``(bias (n,), vectors (n, rank))`` float32 for newcomers.
-
-    Bias 0 (a newcomer is average until its ratings say otherwise). Vector entries uniform on
-    [−a, a] with a = init_scale·√3 (standard deviation ``init_scale``), drawn from
-    splitmix64(hash(seed, id), j): a pure function of (seed, id), whatever the partition or order.
-    """
-    n = len(ids)
-    bias = np.zeros(n, dtype=np.float32)
-    if n == 0:
-        return bias, np.zeros((0, rank), dtype=np.float32)
-    h = _seeded(hash_ids(ids), seed, 1)
-    with np.errstate(over="ignore"):
-        z = splitmix64(h[:, None] + np.arange(1, rank + 1, dtype=np.uint64)[None, :] * _GOLDEN)
-    unit = (z >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)  # [0, 1)
-    vec = ((2.0 * unit - 1.0) * (init_scale * math.sqrt(3.0))).astype(np.float32)
-    return bias, vec
-
-
-def rating_priority(users: Sequence[str], items: Sequence[str], timestamps: np.ndarray, seed: int) -> np.ndarray:
-    """A uniform-looking uint64 per rating, a pure function of (seed, user, item, timestamp).
-
-    The reservoir keeps the ratings of smallest priority ("bottom-k"), which is a uniform
-    sample of everything seen, independent of arrival order and partitioning.
-    """
-    hu = _seeded(hash_ids(users), seed, 2)
-    hi = _seeded(hash_ids(items), seed, 3)
-    with np.errstate(over="ignore"):
-        return splitmix64(hu ^ splitmix64(hi ^ np.asarray(timestamps, dtype=np.int64).astype(np.uint64)))
-
-
-def replay_mask(priority: np.ndarray, batch_no: int, fraction: float) -> np.ndarray:
-    """Which reservoir entries are replayed in batch ``batch_no``: a fresh ~``fraction`` each batch."""
-    if fraction >= 1.0:
-        return np.ones(priority.shape, dtype=bool)
-    if fraction <= 0.0:
-        return np.zeros(priority.shape, dtype=bool)
-    # A second hash of (priority, batch): independent of the bottom-k selection itself.
-    with np.errstate(over="ignore"):
-        z = splitmix64(priority ^ (np.uint64(batch_no) * _GOLDEN)) & _MASK32
-    return z < np.uint64(int(fraction * 4294967296.0))
-
-
-# ---------------------------------------------------------------------------------------------
-# The update maths (vectorised) and the plain per-rating references
-# ---------------------------------------------------------------------------------------------
-
-
-def predict_raw(mu: float, bu: np.ndarray, bi: np.ndarray, uv: np.ndarray, iv: np.ndarray) -> np.ndarray:
-    """r̂ = μ + b_u + b_i + U_u · P_i for aligned rows (float64)."""
-    return mu + bu.astype(np.float64) + bi + np.einsum("ij,ij->i", uv.astype(np.float64), iv)
-
-
-def step_sizes(n: np.ndarray, learning_rate: float, aggregation: str) -> np.ndarray:
-    """Per-key step η_k for a key with n_k ratings in the pass (see the module docstring)."""
-    n = np.asarray(n, dtype=np.float64)
-    safe = np.maximum(n, 1.0)
-    if aggregation == "sum":
-        return np.full(n.shape, learning_rate)
-    if aggregation == "mean":
-        return learning_rate / safe
-    if aggregation == "damped":
-        return -np.expm1(safe * math.log1p(-min(learning_rate, 0.999999))) / safe
-    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, not {aggregation!r}")
-
-
-def aggregate(
-    rows: np.ndarray, n_rows: int, err: np.ndarray, other: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-row sums over the pass: (n_k, S_b = Σ ε, S_v = Σ ε Q); float64."""
-    n = np.bincount(rows, minlength=n_rows).astype(np.float64)
-    s_b = np.bincount(rows, weights=err, minlength=n_rows)
-    # One bincount per column: several times faster than np.add.at on (n, rank) rows.
-    weighted = err[:, None] * other
-    s_v = np.empty((n_rows, other.shape[1]), dtype=np.float64)
-    for c in range(other.shape[1]):
-        s_v[:, c] = np.bincount(rows, weights=weighted[:, c], minlength=n_rows)
-    return n, s_b, s_v
-
-
-def bias_step(
-    bias: np.ndarray,
-    n: np.ndarray,
-    s_b: np.ndarray,
-    learning_rate: float,
-    reg_bias: float,
-    aggregation: str,
-    history: np.ndarray | None = None,
-    history_weight: float = 0.0,
-) -> np.ndarray:
-    """b ← b + η_b (S_b − n λ_b b) for rows with n > 0 (float64 out).
-
-    With ``history_weight`` κ > 0 the step of a key that has already learned N_k ratings is
-    the damped step of n_k + κ N_k ratings, η_k = (1 − (1 − γ)^(n_k + κN_k)) / (n_k + κN_k)
-    (for ``"damped"``): a per-parameter learning rate that falls like 1/N_k, so a bias with a
-    long history moves like an incremental average instead of forgetting it every batch.
-    """
-    n_eff = n if history is None or history_weight <= 0 else n + history_weight * history
-    eta_b = np.where(n > 0, step_sizes(n_eff, learning_rate, aggregation), 0.0)
-    b64 = bias.astype(np.float64)
-    with np.errstate(over="ignore", invalid="ignore"):
-        return b64 + eta_b * (s_b - n * reg_bias * b64)
-
-
-def apply_update(
-    bias: np.ndarray,
-    vec: np.ndarray,
-    n: np.ndarray,
-    s_b: np.ndarray,
-    s_v: np.ndarray,
-    learning_rate: float,
-    reg_param: float,
-    reg_bias: float,
-    aggregation: str,
-    history: np.ndarray | None = None,
-    history_weight: float = 0.0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """b ← b + η_b (S_b − n λ_b b),  V ← V + η (S_v − n λ V)  for rows with n > 0; float32 out.
-
-    The bias step is :func:`bias_step` (counts-aware with κ = ``history_weight``); vectors
-    take the plain damped step η of their n_k ratings in the pass (``vector_step="sgd"``).
-    """
-    new_b = bias_step(bias, n, s_b, learning_rate, reg_bias, aggregation, history, history_weight)
-    eta = np.where(n > 0, step_sizes(n, learning_rate, aggregation), 0.0)
-    v64 = vec.astype(np.float64)
-    # Overflow is possible with a diverging configuration; callers refuse non-finite rows.
-    with np.errstate(over="ignore", invalid="ignore"):
-        new_v = v64 + eta[:, None] * (s_v - (n * reg_param)[:, None] * v64)
-        return new_b.astype(np.float32), new_v.astype(np.float32)
-
-
-def finite_rows(bias: np.ndarray, vec: np.ndarray) -> np.ndarray:
-    """True where a row's bias and vector are all finite."""
-    return np.isfinite(bias) & np.isfinite(vec).all(axis=1)
-
-
-def reference_sgd_step(
-    mu: float,
-    rating: float,
-    user: tuple[float, list[float]],
-    item: tuple[float, list[float]],
-    learning_rate: float,
-    reg_param: float,
-    reg_bias: float,
-) -> tuple[tuple[float, list[float]], tuple[float, list[float]], float]:
-    """The seeds' four update equations for ONE rating, in plain Python; returns (user, item, ε)."""
-    bu, uvec = user
-    bi, ivec = item
-    pred = mu + bu + bi + sum(a * b for a, b in zip(uvec, ivec, strict=True))
-    eps = rating - pred
-    g = learning_rate
-    new_user = (bu + g * (eps - reg_bias * bu), [u + g * (eps * p - reg_param * u) for u, p in zip(uvec, ivec)])
-    new_item = (bi + g * (eps - reg_bias * bi), [p + g * (eps * u - reg_param * p) for u, p in zip(uvec, ivec)])
-    return new_user, new_item, eps
-
-
-def reference_batch_pass(
-    mu: float,
-    ratings: Sequence[tuple[str, str, float]],
-    users: dict[str, tuple[float, list[float]]],
-    items: dict[str, tuple[float, list[float]]],
-    learning_rate: float,
-    reg_param: float,
-    reg_bias: float,
-    aggregation: str,
-) -> tuple[dict[str, tuple[float, list[float]]], dict[str, tuple[float, list[float]]], list[float]]:
-    """One parallel pass over a mini-batch, one rating at a time in plain Python loops.
-
-    Every ε uses the parameters from before the pass; each key's gradients are summed and
-    the step η_k applied once (module docstring). Returns new users, new items and the errors.
-    """
-    sums_u: dict[str, list[Any]] = {}
-    sums_i: dict[str, list[Any]] = {}
-    errors = []
-    for u, i, r in ratings:
-        bu, uvec = users[u]
-        bi, ivec = items[i]
-        pred = mu + bu + bi + sum(a * b for a, b in zip(uvec, ivec, strict=True))
-        eps = r - pred
-        errors.append(eps)
-        su = sums_u.setdefault(u, [0, 0.0, [0.0] * len(uvec)])
-        su[0] += 1
-        su[1] += eps
-        su[2] = [s + eps * p for s, p in zip(su[2], ivec)]
-        si = sums_i.setdefault(i, [0, 0.0, [0.0] * len(ivec)])
-        si[0] += 1
-        si[1] += eps
-        si[2] = [s + eps * q for s, q in zip(si[2], uvec)]
-
-    def step(n: int) -> float:
-        if aggregation == "sum":
-            return learning_rate
-        if aggregation == "mean":
-            return learning_rate / n
-        return (1.0 - (1.0 - learning_rate) ** n) / n
-
-    def updated(table, sums):
-        out = dict(table)
-        for key, (n, s_b, s_v) in sums.items():
-            b, v = table[key]
-            eta = step(n)
-            out[key] = (
-                b + eta * (s_b - n * reg_bias * b),
-                [x + eta * (s - n * reg_param * x) for x, s in zip(v, s_v)],
-            )
-        return out
-
-    return updated(users, sums_u), updated(items, sums_i), errors
-
-
-# ---------------------------------------------------------------------------------------------
-# State: factor tables and the reservoir (one per partition in Spark; plain objects, picklable)
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RowStats:
-    """Least-squares statistics of some rows (see :class:`FactorTable`), float32."""
-
-    gram: np.ndarray
-    moment: np.ndarray
-    mass: np.ndarray
-
-    @classmethod
-    def zeros(cls, n: int, rank: int) -> RowStats:
-        return cls(np.zeros((n, rank, rank), dtype=np.float32), np.zeros((n, rank), dtype=np.float32),
-                   np.zeros(n, dtype=np.float32))
-
-    @classmethod
-    def concat(cls, parts: Sequence[RowStats], rank: int) -> RowStats:
-        if not parts:
-            return cls.zeros(0, rank)
-        return cls(np.concatenate([p.gram for p in parts]), np.concatenate([p.moment for p in parts]),
-                   np.concatenate([p.mass for p in parts]))
-
-    def select(self, mask: np.ndarray) -> RowStats:
-        return RowStats(self.gram[mask], self.moment[mask], self.mass[mask])
-
-
-@dataclass
-class FactorTable:
-    """Rows of one side (users or items) of one partition: ids, biases, vectors, counts.
-
-    Rows are never removed: a key absent from a batch keeps its row (the seeds' code lost them).
-    ``touched`` marks rows changed by the last batch (the service publishes those as a delta).
-    ``gram`` (n, rank, rank), ``moment`` (n, rank) and ``mass`` (n,) are the least-squares
-    statistics of the ``"rls"`` vector step (A_k, m_k, N_k in the module docstring).
-    """
-
-    rank: int
-    ids: list[str] = field(default_factory=list)
-    index: dict[str, int] = field(default_factory=dict)
-    bias: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
-    vec: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
-    count: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    touched: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
-    gram: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), dtype=np.float32))
-    moment: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
-    mass: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
-
-    def __post_init__(self) -> None:
-        n, r = len(self.bias), self.rank
-        if self.vec.shape[1:] != (r,):
-            self.vec = np.zeros((len(self.ids), r), dtype=np.float32)
-        if self.gram.shape != (n, r, r):
-            self.gram = np.zeros((n, r, r), dtype=np.float32)
-            self.moment = np.zeros((n, r), dtype=np.float32)
-            self.mass = np.zeros(n, dtype=np.float32)
-
-    # Pickled with the statistics of the rows that hold some only: a Spark partition is
-    # pickled and unpickled with every batch, and most rows of the ranking model (per-key
-    # histories) have none - (rank² + rank + 1) × 4 zero bytes each otherwise.
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        n = len(self.mass)
-        if self.gram.shape == (n, self.rank, self.rank) and n:
-            held = ((self.mass != 0) | (self.moment != 0).any(axis=1)
-                    | (self.gram.reshape(n, -1) != 0).any(axis=1))
-            rows = np.flatnonzero(held)
-            state.update(gram=self.gram[rows], moment=self.moment[rows], mass=self.mass[rows],
-                         stats_rows=rows, stats_n=n)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        rows = state.pop("stats_rows", None)
-        n = state.pop("stats_n", 0)
-        if rows is not None:
-            full = RowStats.zeros(n, state["rank"])
-            full.gram[rows], full.moment[rows], full.mass[rows] = state["gram"], state["moment"], state["mass"]
-            state.update(gram=full.gram, moment=full.moment, mass=full.mass)
-        self.__dict__.update(state)
-
-    def copy(self) -> FactorTable:
-        """A deep copy (a persisted partition may be read again: never mutate it in place)."""
-        return FactorTable(self.rank, list(self.ids), dict(self.index), self.bias.copy(),
-                           self.vec.copy(), self.count.copy(), self.touched.copy(),
-                           self.gram.copy(), self.moment.copy(), self.mass.copy())
-
-    def stats(self, rows: np.ndarray) -> RowStats:
-        """Copies of the least-squares statistics of ``rows`` (zeros where row == −1)."""
-        known = rows >= 0
-        out = RowStats.zeros(len(rows), self.rank)
-        out.gram[known] = self.gram[rows[known]]
-        out.moment[known] = self.moment[rows[known]]
-        out.mass[known] = self.mass[rows[known]]
-        return out
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def rows(self, keys: Sequence[str]) -> np.ndarray:
-        """Row numbers of existing keys (KeyError for an unknown key)."""
-        index = self.index
-        return np.fromiter((index[k] for k in keys), dtype=np.int64, count=len(keys))
-
-    def lookup(self, keys: Sequence[str]) -> np.ndarray:
-        """Row numbers, −1 for unknown keys."""
-        get = self.index.get
-        return np.fromiter((get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
-
-    def ensure(self, keys: Iterable[str], seed: int, init_scale: float) -> int:
-        """Add rows for keys never seen (in first-seen order), initialised from (seed, id)."""
-        new: list[str] = []
-        index = self.index
-        for k in keys:
-            if k not in index:
-                index[k] = len(self.ids) + len(new)
-                new.append(k)
-        if new:
-            self.add_rows(new, *init_factors(new, self.rank, seed, init_scale))
-        return len(new)
-
-    def add_rows(self, keys: list[str], bias: np.ndarray, vec: np.ndarray,
-                 count: np.ndarray | None = None) -> None:
-        start = len(self.ids)
-        self.ids.extend(keys)
-        for j, k in enumerate(keys):
-            self.index[k] = start + j
-        self.bias = np.concatenate([self.bias, np.asarray(bias, dtype=np.float32)])
-        self.vec = np.concatenate([self.vec, np.asarray(vec, dtype=np.float32).reshape(-1, self.rank)])
-        extra = np.zeros(len(keys), dtype=np.int64) if count is None else np.asarray(count, dtype=np.int64)
-        self.count = np.concatenate([self.count, extra])
-        self.touched = np.concatenate([self.touched, np.zeros(len(keys), dtype=bool)])
-        fresh = RowStats.zeros(len(keys), self.rank)
-        self.gram = np.concatenate([self.gram, fresh.gram])
-        self.moment = np.concatenate([self.moment, fresh.moment])
-        self.mass = np.concatenate([self.mass, fresh.mass])
-
-    def update(self, rows: np.ndarray, err: np.ndarray, other: np.ndarray, params: ALSParams) -> int:
-        """Apply one pass's gradients of the ratings at ``rows``; return rows refused as non-finite."""
-        n, s_b, s_v = aggregate(rows, len(self.ids), err, other)
-        hit = np.flatnonzero(n)
-        new_b, new_v = apply_update(
-            self.bias[hit], self.vec[hit], n[hit], s_b[hit], s_v[hit],
-            params.learning_rate, params.reg_param, params.reg_bias, params.aggregation,
-            self.count[hit], params.history_weight,
-        )
-        ok = finite_rows(new_b, new_v)
-        self.bias[hit[ok]] = new_b[ok]
-        self.vec[hit[ok]] = new_v[ok]
-        self.touched[hit] = True
-        return int((~ok).sum())
-
-    def upsert(self, keys: Sequence[str], bias: np.ndarray, vec: np.ndarray,
-               count_inc: np.ndarray, stats: RowStats | None = None) -> None:
-        """Overwrite the rows of known keys, append unknown keys (in the given order); add
-        ``count_inc`` to the counts, overwrite their statistics (when given) and mark exactly
-        these rows as touched."""
-        self.touched[:] = False
-        if not len(keys):
-            return
-        rows = self.lookup(keys)
-        fresh = np.flatnonzero(rows < 0)
-        if len(fresh):
-            self.add_rows([keys[int(j)] for j in fresh], bias[fresh], vec[fresh])
-            rows = self.lookup(keys)
-        self.bias[rows] = bias
-        self.vec[rows] = vec
-        self.count[rows] += np.asarray(count_inc, dtype=np.int64)
-        self.touched[rows] = True
-        if stats is not None:
-            self.gram[rows], self.moment[rows], self.mass[rows] = stats.gram, stats.moment, stats.mass
-
-    def records(self, only_touched: bool = False) -> list[tuple[str, tuple[float, np.ndarray]]]:
-        """``[(id, (bias, vector float32 (rank,)))]``."""
-        sel = np.flatnonzero(self.touched) if only_touched else range(len(self.ids))
-        return [(self.ids[j], (float(self.bias[j]), self.vec[j].copy())) for j in sel]
-
-
-def keep_fraction(reservoir_size: int, ratings_seen: int) -> float:
-    """Share of all ratings seen that the replay sample keeps: min(1, R / seen)."""
-    if reservoir_size <= 0:
-        return 0.0
-    return 1.0 if ratings_seen <= reservoir_size else reservoir_size / ratings_seen
-
-
-def keep_mask(priority: np.ndarray, fraction: float) -> np.ndarray:
-    """Ratings in the replay sample: priority / 2^64 < fraction (a pure function of the rating).
-
-    Because membership depends only on (rating, fraction), every partition holding a copy of
-    an entry (by user and by item) agrees on it without talking to the others, and the sample
-    is uniform over the whole history: its expected size is min(seen, R), its spread ±√R.
-    """
-    if fraction >= 1.0:
-        return np.ones(priority.shape, dtype=bool)
-    return (np.asarray(priority, dtype=np.uint64) >> np.uint64(11)) < np.uint64(int(fraction * 2.0**53))
-
-
-@dataclass
-class Reservoir:
-    """The replay sample's entries held by one partition (see :func:`keep_mask`).
-
-    A ``mirror`` (the item side's copy) keeps item ids and priorities only: enough to know
-    which of its items' rows a replay needs.
-    """
-
-    mirror: bool = False
-    users: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=str))
-    items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=str))
-    ratings: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
-    priority: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
-
-    def __len__(self) -> int:
-        return len(self.priority)
-
-    def selected(self, batch_no: int, fraction: float) -> np.ndarray:
-        return replay_mask(self.priority, batch_no, fraction)
-
-    def updated(self, keep_frac: float, users: Any, items: Any, ratings: Any, priority: Any) -> Reservoir:
-        """A new reservoir: old entries still under the threshold plus the new ones under it."""
-        pr = np.concatenate([self.priority, np.asarray(priority, dtype=np.uint64)])
-        keep = keep_mask(pr, keep_frac)
-        it = np.concatenate([self.items, np.asarray(items, dtype=str)])[keep]
-        if self.mirror:
-            return Reservoir(True, items=it, priority=pr[keep])
-        us = np.concatenate([self.users, np.asarray(users, dtype=str)])[keep]
-        rs = np.concatenate([self.ratings, np.asarray(ratings, dtype=np.float32)])[keep]
-        return Reservoir(False, us, it, rs, pr[keep])
-
-
-@dataclass(frozen=True)
-class Groups:
-    """Ratings grouped by row: ``order`` sorts them by row, ``starts`` opens each group,
-    ``keys`` are the rows (ascending) and ``n`` their numbers of ratings."""
-
-    order: np.ndarray
-    starts: np.ndarray
-    keys: np.ndarray
-    n: np.ndarray
-
-    @classmethod
-    def of(cls, rows: np.ndarray) -> Groups:
-        order = np.argsort(rows, kind="stable")
-        sorted_rows = rows[order]
-        starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]]) if len(rows) \
-            else np.zeros(0, dtype=np.int64)
-        return cls(order, starts, sorted_rows[starts], np.diff(np.r_[starts, len(rows)]).astype(np.float64))
 
 
 def segment_sums(rows: np.ndarray, q: np.ndarray, target: np.ndarray, groups: Groups | None = None,
@@ -886,126 +435,6 @@ def replay_fraction(params: ALSParams, expected_new: int, ratings_seen_before: i
     if held <= 0 or params.replay_ratio <= 0 or expected_new <= 0:
         return 0.0
     return min(1.0, params.replay_ratio * expected_new / held)
-
-
-def split_records(records: Iterable[Any]) -> tuple[list[Any], list[Any], list[Any], list[Any], int]:
-    """Columns (users, items, ratings, timestamps) of ``(user, item, rating[, timestamp])``
-    records, and the number of records that are not such tuples at all."""
-    us: list[Any] = []
-    its: list[Any] = []
-    rs: list[Any] = []
-    ts: list[Any] = []
-    bad = 0
-    for rec in records:
-        try:
-            u, i, r = rec[0], rec[1], rec[2]
-            t = rec[3] if len(rec) > 3 else 0
-        except (TypeError, IndexError, KeyError):
-            bad += 1
-            continue
-        us.append(u)
-        its.append(i)
-        rs.append(r)
-        ts.append(t)
-    return us, its, rs, ts, bad
-
-
-Columns = tuple[list[Any], list[Any], list[Any], list[Any]]
-
-
-def split_events(records: Iterable[Any]) -> tuple[Columns, Columns, int]:
-    """:func:`split_records` of the ratings among ``records``, and the implicit events apart:
-    a record ``(user, item, None, timestamp, weight)`` (a 5th field not None) is an implicit
-    event. Returns (rating columns, implicit columns, bad shapes): each columns a tuple
-    (users, items, values, timestamps) with values the rating or the implicit weight."""
-    recs = records if isinstance(records, list) else list(records)
-    if all(type(rec) is tuple and len(rec) == 4 for rec in recs):
-        # Every record a plain (user, item, rating, timestamp) tuple (the common batch):
-        # columns in one transpose, nothing to check per record.
-        cols = [[rec[0] for rec in recs], [rec[1] for rec in recs], [rec[2] for rec in recs],
-                [rec[3] for rec in recs]]
-        return cols, [[], [], [], []], 0  # type: ignore[return-value]
-    ratings: list[Any] = []
-    implicit: list[Any] = []
-    bad = 0
-    for rec in recs:
-        try:
-            weight = rec[4] if len(rec) > 4 else None
-        except TypeError:
-            bad += 1
-            continue
-        if weight is None:
-            ratings.append(rec)
-        else:
-            implicit.append((rec[0], rec[1], weight, rec[3]))
-    us, its, rs, ts, bad_r = split_records(ratings)
-    ius, iis, iws, its_, bad_i = split_records(implicit)
-    return [us, its, rs, ts], [ius, iis, iws, its_], bad + bad_r + bad_i  # type: ignore[return-value]
-
-
-def validate_implicit(users: Sequence[Any], items: Sequence[Any], weights: Sequence[Any],
-                      timestamps: Sequence[Any]) -> tuple[list[str], list[str], np.ndarray, np.ndarray, int]:
-    """Keep implicit events with non-empty ids and a finite weight >= 0 (the Kafka reader
-    also enforces the EVENT_MAX_WEIGHT cap); return them + #rejected."""
-    return validate_arrays(users, items, weights, timestamps, 0.0, math.inf)
-
-
-def validate_arrays(
-    users: Sequence[Any], items: Sequence[Any], ratings: Sequence[Any], timestamps: Sequence[Any],
-    rating_min: float, rating_max: float,
-) -> tuple[list[str], list[str], np.ndarray, np.ndarray, int]:
-    """Keep ratings with non-empty ids and a finite rating on the scale; return them + #rejected."""
-    fast = _validate_plain(users, items, ratings, timestamps, rating_min, rating_max)
-    if fast is not None:
-        return fast
-    ku: list[str] = []
-    ki: list[str] = []
-    kr: list[float] = []
-    kt: list[int] = []
-    rejected = 0
-    for u, i, r, t in zip(users, items, ratings, timestamps, strict=True):
-        try:
-            rf = float(r)
-            tf = int(t) if t is not None else 0
-        except (TypeError, ValueError):
-            rejected += 1
-            continue
-        if (u is None or i is None or not math.isfinite(rf) or not rating_min <= rf <= rating_max
-                or str(u) == "" or str(i) == ""):
-            rejected += 1
-            continue
-        ku.append(str(u))
-        ki.append(str(i))
-        kr.append(rf)
-        kt.append(tf)
-    return ku, ki, np.asarray(kr, dtype=np.float64), np.asarray(kt, dtype=np.int64), rejected
-
-
-def _validate_plain(
-    users: Sequence[Any], items: Sequence[Any], ratings: Sequence[Any], timestamps: Sequence[Any],
-    rating_min: float, rating_max: float,
-) -> tuple[list[str], list[str], np.ndarray, np.ndarray, int] | None:
-    """:func:`validate_arrays` vectorised, for columns of plain types only (ids ``str``,
-    ratings ``float``/``int``, timestamps ``int``): the same answer without a Python step per
-    record. None for anything else (the per-record path decides those)."""
-    n = len(users)
-    if not (len(items) == len(ratings) == len(timestamps) == n):
-        return None
-    if not (all(type(u) is str for u in users) and all(type(i) is str for i in items)
-            and all(type(r) is float or type(r) is int for r in ratings)
-            and all(type(t) is int for t in timestamps)):
-        return None
-    try:
-        rf = np.asarray(ratings, dtype=np.float64).reshape(n)
-        tf = np.asarray(timestamps, dtype=np.int64).reshape(n)
-    except (OverflowError, ValueError, TypeError):
-        return None
-    with np.errstate(invalid="ignore"):
-        ok = np.isfinite(rf) & (rf >= rating_min) & (rf <= rating_max)
-    ok &= np.fromiter((u != "" and i != "" for u, i in zip(users, items)), dtype=bool, count=n)
-    keep = ok.tolist()
-    return (list(itertools.compress(users, keep)), list(itertools.compress(items, keep)), rf[ok], tf[ok],
-            int(n - ok.sum()))
 
 
 class ParamsAttributes:

@@ -1,0 +1,261 @@
+"""The models' state: factor tables with their least-squares statistics, the replay
+reservoir, and row groupings; plain picklable objects (one per partition in Spark). numpy only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from modeler.core.hashing import init_factors, replay_mask
+from modeler.core.sgd import aggregate, apply_update, finite_rows
+
+if TYPE_CHECKING:
+    from modeler.core.als_math import ALSParams
+
+
+@dataclass
+class RowStats:
+    """Least-squares statistics of some rows (see :class:`FactorTable`), float32."""
+
+    gram: np.ndarray
+    moment: np.ndarray
+    mass: np.ndarray
+
+    @classmethod
+    def zeros(cls, n: int, rank: int) -> RowStats:
+        return cls(np.zeros((n, rank, rank), dtype=np.float32), np.zeros((n, rank), dtype=np.float32),
+                   np.zeros(n, dtype=np.float32))
+
+    @classmethod
+    def concat(cls, parts: Sequence[RowStats], rank: int) -> RowStats:
+        if not parts:
+            return cls.zeros(0, rank)
+        return cls(np.concatenate([p.gram for p in parts]), np.concatenate([p.moment for p in parts]),
+                   np.concatenate([p.mass for p in parts]))
+
+    def select(self, mask: np.ndarray) -> RowStats:
+        return RowStats(self.gram[mask], self.moment[mask], self.mass[mask])
+
+
+@dataclass
+class FactorTable:
+    """Rows of one side (users or items) of one partition: ids, biases, vectors, counts.
+
+    Rows are never removed: a key absent from a batch keeps its row (the seeds' code lost them).
+    ``touched`` marks rows changed by the last batch (the service publishes those as a delta).
+    ``gram`` (n, rank, rank), ``moment`` (n, rank) and ``mass`` (n,) are the least-squares
+    statistics of the ``"rls"`` vector step (A_k, m_k, N_k in the module docstring).
+    """
+
+    rank: int
+    ids: list[str] = field(default_factory=list)
+    index: dict[str, int] = field(default_factory=dict)
+    bias: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    vec: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
+    count: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    touched: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    gram: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), dtype=np.float32))
+    moment: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
+    mass: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+
+    def __post_init__(self) -> None:
+        n, r = len(self.bias), self.rank
+        if self.vec.shape[1:] != (r,):
+            self.vec = np.zeros((len(self.ids), r), dtype=np.float32)
+        if self.gram.shape != (n, r, r):
+            self.gram = np.zeros((n, r, r), dtype=np.float32)
+            self.moment = np.zeros((n, r), dtype=np.float32)
+            self.mass = np.zeros(n, dtype=np.float32)
+
+    # Pickled with the statistics of the rows that hold some only: a Spark partition is
+    # pickled and unpickled with every batch, and most rows of the ranking model (per-key
+    # histories) have none - (rank² + rank + 1) × 4 zero bytes each otherwise.
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        n = len(self.mass)
+        if self.gram.shape == (n, self.rank, self.rank) and n:
+            held = ((self.mass != 0) | (self.moment != 0).any(axis=1)
+                    | (self.gram.reshape(n, -1) != 0).any(axis=1))
+            rows = np.flatnonzero(held)
+            state.update(gram=self.gram[rows], moment=self.moment[rows], mass=self.mass[rows],
+                         stats_rows=rows, stats_n=n)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        rows = state.pop("stats_rows", None)
+        n = state.pop("stats_n", 0)
+        if rows is not None:
+            full = RowStats.zeros(n, state["rank"])
+            full.gram[rows], full.moment[rows], full.mass[rows] = state["gram"], state["moment"], state["mass"]
+            state.update(gram=full.gram, moment=full.moment, mass=full.mass)
+        self.__dict__.update(state)
+
+    def copy(self) -> FactorTable:
+        """A deep copy (a persisted partition may be read again: never mutate it in place)."""
+        return FactorTable(self.rank, list(self.ids), dict(self.index), self.bias.copy(),
+                           self.vec.copy(), self.count.copy(), self.touched.copy(),
+                           self.gram.copy(), self.moment.copy(), self.mass.copy())
+
+    def stats(self, rows: np.ndarray) -> RowStats:
+        """Copies of the least-squares statistics of ``rows`` (zeros where row == −1)."""
+        known = rows >= 0
+        out = RowStats.zeros(len(rows), self.rank)
+        out.gram[known] = self.gram[rows[known]]
+        out.moment[known] = self.moment[rows[known]]
+        out.mass[known] = self.mass[rows[known]]
+        return out
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def rows(self, keys: Sequence[str]) -> np.ndarray:
+        """Row numbers of existing keys (KeyError for an unknown key)."""
+        index = self.index
+        return np.fromiter((index[k] for k in keys), dtype=np.int64, count=len(keys))
+
+    def lookup(self, keys: Sequence[str]) -> np.ndarray:
+        """Row numbers, −1 for unknown keys."""
+        get = self.index.get
+        return np.fromiter((get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+
+    def ensure(self, keys: Iterable[str], seed: int, init_scale: float) -> int:
+        """Add rows for keys never seen (in first-seen order), initialised from (seed, id)."""
+        new: list[str] = []
+        index = self.index
+        for k in keys:
+            if k not in index:
+                index[k] = len(self.ids) + len(new)
+                new.append(k)
+        if new:
+            self.add_rows(new, *init_factors(new, self.rank, seed, init_scale))
+        return len(new)
+
+    def add_rows(self, keys: list[str], bias: np.ndarray, vec: np.ndarray,
+                 count: np.ndarray | None = None) -> None:
+        start = len(self.ids)
+        self.ids.extend(keys)
+        for j, k in enumerate(keys):
+            self.index[k] = start + j
+        self.bias = np.concatenate([self.bias, np.asarray(bias, dtype=np.float32)])
+        self.vec = np.concatenate([self.vec, np.asarray(vec, dtype=np.float32).reshape(-1, self.rank)])
+        extra = np.zeros(len(keys), dtype=np.int64) if count is None else np.asarray(count, dtype=np.int64)
+        self.count = np.concatenate([self.count, extra])
+        self.touched = np.concatenate([self.touched, np.zeros(len(keys), dtype=bool)])
+        fresh = RowStats.zeros(len(keys), self.rank)
+        self.gram = np.concatenate([self.gram, fresh.gram])
+        self.moment = np.concatenate([self.moment, fresh.moment])
+        self.mass = np.concatenate([self.mass, fresh.mass])
+
+    def update(self, rows: np.ndarray, err: np.ndarray, other: np.ndarray, params: ALSParams) -> int:
+        """Apply one pass's gradients of the ratings at ``rows``; return rows refused as non-finite."""
+        n, s_b, s_v = aggregate(rows, len(self.ids), err, other)
+        hit = np.flatnonzero(n)
+        new_b, new_v = apply_update(
+            self.bias[hit], self.vec[hit], n[hit], s_b[hit], s_v[hit],
+            params.learning_rate, params.reg_param, params.reg_bias, params.aggregation,
+            self.count[hit], params.history_weight,
+        )
+        ok = finite_rows(new_b, new_v)
+        self.bias[hit[ok]] = new_b[ok]
+        self.vec[hit[ok]] = new_v[ok]
+        self.touched[hit] = True
+        return int((~ok).sum())
+
+    def upsert(self, keys: Sequence[str], bias: np.ndarray, vec: np.ndarray,
+               count_inc: np.ndarray, stats: RowStats | None = None) -> None:
+        """Overwrite the rows of known keys, append unknown keys (in the given order); add
+        ``count_inc`` to the counts, overwrite their statistics (when given) and mark exactly
+        these rows as touched."""
+        self.touched[:] = False
+        if not len(keys):
+            return
+        rows = self.lookup(keys)
+        fresh = np.flatnonzero(rows < 0)
+        if len(fresh):
+            self.add_rows([keys[int(j)] for j in fresh], bias[fresh], vec[fresh])
+            rows = self.lookup(keys)
+        self.bias[rows] = bias
+        self.vec[rows] = vec
+        self.count[rows] += np.asarray(count_inc, dtype=np.int64)
+        self.touched[rows] = True
+        if stats is not None:
+            self.gram[rows], self.moment[rows], self.mass[rows] = stats.gram, stats.moment, stats.mass
+
+    def records(self, only_touched: bool = False) -> list[tuple[str, tuple[float, np.ndarray]]]:
+        """``[(id, (bias, vector float32 (rank,)))]``."""
+        sel = np.flatnonzero(self.touched) if only_touched else range(len(self.ids))
+        return [(self.ids[j], (float(self.bias[j]), self.vec[j].copy())) for j in sel]
+
+
+def keep_fraction(reservoir_size: int, ratings_seen: int) -> float:
+    """Share of all ratings seen that the replay sample keeps: min(1, R / seen)."""
+    if reservoir_size <= 0:
+        return 0.0
+    return 1.0 if ratings_seen <= reservoir_size else reservoir_size / ratings_seen
+
+
+def keep_mask(priority: np.ndarray, fraction: float) -> np.ndarray:
+    """Ratings in the replay sample: priority / 2^64 < fraction (a pure function of the rating).
+
+    Because membership depends only on (rating, fraction), every partition holding a copy of
+    an entry (by user and by item) agrees on it without talking to the others, and the sample
+    is uniform over the whole history: its expected size is min(seen, R), its spread ±√R.
+    """
+    if fraction >= 1.0:
+        return np.ones(priority.shape, dtype=bool)
+    return (np.asarray(priority, dtype=np.uint64) >> np.uint64(11)) < np.uint64(int(fraction * 2.0**53))
+
+
+@dataclass
+class Reservoir:
+    """The replay sample's entries held by one partition (see :func:`keep_mask`).
+
+    A ``mirror`` (the item side's copy) keeps item ids and priorities only: enough to know
+    which of its items' rows a replay needs.
+    """
+
+    mirror: bool = False
+    users: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=str))
+    items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=str))
+    ratings: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    priority: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
+
+    def __len__(self) -> int:
+        return len(self.priority)
+
+    def selected(self, batch_no: int, fraction: float) -> np.ndarray:
+        return replay_mask(self.priority, batch_no, fraction)
+
+    def updated(self, keep_frac: float, users: Any, items: Any, ratings: Any, priority: Any) -> Reservoir:
+        """A new reservoir: old entries still under the threshold plus the new ones under it."""
+        pr = np.concatenate([self.priority, np.asarray(priority, dtype=np.uint64)])
+        keep = keep_mask(pr, keep_frac)
+        it = np.concatenate([self.items, np.asarray(items, dtype=str)])[keep]
+        if self.mirror:
+            return Reservoir(True, items=it, priority=pr[keep])
+        us = np.concatenate([self.users, np.asarray(users, dtype=str)])[keep]
+        rs = np.concatenate([self.ratings, np.asarray(ratings, dtype=np.float32)])[keep]
+        return Reservoir(False, us, it, rs, pr[keep])
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Ratings grouped by row: ``order`` sorts them by row, ``starts`` opens each group,
+    ``keys`` are the rows (ascending) and ``n`` their numbers of ratings."""
+
+    order: np.ndarray
+    starts: np.ndarray
+    keys: np.ndarray
+    n: np.ndarray
+
+    @classmethod
+    def of(cls, rows: np.ndarray) -> Groups:
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]]) if len(rows) \
+            else np.zeros(0, dtype=np.int64)
+        return cls(order, starts, sorted_rows[starts], np.diff(np.r_[starts, len(rows)]).astype(np.float64))
