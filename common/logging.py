@@ -40,11 +40,29 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+class StderrHandler(logging.StreamHandler):
+    """A stream handler that writes to ``sys.stderr`` as it is when a record is emitted, not
+    as it was when the handler was made: a stream swapped out since (a test's capture that
+    ended, a redirect) is never written to after it was closed, e.g. by a Kafka client's
+    background thread logging a lost broker."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass  # always the current sys.stderr
+
+
 def setup_logging(level: str = "INFO", fmt: str = "text", quiet: Mapping[str, int] | None = None) -> None:
     """Route the root logger to stderr in ``fmt`` ("text" or "json") at ``level``."""
     if fmt not in ("text", "json"):
         raise ValueError(f"LOG_FORMAT must be 'text' or 'json', not {fmt!r}")
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     setattr(handler, _OURS, True)
     root = logging.getLogger()

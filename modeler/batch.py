@@ -1200,7 +1200,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, str, dict[str,
 
 def main(argv: list[str] | None = None, spark=None) -> int:
     """The command. ``spark``: an existing session to use (and leave running), e.g. in tests."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from common.logging import setup_logging
+
+    setup_logging("INFO")
     cfg, master, conf = parse_args(argv)
     try:
         # Fail on an unknown or empty input before paying for a Spark start-up.

@@ -340,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--drift", action="store_true", help="run the drift experiment too")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from common.logging import setup_logging
+
+    setup_logging("INFO")
     out: dict[str, Any] = {"datasets": [dataset_experiment(p, args.batch_size, args.test_fraction)
                                         for p in args.ratings]}
     if args.drift:
