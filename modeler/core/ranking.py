@@ -187,7 +187,7 @@ def implicit_half_step(rows: np.ndarray, table: FactorTable, other_rows: np.ndar
     # no statistics (nothing evicted yet): only rows with some are added, in place (adding
     # zeros would change no bit of the sums).
     mass = table.mass[keys]
-    st = np.flatnonzero(stats_held(table, keys, mass))
+    st = np.flatnonzero(table.stats_held(keys))
     lhs = gram
     rhs = h
     if len(st):
@@ -205,16 +205,6 @@ def implicit_half_step(rows: np.ndarray, table: FactorTable, other_rows: np.ndar
     table.vec[keys[ok]] = new_v[ok]
     table.touched[keys] = True
     return int((~ok).sum())
-
-
-def stats_held(table: FactorTable, keys: np.ndarray, mass: np.ndarray | None = None) -> np.ndarray:
-    """True for the rows ``keys`` whose statistics (A, b, N) are not all zero. A is a sum of
-    w q qᵀ with w ≥ 0 (maturity × (c − 1), c ≥ 1; the seeded A likewise), positive
-    semi-definite, so it is zero exactly when its diagonal is."""
-    m = table.mass[keys] if mass is None else mass
-    ar = np.arange(table.rank)
-    return ((m != 0) | (table.moment[keys] != 0).any(axis=1)
-            | (table.gram[keys[:, None], ar, ar] != 0).any(axis=1))
 
 
 def fold_implicit(rows: np.ndarray, table: FactorTable, other_rows: np.ndarray,

@@ -74,13 +74,18 @@ class FactorTable:
     # Pickled with the statistics of the rows that hold some only: a Spark partition is
     # pickled and unpickled with every batch, and most rows of the ranking model (per-key
     # histories) have none - (rank² + rank + 1) × 4 zero bytes each otherwise.
+    def stats_held(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """True for the rows (all by default) whose statistics (A, b, N) are not all zero:
+        the only ones a solve needs to add, or a pickle to carry."""
+        g, m, w = (self.gram, self.moment, self.mass) if rows is None else (
+            self.gram[rows], self.moment[rows], self.mass[rows])
+        return (w != 0) | (m != 0).any(axis=1) | (g.reshape(len(w), -1) != 0).any(axis=1)
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         n = len(self.mass)
         if self.gram.shape == (n, self.rank, self.rank) and n:
-            held = ((self.mass != 0) | (self.moment != 0).any(axis=1)
-                    | (self.gram.reshape(n, -1) != 0).any(axis=1))
-            rows = np.flatnonzero(held)
+            rows = np.flatnonzero(self.stats_held())
             state.update(gram=self.gram[rows], moment=self.moment[rows], mass=self.mass[rows],
                          stats_rows=rows, stats_n=n)
         return state

@@ -171,13 +171,14 @@ def _with_shared(res: Any, shared: Any, share: str) -> Any:
                                n_replayed=shared.n_replayed, n_diverged=shared.n_diverged)
 
 
-def _step(kind: str, model: LocalStreamingALS, batch: _Batch, probe: int, warm: int,
+def _step(kind: str, model: LocalStreamingALS, batch: _Batch, records: list[tuple], probe: int, warm: int,
           share: str | None = None, shared: Any = None) -> CandidateOutcome:
     """Score one candidate on the batch (before it learns it), then let it learn the batch.
 
     Explicit: Σ squared errors of the batch's ratings. Ranking: Σ NDCG@10 over a probe sample
     of the batch's positives (:func:`modeler.core.search.probe_target_ranks`). With ``share``
-    the candidate learns only its own model; ``shared`` is the shared one's batch result."""
+    the candidate learns only its own model; ``shared`` is the shared one's batch result.
+    ``records``: ``batch.records()``, built once for every candidate."""
     ranks: list[int] = []
     if kind == RANKING:
         p = model.params
@@ -185,7 +186,7 @@ def _step(kind: str, model: LocalStreamingALS, batch: _Batch, probe: int, warm: 
         w = event_weights(ratings, implicit, p.weighting, p.rating_min, p.rating_max)
         ranks = probe_target_ranks(model.ranking, users, items, w > 0, stamps, probe, min_user_positives=warm)
     first = model.batches == 0
-    res = model.train(batch.records(), explicit=share != EXPLICIT, ranking=share != RANKING)
+    res = model.train(records, explicit=share != EXPLICIT, ranking=share != RANKING)
     if share is not None:
         res = _with_shared(res, shared, share)
     stats = CandidateStats(
@@ -237,27 +238,23 @@ def _side_by_side_stage(kind: str, base: ALSParams, spawn: Mapping[str, Params],
         users, items, rates, stamps, _rej = validate_arrays(us, its, rs, ts, base.rating_min, base.rating_max)
         iu, ii, iw, it_, _irej = validate_implicit(ius, iis, iws, its_)
         batch = _Batch(users, items, rates, stamps, iu, ii, iw, it_)
+        records_in = batch.records()
         outcomes: dict[str, CandidateOutcome] = {}
-        new_models: dict[str, Any] = {}
         order = sorted(models)
         share = shared_model(kind, [models[c].params for c in order])
         shared = None
         if share is not None:
             # The carrier: the oldest candidate (its copy of the shared model has learned the
             # most; a newborn takes it over warm). It learns the shared model once.
-            carrier = min(order, key=lambda c: (c in spawn, _cid_key(c)))
-            cm = models[carrier]
-            shared = cm.train(batch.records(), explicit=share == EXPLICIT, ranking=share == RANKING)
-            new_models[carrier] = cm
+            carrier = models[min(order, key=lambda c: (c in spawn, _cid_key(c)))]
+            shared = carrier.train(records_in, explicit=share == EXPLICIT, ranking=share == RANKING)
         for cid in order:
-            m = new_models.get(cid) or models[cid]
             if share is not None:
-                _link(m, new_models[carrier], share)
-            outcomes[cid] = _step(kind, m, batch, probe, warm, share, shared)
-            new_models[cid] = m
+                _link(models[cid], carrier, share)
+            outcomes[cid] = _step(kind, models[cid], batch, records_in, probe, warm, share, shared)
         # The sink (e.g. the segment writer) sees the new models and the batch where they live.
-        answer = sink(new_models, batch) if sink is not None else None
-        yield (_MODELS, new_models)
+        answer = sink(models, batch) if sink is not None else None
+        yield (_MODELS, models)
         yield (_BATCH, (outcomes, answer))
 
     return stage

@@ -448,15 +448,12 @@ def _route_ratings(params: ALSParams):
     num_partitions, lo, hi = params.num_partitions, params.rating_min, params.rating_max
     ranking, weighting = params.ranking, params.weighting
 
-    def pids(keys: list[str]) -> np.ndarray:
-        return _pids(keys, num_partitions)
-
     def route(index: int, it: Iterator[Any]) -> Iterator[tuple[int, Routed]]:
         (us, its, rs, ts), (ius, iis, iws, its_), bad_shape = split_events(it)
         users, items, rates, stamps, rejected = validate_arrays(us, its, rs, ts, lo, hi)
         iu, ii, iw, it_, irej = validate_implicit(ius, iis, iws, its_)
         rejected += bad_shape + irej
-        upid, ipid = pids(users), pids(items)
+        upid, ipid = _pids(users, num_partitions), _pids(items, num_partitions)
         u_arr = np.asarray(users, dtype=str)
         i_arr = np.asarray(items, dtype=str)
         if ranking:
@@ -465,8 +462,8 @@ def _route_ratings(params: ALSParams):
             ev_w = event_weights(np.concatenate([rates, np.full(len(iw), np.nan)]),
                                  np.concatenate([np.full(len(rates), np.nan), iw]), weighting, lo, hi)
             ev_t = np.concatenate([stamps, it_])
-            ev_up = np.concatenate([upid, pids(iu)])
-            ev_ip = np.concatenate([ipid, pids(ii)])
+            ev_up = np.concatenate([upid, _pids(iu, num_partitions)])
+            ev_ip = np.concatenate([ipid, _pids(ii, num_partitions)])
             ev_imp = np.r_[np.zeros(len(rates), dtype=bool), np.ones(len(iw), dtype=bool)]
             n_imp = len(iw)
         else:  # implicit events are validated and counted, and go nowhere
