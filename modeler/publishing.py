@@ -362,7 +362,7 @@ def publish_rdd(model: Model, full: bool, blocks: Any) -> Any:
     (changed or all) factor records and the batch's ratings, in as many partitions as the
     model has (one Spark job, few tasks)."""
     factors = (model.publish_records(full) if isinstance(model, SearchModel)
-               else model._state.flatMap(_factor_records(not full)))
+               else model.read_partitions(_factor_records(not full)))
     if blocks is None:
         return factors
     merged = factors.union(blocks.map(_RatedChunk(model.params.weighting)))

@@ -322,10 +322,10 @@ class ModelerService:
                     old.unpersist()
         self._last_blocks = []
         self._inflight = None
-        state = getattr(self.model, "_state", None)
-        if state is not None:
+        release = getattr(self.model, "release", None)
+        if release is not None:
             with contextlib.suppress(Exception):
-                state.unpersist()
+                release()
         self._ready = False
 
     def _renew_lease(self) -> bool:
@@ -606,6 +606,7 @@ def model_params(settings: ModelerSettings) -> dict[str, Any]:
 
         params["weighting"] = Weighting(**weighting)
     params["scale"] = s.scale
+    params["state_store"] = s.state_store
     return params
 
 
@@ -663,6 +664,7 @@ def restore_model(spark: Any, settings: ModelerSettings, restored: pub.Restored)
     if settings.model_rank is not None and settings.model_rank != meta.rank:
         log.warning("MODEL_RANK=%d ignored: the stored model has rank %d (rebuild to change it)",
                     settings.model_rank, meta.rank)
+    kwargs.setdefault("state_store", settings.state_store)
     return StreamingALS.restore(
         sc, sc.parallelize(users, slices), sc.parallelize(items, slices),
         meta.mu, meta.ratings_seen, extra, **ranking_kw, **kwargs,

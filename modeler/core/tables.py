@@ -83,6 +83,7 @@ class FactorTable:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
+        state.pop("_buf", None)  # the views below carry the rows; spare capacity is not sent
         n = len(self.mass)
         if self.gram.shape == (n, self.rank, self.rank) and n:
             rows = np.flatnonzero(self.stats_held())
@@ -141,19 +142,43 @@ class FactorTable:
 
     def add_rows(self, keys: list[str], bias: np.ndarray, vec: np.ndarray,
                  count: np.ndarray | None = None) -> None:
+        """Append rows. The arrays are views of buffers with spare capacity (grown 1.5× when
+        full), so a table that gains a few rows per batch costs O(new rows), not a copy of
+        every array (the state server keeps one table for the whole stream)."""
         start = len(self.ids)
+        end = start + len(keys)
         self.ids.extend(keys)
         for j, k in enumerate(keys):
             self.index[k] = start + j
-        self.bias = np.concatenate([self.bias, np.asarray(bias, dtype=np.float32)])
-        self.vec = np.concatenate([self.vec, np.asarray(vec, dtype=np.float32).reshape(-1, self.rank)])
-        extra = np.zeros(len(keys), dtype=np.int64) if count is None else np.asarray(count, dtype=np.int64)
-        self.count = np.concatenate([self.count, extra])
-        self.touched = np.concatenate([self.touched, np.zeros(len(keys), dtype=bool)])
-        fresh = RowStats.zeros(len(keys), self.rank)
-        self.gram = np.concatenate([self.gram, fresh.gram])
-        self.moment = np.concatenate([self.moment, fresh.moment])
-        self.mass = np.concatenate([self.mass, fresh.mass])
+        buf = self._buffers(start, end)
+        buf["bias"][start:end] = np.asarray(bias, dtype=np.float32)
+        buf["vec"][start:end] = np.asarray(vec, dtype=np.float32).reshape(-1, self.rank)
+        buf["count"][start:end] = 0 if count is None else np.asarray(count, dtype=np.int64)
+        for name in ("touched", "gram", "moment", "mass"):
+            buf[name][start:end] = 0
+        for name, b in buf.items():
+            setattr(self, name, b[:end])
+
+    _GROWN = ("bias", "vec", "count", "touched", "gram", "moment", "mass")
+
+    def _buffers(self, start: int, end: int) -> dict[str, np.ndarray]:
+        """The backing buffers, with room for ``end`` rows (rows < ``start`` kept)."""
+        buf = self.__dict__.get("_buf")
+        ours = buf is not None and all(
+            getattr(self, k).base is buf[k] and len(getattr(self, k)) == start for k in self._GROWN)
+        if ours and len(buf["bias"]) >= end:
+            return buf
+        cap = max(end, start + start // 2 + 16)
+        r = self.rank
+        shapes = {"bias": ((cap,), np.float32), "vec": ((cap, r), np.float32), "count": ((cap,), np.int64),
+                  "touched": ((cap,), bool), "gram": ((cap, r, r), np.float32),
+                  "moment": ((cap, r), np.float32), "mass": ((cap,), np.float32)}
+        new = {}
+        for k, (shape, dtype) in shapes.items():
+            new[k] = np.zeros(shape, dtype=dtype)
+            new[k][:start] = getattr(self, k)[:start]
+        self.__dict__["_buf"] = new
+        return new
 
     def update(self, rows: np.ndarray, err: np.ndarray, other: np.ndarray, params: ALSParams) -> int:
         """Apply one pass's gradients of the ratings at ``rows``; return rows refused as non-finite."""

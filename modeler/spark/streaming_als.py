@@ -54,10 +54,14 @@ model's persistence belong together: each stage function is the other side of a 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
+import pickle
 import time
+import uuid
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -107,8 +111,15 @@ from modeler.core.ranking import (
     seed_ranking_statistics,
     sweep_fraction,
 )
+from modeler.spark import resident
+from modeler.spark.resident import StateLost, Token
 
 log = logging.getLogger(__name__)
+
+#: Where the model partitions live between batches (docs/scale.md): "resident" (each
+#: executor's state server, only what a batch touches moves) or "rdd" (a cached RDD, the
+#: whole partition pickled through the JVM every batch).
+STATE_STORES = ("resident", "rdd")
 
 
 def _identity(key: int) -> int:
@@ -869,8 +880,8 @@ def _learn_stage(params: ALSParams, rating_sum: float, ratings_seen: int,
     return stage
 
 
-def _apply_ranking(part: _RankPart, msg: RankLearned | None) -> _RankPart:
-    users, items = part.users.copy(), part.items.copy()
+def _apply_ranking(part: _RankPart, msg: RankLearned | None, copy: bool = True) -> _RankPart:
+    users, items = (part.users.copy(), part.items.copy()) if copy else (part.users, part.items)
     users.touched[:] = False
     items.touched[:] = False
     if msg is None:
@@ -891,8 +902,20 @@ def _apply_ranking(part: _RankPart, msg: RankLearned | None) -> _RankPart:
 def _apply_stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, _Part]]:
     """D: write the learned rows back into partition p (a new record; inputs never mutated)."""
     pid, part, msgs = _split(it)
-    # A persisted partition may be read again (retries, speculation): never mutate it in place.
-    users, items = part.users.copy(), part.items.copy()
+    yield pid, _applied(part, msgs, copy=True)
+
+
+def _apply_in_place(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, _Part]]:
+    """D for a partition held by a state server (:mod:`modeler.spark.resident`): the same
+    writes, into the partition's own tables (nobody else reads them)."""
+    pid, part, msgs = _split(it)
+    yield pid, _applied(part, msgs, copy=False)
+
+
+def _applied(part: _Part, msgs: list[Any], copy: bool) -> _Part:
+    # A persisted partition may be read again (retries, speculation): never mutate it in
+    # place unless it is the state server's own (copy=False).
+    users, items = (part.users.copy(), part.items.copy()) if copy else (part.users, part.items)
     users.touched[:] = False
     items.touched[:] = False
     replay, mirror, stats, batch, learned = part.replay, part.mirror, {}, None, 0
@@ -905,15 +928,16 @@ def _apply_stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, _Part]]:
         mirror = mirror.updated(m.keep_frac, None, m.mirror_keep[0], None, m.mirror_keep[1])
         stats, batch, learned = m.stats, m.rated, m.learned
         if ranking is not None:
-            ranking = _apply_ranking(ranking, m.ranking)
+            ranking = _apply_ranking(ranking, m.ranking, copy)
             if m.ranking is not None:
                 implicit = (m.ranking.imp_users, m.ranking.imp_items, m.ranking.imp_weights)
-    yield pid, _Part(users, items, replay, mirror, stats, batch, learned, ranking, implicit)
+    return _Part(users, items, replay, mirror, stats, batch, learned, ranking, implicit)
 
 
 def _fused_stage(params: ALSParams, batch_no: int, fraction: float, rating_sum: float,
                  ratings_seen: int, r_batch_no: int = 0, r_fraction: float = 0.0,
-                 carry: RankingCarry | None = None, r_sweep: tuple[float, float] = (0.0, 0.0)):
+                 carry: RankingCarry | None = None, r_sweep: tuple[float, float] = (0.0, 0.0),
+                 copy: bool = True):
     """B+C+D in one task, for a model of ONE partition: gather, learn and write back without
     the two shuffles between them (each PySpark stage and task costs tens of ms, far more
     than the numpy work of a batch). The same functions as the four-stage plan, chained."""
@@ -924,7 +948,7 @@ def _fused_stage(params: ALSParams, batch_no: int, fraction: float, rating_sum: 
         pid, part, blocks = _split(it)
         gathered = list(gather(itertools.chain([(pid, part)], ((pid, b) for b in blocks))))
         learned = list(learn(iter(gathered)))
-        yield from _apply_stage(itertools.chain([(pid, part)], learned))
+        yield from (_apply_stage if copy else _apply_in_place)(itertools.chain([(pid, part)], learned))
 
     return stage
 
@@ -945,6 +969,166 @@ def _finish(sink: Any):
                                                 rk.items if rk is not None else None, iu, ii, iw))
 
     return finish
+
+
+# ---------------------------------------------------------------------------------------------
+# The resident layout: partitions held by each executor's state server (modeler.spark.resident)
+# ---------------------------------------------------------------------------------------------
+
+
+class Stepped(NamedTuple):
+    """A resident training step's record of partition p: the partition's new token and the
+    step's answer (``_finish``'s stats and sink answer); ``token`` None: the state server
+    lacked the partition (:data:`modeler.spark.resident.MISSING`), nothing was learned."""
+
+    token: Token | None
+    answer: tuple[dict[str, Any], Any] | None
+
+
+def _split_token(it: Iterable[tuple[int, Any]]) -> tuple[int, Token, list[Any]]:
+    """Like :func:`_split`, for a union of the token RDD with messages."""
+    pid, token, msgs = -1, None, []
+    for key, value in it:
+        pid = key
+        if isinstance(value, Token):
+            token = value
+        elif isinstance(value, Stepped):
+            token = value.token
+        else:
+            msgs.append(value)
+    if token is None:
+        raise StateLost(f"model partition {pid}: no token (its state was lost)")
+    return pid, token, msgs
+
+
+def _chain(pid: int, part: _Part, msgs: list[Any]) -> Iterator[tuple[int, Any]]:
+    return itertools.chain([(pid, part)], ((pid, m) for m in msgs))
+
+
+class _ReadStage:
+    """A stage over (partition + messages) run inside the state server, read-only: it
+    returns what the stage yields."""
+
+    def __init__(self, stage: Any) -> None:
+        self.stage = stage
+
+    def __call__(self, pid: int, part: _Part, msgs: list[Any]) -> list[Any]:
+        return list(self.stage(_chain(pid, part, msgs)))
+
+
+class _StepStage:
+    """A stage run inside the state server that yields the partition's new record."""
+
+    def __init__(self, stage: Any) -> None:
+        self.stage = stage
+
+    def __call__(self, pid: int, part: _Part, msgs: list[Any]) -> _Part:
+        ((_, new),) = list(self.stage(_chain(pid, part, msgs)))
+        return new
+
+
+class _Flat:
+    """``flatMap(f)`` over (pid, part) run inside the state server."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+
+    def __call__(self, pid: int, part: _Part, msgs: list[Any]) -> list[Any]:
+        return list(self.f((pid, part)))
+
+
+class _Finish:
+    def __init__(self, finish: Any) -> None:
+        self.finish = finish
+
+    def __call__(self, pid: int, part: _Part) -> tuple[dict[str, Any], Any]:
+        return self.finish((pid, part))
+
+
+def _dumps(fn: Any) -> bytes:
+    from pyspark import cloudpickle  # the executors have pyspark; the core does not need it
+
+    return cloudpickle.dumps(fn)
+
+
+def _remote_read(stage: Any):
+    """mapPartitions function: run ``stage`` on the partition in its state server."""
+    fn = _dumps(_ReadStage(stage))
+
+    def run(it: Iterator[tuple[int, Any]]) -> Iterator[Any]:
+        pid, token, msgs = _split_token(it)
+        out = resident.call(token.app, "read", token.key, pid, token.epoch, fn, msgs)
+        if out is resident.MISSING:
+            raise StateLost(f"model partition {pid} (epoch {token.epoch}) is not on this executor")
+        return iter(out)
+
+    return run
+
+
+def _remote_flat(f: Any):
+    fn = _dumps(_Flat(f))
+
+    def run(it: Iterator[tuple[int, Any]]) -> Iterator[Any]:
+        pid, token, _ = _split_token(it)
+        out = resident.call(token.app, "read", token.key, pid, token.epoch, fn, [])
+        if out is resident.MISSING:
+            raise StateLost(f"model partition {pid} (epoch {token.epoch}) is not on this executor")
+        return iter(out)
+
+    return run
+
+
+def _remote_step(stage: Any, finish: Any, epoch: int, drop: tuple[str, ...]):
+    """mapPartitions function: apply ``stage`` to the partition in its state server (epoch
+    token.epoch -> ``epoch``) and answer ``finish`` of the new partition."""
+    fn, fin = _dumps(_StepStage(stage)), _dumps(_Finish(finish))
+
+    def run(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Stepped]]:
+        pid, token, msgs = _split_token(it)
+        out = resident.call(token.app, "step", token.key, pid, token.epoch, epoch, fn, msgs, fin, drop)
+        if out is resident.MISSING:
+            yield pid, Stepped(None, None)
+        else:
+            yield pid, Stepped(Token(token.app, token.key, epoch), out)
+
+    return run
+
+
+def _install(app: str, key: str, epoch: int, drop: tuple[str, ...]):
+    """mapPartitions function: hand each (pid, _Part) to this host's state server."""
+
+    def run(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Token]]:
+        for pid, part in it:
+            resident.call(app, "install", key, pid, epoch, part, drop)
+            yield pid, Token(app, key, epoch)
+
+    return run
+
+
+def _held(it: Iterator[tuple[int, Any]]) -> Iterator[bool]:
+    for pid, value in it:
+        token = value.token if isinstance(value, Stepped) else value
+        yield token is not None and bool(resident.call(token.app, "has", token.key, pid, token.epoch))
+
+
+def _fetch(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, _Part]]:
+    """The whole partition, out of its state server (snapshots and whole-model reads)."""
+    for pid, value in it:
+        token = value.token if isinstance(value, Stepped) else value
+        part = resident.call(token.app, "read", token.key, pid, token.epoch, _FETCH, [])
+        if part is resident.MISSING:
+            raise StateLost(f"model partition {pid} (epoch {token.epoch}) is not on this executor")
+        yield pid, part
+
+
+def _whole(pid: int, part: _Part, msgs: list[Any]) -> _Part:
+    return part
+
+
+_FETCH = pickle.dumps(_whole)
+
+#: Keys of collected resident models, dropped from the state servers by the next call.
+_DEAD: list[str] = []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1080,8 +1264,11 @@ class StreamingALS(ParamsAttributes):
         maturity: float = 30.0,
         checkpoint_interval: int = 20,
         params: ALSParams | None = None,
+        state_store: str = "resident",
         **more: Any,
     ) -> None:
+        if state_store not in STATE_STORES:
+            raise ValueError(f"state_store: must be one of {STATE_STORES}, got {state_store!r}")
         scale = scale or RatingScale()
         unknown = sorted(set(more) - {f.name for f in dataclasses.fields(ALSParams)})
         if unknown:
@@ -1122,7 +1309,20 @@ class StreamingALS(ParamsAttributes):
         # persisted: a restored model's histories start empty (docs/ranking_model.md).
         self.ranking_user_entries = 0
         self.ranking_item_entries = 0
-        self._state: Any = None  # RDD[(pid, _Part)], num_partitions records
+        # "rdd": RDD[(pid, _Part)], num_partitions records. "resident": RDD[(pid, Token or
+        # Stepped)], the partitions being in the executors' state servers, with a snapshot
+        # RDD[(pid, _Part)] (every checkpoint_interval batches, on disk), the driver's scalars
+        # at that point and the routed batches since: what a lost partition is rebuilt from.
+        self.state_store = state_store
+        self._state: Any = None
+        self._key = uuid.uuid4().hex
+        self._epoch = 0
+        self._snapshot: Any = None
+        self._snap_scalars: dict[str, Any] = {}
+        self._since: list[Any] = []
+        self.recoveries = 0
+        if self.resident:
+            weakref.finalize(self, _DEAD.append, self._key)
 
     # -- plain attributes ------------------------------------------------------------------
 
@@ -1130,27 +1330,72 @@ class StreamingALS(ParamsAttributes):
     def num_partitions(self) -> int:
         return self.params.num_partitions
 
+    @property
+    def resident(self) -> bool:
+        """True when the partitions live in the executors' state servers."""
+        return self.state_store == "resident"
+
+    # -- reading the partitions ------------------------------------------------------------
+
+    def _flat(self, f: Any):
+        """``flatMap(f)`` over the model's ``(pid, _Part)`` records (inside the state
+        servers when resident: only ``f``'s output moves)."""
+        if not self.resident:
+            return self._need().flatMap(f)
+        self._ensure_held()  # may rebuild: read self._state after it
+        return self._need().mapPartitions(_remote_flat(f))
+
+    def _with_state(self, msgs: Any, stage: Any):
+        """``stage`` over partition p of the model and p's messages (read-only)."""
+        state = self._need()
+        if not self.resident:
+            return self._zip(state, msgs).mapPartitions(stage)
+        return self._zip(state, msgs).mapPartitions(_remote_read(stage))
+
+    def partitions(self):
+        """RDD[(pid, _Part)]: the whole model partitions (copies, when resident)."""
+        if not self.resident:
+            return self._need()
+        self._ensure_held()
+        return self._need().mapPartitions(_fetch, preservesPartitioning=True)
+
+    def read_partitions(self, f: Any):
+        """``flatMap(f)`` over ``(pid, _Part)``; ``f`` runs where the partition is and must
+        not modify it."""
+        return self._flat(f)
+
+    def release(self) -> None:
+        """Forget the model's cached RDDs and its partitions in the state servers."""
+        for rdd in [self._state, self._snapshot, *self._since]:
+            if rdd is not None:
+                with contextlib.suppress(Exception):
+                    rdd.unpersist()
+        self._state, self._snapshot, self._since = None, None, []
+        if self.resident:
+            _DEAD.append(self._key)
+            self._key = uuid.uuid4().hex
+
     # -- factor RDDs -----------------------------------------------------------------------
 
     @property
     def user_factors(self):
         """RDD[(user id, (bias: float, vector: float32 ndarray (rank,)))] of every user seen."""
-        return self._need().flatMap(_records(_users_of))
+        return self._flat(_records(_users_of))
 
     @property
     def item_factors(self):
         """RDD[(item id, (bias: float, vector: float32 ndarray (rank,)))] of every item seen."""
-        return self._need().flatMap(_records(_items_of))
+        return self._flat(_records(_items_of))
 
     @property
     def changed_users(self):
         """Like :attr:`user_factors`, only users changed by the LAST ``train()`` (rated or replayed)."""
-        return self._need().flatMap(_records(_users_of, True))
+        return self._flat(_records(_users_of, True))
 
     @property
     def changed_items(self):
         """Like :attr:`item_factors`, only items changed by the LAST ``train()`` (rated or replayed)."""
-        return self._need().flatMap(_records(_items_of, True))
+        return self._flat(_records(_items_of, True))
 
     @property
     def has_ranking(self) -> bool:
@@ -1164,27 +1409,27 @@ class StreamingALS(ParamsAttributes):
     @property
     def ranking_user_factors(self):
         """RDD[(user id, float32 vector (ranking_rank,))] of the ranking model."""
-        return self._need_ranking().flatMap(_rank_vectors(True, False))
+        return self._flat_ranking(_rank_vectors(True, False))
 
     @property
     def ranking_item_factors(self):
         """RDD[(item id, float32 vector (ranking_rank,))] of the ranking model."""
-        return self._need_ranking().flatMap(_rank_vectors(False, False))
+        return self._flat_ranking(_rank_vectors(False, False))
 
     @property
     def changed_ranking_users(self):
         """Like :attr:`ranking_user_factors`, only rows changed by the LAST ``train()``."""
-        return self._need_ranking().flatMap(_rank_vectors(True, True))
+        return self._flat_ranking(_rank_vectors(True, True))
 
     @property
     def changed_ranking_items(self):
         """Like :attr:`ranking_item_factors`, only rows changed by the LAST ``train()``."""
-        return self._need_ranking().flatMap(_rank_vectors(False, True))
+        return self._flat_ranking(_rank_vectors(False, True))
 
     @property
     def ranking_item_counts(self):
         """RDD[(item id, positives learned for it)]."""
-        return self._need_ranking().flatMap(
+        return self._flat_ranking(
             lambda kv: list(zip(kv[1].ranking.items.ids, kv[1].ranking.items.count.tolist())))
 
     @property
@@ -1192,25 +1437,25 @@ class StreamingALS(ParamsAttributes):
         """Mean α·w over the positives learned (seeds restored statistics)."""
         return self.conf_minus_1_sum / self.positives_seen if self.positives_seen else self.params.ranking_alpha
 
-    def _need_ranking(self):
+    def _flat_ranking(self, f: Any):
         if not self.params.ranking:
             raise RuntimeError("this model has no ranking model (ALSParams.ranking is False)")
-        return self._need()
+        return self._flat(f)
 
     @property
     def item_counts(self):
         """RDD[(item id, number of valid ratings learned for it)] (replays not counted)."""
-        return self._need().flatMap(lambda kv: list(zip(kv[1].items.ids, kv[1].items.count.tolist())))
+        return self._flat(lambda kv: list(zip(kv[1].items.ids, kv[1].items.count.tolist())))
 
     @property
     def user_counts(self):
         """RDD[(user id, number of valid ratings learned from them)]."""
-        return self._need().flatMap(lambda kv: list(zip(kv[1].users.ids, kv[1].users.count.tolist())))
+        return self._flat(lambda kv: list(zip(kv[1].users.ids, kv[1].users.count.tolist())))
 
     @property
     def reservoir_held(self) -> int:
         """Ratings currently held for replay (a Spark job; for monitoring and tests)."""
-        return int(self._need().map(lambda kv: len(kv[1].replay)).sum())
+        return int(self._flat(lambda kv: [len(kv[1].replay)]).sum())
 
     def _need(self):
         if self._state is None:
@@ -1246,7 +1491,104 @@ class StreamingALS(ParamsAttributes):
 
     def _ensure_state(self, sc) -> None:
         if self._state is None:
-            self._state = self._empty_state(sc)
+            if self.resident:
+                self._install(self._empty_state(sc))
+            else:
+                self._state = self._empty_state(sc)
+
+    # -- the resident layout's state handling ----------------------------------------------
+
+    _SCALARS = ("mu", "rating_sum", "ratings_seen", "batches", "last_batch_size", "gram_users",
+                "gram_items", "positives_seen", "conf_minus_1_sum", "ranking_batches",
+                "ranking_last_batch_size", "ranking_user_entries", "ranking_item_entries")
+
+    def _scalars(self) -> dict[str, Any]:
+        return {k: np.array(v) if isinstance(v, np.ndarray) else v
+                for k, v in ((k, getattr(self, k)) for k in self._SCALARS)}
+
+    def _new_epoch(self) -> int:
+        self._epoch += 1
+        return self._epoch
+
+    def _take_dead(self) -> tuple[str, ...]:
+        drop = tuple(_DEAD)
+        del _DEAD[:len(drop)]
+        return drop
+
+    def _cut(self, rdd: Any, level: Any, reliable: bool) -> None:
+        """Persist ``rdd`` at ``level``, mark its lineage to be cut and compute it."""
+        rdd.persist(level)
+        if reliable and rdd.context.getCheckpointDir() is not None:
+            rdd.checkpoint()
+        else:
+            rdd.localCheckpoint()
+        rdd.count()
+
+    def _install(self, parts: Any) -> None:
+        """Make ``parts`` (RDD[(pid, _Part)], not yet persisted) the snapshot, and hand its
+        partitions to the executors' state servers."""
+        from pyspark import StorageLevel
+
+        self._cut(parts, StorageLevel.DISK_ONLY, True)
+        tokens = parts.mapPartitions(_install(parts.context.applicationId, self._key, self._new_epoch(),
+                                              self._take_dead()),
+                                     preservesPartitioning=True)
+        self._cut(tokens, StorageLevel.MEMORY_ONLY, False)
+        for old in [self._state, self._snapshot, *self._since]:
+            if old is not None:
+                old.unpersist()
+        self._state, self._snapshot, self._since = tokens, parts, []
+        self._snap_scalars = self._scalars()
+
+    def _snapshot_now(self) -> None:
+        """Copy the partitions out of the state servers into a new snapshot (on disk, a
+        reliable checkpoint when the context has a directory): once every
+        ``checkpoint_interval`` batches, the one O(model) transfer of the resident layout."""
+        from pyspark import StorageLevel
+
+        snap = self._state.mapPartitions(_fetch, preservesPartitioning=True)
+        self._cut(snap, StorageLevel.DISK_ONLY, True)
+        for old in [self._snapshot, *self._since]:
+            if old is not None:
+                old.unpersist()
+        self._snapshot, self._since = snap, []
+        self._snap_scalars = self._scalars()
+
+    def _all_held(self) -> bool:
+        try:
+            return all(self._need().mapPartitions(_held).collect())
+        except Exception:
+            return False
+
+    def _ensure_held(self) -> None:
+        if not self._all_held():
+            self._recover()
+
+    def _recover(self) -> None:
+        """Rebuild lost partitions: the snapshot into the state servers, then the batches
+        learned since, in order (no sink: they were published). The result is the model an
+        uninterrupted run has (the same functions on the same inputs)."""
+        from pyspark import StorageLevel
+
+        if self._snapshot is None:
+            raise StateLost("the model's partitions were lost and it has no snapshot")
+        self.recoveries += 1
+        since = self._since
+        log.warning("model partitions lost from the state servers: rebuilding from the snapshot "
+                    "(batch %d) and %d batches since", self._snap_scalars["batches"], len(since))
+        for k, v in self._snap_scalars.items():
+            setattr(self, k, np.array(v) if isinstance(v, np.ndarray) else v)
+        tokens = self._snapshot.mapPartitions(_install(self._snapshot.context.applicationId, self._key,
+                                                       self._new_epoch(), ()),
+                                              preservesPartitioning=True)
+        self._cut(tokens, StorageLevel.MEMORY_ONLY, False)
+        old, self._state = self._state, tokens
+        if old is not None:
+            old.unpersist()
+        self._since = []
+        for routed in since:
+            self._train_routed(routed, None, time.perf_counter())
+        self._since = since
 
     def train(self, rdd, sink: Any = None) -> TrainStats:
         """Learn one mini-batch RDD of ``(user, item, rating, timestamp)``; return its stats.
@@ -1266,9 +1608,32 @@ class StreamingALS(ParamsAttributes):
         """
         started = time.perf_counter()
         p = self.params
-        P = p.num_partitions
         sc = rdd.context
         self._ensure_state(sc)
+        routed = self._keyed(rdd.mapPartitionsWithIndex(_route_ratings(p)))
+        if not self.resident:
+            return self._train_routed(routed, sink, started)
+        from pyspark import StorageLevel
+
+        routed.persist(StorageLevel.MEMORY_AND_DISK)  # kept until the next snapshot
+        try:
+            stats = self._train_routed(routed, sink, started)
+        except Exception as exc:
+            if not isinstance(exc, StateLost) and self._all_held():
+                routed.unpersist()
+                raise
+            self._recover()
+            stats = self._train_routed(routed, sink, started)
+        self._since.append(routed)
+        if len(self._since) >= max(1, self.checkpoint_interval or 20):
+            self._snapshot_now()
+        return stats
+
+    def _train_routed(self, routed: Any, sink: Any, started: float) -> TrainStats:
+        """One batch, routed (stage A) already; the driver's counters move only if it was
+        learned."""
+        p = self.params
+        P = p.num_partitions
         batch_no = self.batches + 1
         fraction = replay_fraction(p, self.last_batch_size, self.ratings_seen)
         r_batch_no = self.ranking_batches + 1
@@ -1279,8 +1644,10 @@ class StreamingALS(ParamsAttributes):
                    sweep_fraction(p, self.ranking_last_batch_size, self.ranking_item_entries))
         carry = (RankingCarry(self.gram_users, self.gram_items, self.positives_seen, r_fraction)
                  if p.ranking else None)
-        routed = self._keyed(rdd.mapPartitionsWithIndex(_route_ratings(p)))
-        if P == 1:
+        if self.resident:
+            parts = self._resident_step(routed, sink, batch_no, fraction, r_batch_no, r_fraction,
+                                        carry, r_sweep, history)
+        elif P == 1:
             state = self._zip(self._state, routed).mapPartitions(
                 _fused_stage(p, batch_no, fraction, self.rating_sum, self.ratings_seen,
                              r_batch_no, r_fraction, carry, r_sweep),
@@ -1299,20 +1666,10 @@ class StreamingALS(ParamsAttributes):
                 _learn_stage(p, self.rating_sum, self.ratings_seen, carry)) \
                 .partitionBy(P, _identity)
             state = self._zip(self._state, learned).mapPartitions(_apply_stage, preservesPartitioning=True)
-        if (self.checkpoint_interval > 0 and batch_no % self.checkpoint_interval == 0
-                and sc.getCheckpointDir() is not None):
-            state.persist()
-            state.checkpoint()
-        else:
-            # persist() first: PySpark would otherwise fuse the next map into this RDD and the
-            # marked RDD itself would never be computed (nor its lineage cut).
-            state.persist()
-            state.localCheckpoint()
-        parts = state.map(_finish(sink)).collect()
+        if not self.resident:
+            parts = self._cached_step(state, sink, batch_no)
         self.last_sink_results = [r for _, r in parts] if sink is not None else []
         st: dict[str, Any] = next((x for x, _ in parts if x), {})
-        old, self._state = self._state, state
-        old.unpersist()
 
         n_new = int(st.get("n", 0))
         if n_new:
@@ -1353,6 +1710,60 @@ class StreamingALS(ParamsAttributes):
         self.last_stats = stats
         return stats
 
+    def _cached_step(self, state: Any, sink: Any, batch_no: int) -> list[tuple[dict[str, Any], Any]]:
+        """The batch's job in the "rdd" layout: the new model RDD cached, its lineage cut,
+        and each partition's ``_finish`` answer."""
+        if (self.checkpoint_interval > 0 and batch_no % self.checkpoint_interval == 0
+                and state.context.getCheckpointDir() is not None):
+            state.persist()
+            state.checkpoint()
+        else:
+            # persist() first: PySpark would otherwise fuse the next map into this RDD and the
+            # marked RDD itself would never be computed (nor its lineage cut).
+            state.persist()
+            state.localCheckpoint()
+        parts = state.map(_finish(sink)).collect()
+        old, self._state = self._state, state
+        old.unpersist()
+        return parts
+
+    def _resident_step(self, routed: Any, sink: Any, batch_no: int, fraction: float,
+                       r_batch_no: int, r_fraction: float, carry: RankingCarry | None,
+                       r_sweep: tuple[float, float], history: bool) -> list[tuple[dict[str, Any], Any]]:
+        """The batch's job in the resident layout: the same stages, the partitions read and
+        written inside the state servers. Returns each partition's ``_finish`` answer."""
+        p = self.params
+        epoch = self._new_epoch()  # never reused, even if this attempt fails
+        finish = _finish(sink)
+        if p.num_partitions == 1:
+            fused = _fused_stage(p, batch_no, fraction, self.rating_sum, self.ratings_seen,
+                                 r_batch_no, r_fraction, carry, r_sweep, copy=False)
+            out = self._zip(self._state, routed).mapPartitions(
+                _remote_step(fused, finish, epoch, self._take_dead()), preservesPartitioning=True)
+        else:
+            inputs = routed
+            if history:
+                inputs = routed.union(self._keyed(
+                    self._with_state(routed, _history_requests(p, r_batch_no, r_sweep))))
+            gathered = self._with_state(
+                inputs, _gather_stage(p, batch_no, fraction, r_batch_no, r_fraction, r_sweep)) \
+                .partitionBy(1, _zero)
+            learned = gathered.mapPartitions(
+                _learn_stage(p, self.rating_sum, self.ratings_seen, carry)) \
+                .partitionBy(p.num_partitions, _identity)
+            out = self._zip(self._state, learned).mapPartitions(
+                _remote_step(_apply_in_place, finish, epoch, self._take_dead()),
+                preservesPartitioning=True)
+        out.persist()
+        out.localCheckpoint()
+        answers = out.map(lambda kv: kv[1].answer).collect()
+        if any(a is None for a in answers):
+            out.unpersist()
+            raise StateLost(f"batch {batch_no}: a model partition was missing from its state server")
+        old, self._state = self._state, out
+        old.unpersist()
+        return answers
+
     # -- prediction ------------------------------------------------------------------------
 
     def predict(self, pairs):
@@ -1367,11 +1778,11 @@ class StreamingALS(ParamsAttributes):
         (e.g. the true rating) rides along untouched."""
         p = self.params
         P = p.num_partitions
-        state = self._need()
+        if self.resident:
+            self._ensure_held()
         routed = self._keyed(triples.mapPartitionsWithIndex(_route_pairs(P)))
-        to_items = self._keyed(self._zip(state, routed).mapPartitions(_predict_user_side(P)))
-        return self._zip(state, to_items).mapPartitions(
-            _predict_item_side(self.mu, p.rating_min, p.rating_max))
+        to_items = self._keyed(self._with_state(routed, _predict_user_side(P)))
+        return self._with_state(to_items, _predict_item_side(self.mu, p.rating_min, p.rating_max))
 
     def rmse(self, ratings) -> float:
         """√(mean (r − r̂)²) over an RDD of ``(user, item, rating[, timestamp])``."""
@@ -1392,11 +1803,11 @@ class StreamingALS(ParamsAttributes):
                         for j in range(len(t.ids))]
             return explode
 
-        state = self._need()
         ranking = self.params.ranking
+        flat = self._flat
         return ModelState(
-            users=state.flatMap(rows(_users_of)),
-            items=state.flatMap(rows(_items_of)),
+            users=flat(rows(_users_of)),
+            items=flat(rows(_items_of)),
             mu=self.mu,
             ratings_seen=self.ratings_seen,
             extra={"rating_sum": self.rating_sum, "batches": self.batches,
@@ -1405,8 +1816,8 @@ class StreamingALS(ParamsAttributes):
                    "conf_minus_1_sum": self.conf_minus_1_sum,
                    "ranking_batches": self.ranking_batches,
                    "ranking_last_batch_size": self.ranking_last_batch_size},
-            ranking_users=state.flatMap(rows(_ranking_users_of)) if ranking else None,
-            ranking_items=state.flatMap(rows(_ranking_items_of)) if ranking else None,
+            ranking_users=flat(rows(_ranking_users_of)) if ranking else None,
+            ranking_items=flat(rows(_ranking_items_of)) if ranking else None,
         )
 
     state_rdds = state
@@ -1440,8 +1851,10 @@ class StreamingALS(ParamsAttributes):
         refills from the stream (it is not persisted).
         """
         extra = dict(extra or {})
+        store = kwargs.pop("state_store", "resident")
         use_saved = not kwargs and "params" in extra
-        model = cls(params=ALSParams(**extra["params"])) if use_saved else cls(**kwargs)
+        model = (cls(params=ALSParams(**extra["params"]), state_store=store) if use_saved
+                 else cls(state_store=store, **kwargs))
         model.mu = float(mu)
         model.ratings_seen = int(ratings_seen)
         model.rating_sum = float(extra.get("rating_sum", mu * ratings_seen))
@@ -1473,12 +1886,15 @@ class StreamingALS(ParamsAttributes):
                 model.gram_users, model.gram_items = moments[4][0], moments[5][0]
             state = built.mapPartitions(_seed_part(moments, p, model.mean_conf_minus_1),
                                         preservesPartitioning=True)
-        state.persist()
-        state.localCheckpoint()
-        state.count()
+        if model.resident:
+            model._install(state)
+        else:
+            state.persist()
+            state.localCheckpoint()
+            state.count()
+            model._state = state
         if built is not None:
             built.unpersist()
-        model._state = state
         return model
 
     @classmethod

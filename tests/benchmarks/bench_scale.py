@@ -85,6 +85,7 @@ class TreeSampler(threading.Thread):
         self.pid, self.period = pid, period
         self.peak_rss = self.peak_pss = 0
         self.peak_by_kind: dict[str, int] = {}
+        self._servers: list[Any] = []
         self.stop = threading.Event()
 
     @staticmethod
@@ -98,6 +99,17 @@ class TreeSampler(threading.Thread):
             pass
         return 0
 
+    def _state_servers(self, psutil: Any, tree: set[int]) -> list[Any]:
+        """The state servers (modeler.spark.resident) of the tree's PySpark daemons: detached
+        processes (a double fork), so not descendants, but the modeler's memory all the same."""
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = p.info.get("cmdline") or []
+            if "modeler.spark.resident" in cmd and cmd[-1].isdigit() and int(cmd[-1]) in tree:
+                found.append(p)
+        self._servers = found
+        return found
+
     def run(self) -> None:
         import psutil
 
@@ -110,6 +122,7 @@ class TreeSampler(threading.Thread):
                 procs = [root, *root.children(recursive=True)]
             except psutil.NoSuchProcess:
                 return
+            procs += self._state_servers(psutil, {p.pid for p in procs})
             rss = pss = 0
             kinds: dict[str, int] = {}
             for p in procs:
@@ -118,7 +131,8 @@ class TreeSampler(threading.Thread):
                     name = p.name()
                 except psutil.Error:
                     continue
-                kind = "jvm" if name.startswith("java") else ("driver" if p.pid == self.pid else "python_workers")
+                kind = ("jvm" if name.startswith("java") else "driver" if p.pid == self.pid
+                        else "state_server" if p in self._servers else "python_workers")
                 kinds[kind] = kinds.get(kind, 0) + r
                 rss += r
                 pss += self._pss(p.pid)
@@ -232,13 +246,14 @@ def predictor_figures(redis_url: str, prefix: str, version: int) -> dict[str, An
     return {"load_seconds": round(load_s, 2), "rss_bytes": rss}
 
 
-def run_rank(broker_url: str, topic: str, rank: int, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+def run_rank(broker_url: str, topic: str, rank: int, args: argparse.Namespace, out_dir: Path,
+             store: str = "resident") -> dict[str, Any]:
     import redis
 
     from devstack.services import start_redis
 
     redis_proc = start_redis()
-    prefix = f"scale{rank}"
+    prefix = f"scale{rank}{store}"
     proc = watcher = sampler = None
     try:
         env = dict(os.environ)
@@ -247,12 +262,13 @@ def run_rank(broker_url: str, topic: str, rank: int, args: argparse.Namespace, o
             "REDIS_URL": redis_proc.url, "REDIS_PREFIX": prefix, "SPARK_MASTER": "local[2]",
             "MODELER_BATCH_MAX_RECORDS": str(args.batch_max_records), "MODELER_BATCH_MAX_INTERVAL_S": "0.1",
             "MODELER_METRICS_PORT": "0", "LOG_FORMAT": "text", "MODEL_RANK": str(rank),
+            "MODELER_STATE_STORE": store,
         })
         if args.ranking_rank:
             env["MODEL_RANKING_RANK"] = str(rank if args.ranking_rank == "same" else args.ranking_rank)
         client = redis.Redis.from_url(redis_proc.url)
         base_memory = int(client.info("memory")["used_memory"])
-        log_path = out_dir / f"scale-modeler-rank{rank}.log"
+        log_path = out_dir / f"scale-modeler-rank{rank}-{store}.log"
         watcher = Watcher(redis_proc.url, prefix)
         watcher.start()
         t_start = time.time()
@@ -350,7 +366,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for run in result["runs"]:
         xs = [(w["keys_from"] + w["keys_to"]) / 2 / 1000 for w in run["windows"]]
         ax.plot(xs, [w["ratings_per_s"] for w in run["windows"]], marker="o",
-                label=f"rank {run['rank']} (+ ranking rank {run['ranking_rank']})")
+                label=f"rank {run['rank']} (+ ranking rank {run['ranking_rank']}), "
+                      f"{run.get('state_store', 'rdd')} state")
     ax.set_xlabel("keys in the model (thousands)")
     ax.set_ylabel("ratings/s (end to end)")
     ax.set_title(f"python -m modeler, local[2], batches of {result['batch_max_records']:,}")
@@ -368,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranking-rank", default="",
                         help="MODEL_RANKING_RANK for the runs: a number, 'same' (= rank), or empty"
                              " for the model's default")
+    parser.add_argument("--stores", default="resident",
+                        help="MODELER_STATE_STORE values, one run each per rank (e.g. resident,rdd)")
     parser.add_argument("--window", type=int, default=25_000, help="width of a model-size window, in keys")
     parser.add_argument("--batch-max-records", type=int, default=20_000)
     parser.add_argument("--warmup", type=int, default=3, help="first versions not timed (Spark start)")
@@ -398,19 +417,22 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_count": os.cpu_count(),
             "note": "shared machine: times are inflated by other jobs (see load averages)",
         }
-        for rank in ranks:
+        stores = [x.strip() for x in args.stores.split(",") if x.strip()]
+        for rank, store in itertools.product(ranks, stores):
             try:
-                result["runs"].append(run_rank(broker.url, topic, rank, args, out.parent))
+                run = run_rank(broker.url, topic, rank, args, out.parent, store)
+                result["runs"].append({"state_store": store, **run})
             except Exception as exc:  # one rank's failure must not lose the others' figures
-                log.exception("rank %d failed", rank)
-                result["runs"].append({"rank": rank, "error": f"{type(exc).__name__}: {exc}"})
+                log.exception("rank %d (%s) failed", rank, store)
+                result["runs"].append({"rank": rank, "state_store": store,
+                                       "error": f"{type(exc).__name__}: {exc}"})
             # Written after every rank: a long run's first figures survive a later failure.
             out.write_text(json.dumps(result, indent=2) + "\n")
         ok = [r for r in result["runs"] if "error" not in r]
         if ok:
             plot({**result, "runs": ok}, out.with_suffix(".png"))
         print(json.dumps(result, indent=2))
-        return 0 if len(ok) == len(ranks) else 1
+        return 0 if len(ok) == len(result["runs"]) else 1
     finally:
         broker.stop()
 
