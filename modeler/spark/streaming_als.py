@@ -30,6 +30,11 @@ rows between partitions. Layout, chosen after the seeds' performance warnings:
   checkpoint directory), and the previous one is unpersisted: the DAG and the cached data
   stay bounded however long the stream runs. Nothing collects factor matrices to the
   driver; it gets one small dict per partition.
+* That is the ``"rdd"`` state store. The default, ``"resident"``, keeps each partition in the
+  state server of its host (:mod:`modeler.spark.resident`): the model RDD holds
+  ``(pid, Token)``, the same stage functions run inside the server on the partition in place,
+  and only messages and answers move. A snapshot every ``checkpoint_interval`` batches (on
+  disk) and the routed batches since rebuild a lost partition bit for bit (docs/scale.md §8).
 
 Memory bound: factors ``(n_users + n_items) × (rank + 2) × 4`` bytes plus ids (and, with the
 ``"rls"`` vector step, ``(rank² + rank + 1) × 4`` bytes of statistics per key), and at most
