@@ -163,10 +163,9 @@ class FactorTable:
 
     def _buffers(self, start: int, end: int) -> dict[str, np.ndarray]:
         """The backing buffers, with room for ``end`` rows (rows < ``start`` kept)."""
-        buf = self.__dict__.get("_buf")
-        ours = buf is not None and all(
-            getattr(self, k).base is buf[k] and len(getattr(self, k)) == start for k in self._GROWN)
-        if ours and len(buf["bias"]) >= end:
+        buf: dict[str, np.ndarray] | None = self.__dict__.get("_buf")
+        if buf is not None and len(buf["bias"]) >= end and all(
+                getattr(self, k).base is buf[k] and len(getattr(self, k)) == start for k in self._GROWN):
             return buf
         cap = max(end, start + start // 2 + 16)
         r = self.rank

@@ -1120,6 +1120,8 @@ def _fetch(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, _Part]]:
     """The whole partition, out of its state server (snapshots and whole-model reads)."""
     for pid, value in it:
         token = value.token if isinstance(value, Stepped) else value
+        if token is None:
+            raise StateLost(f"model partition {pid}: no token (its state was lost)")
         part = resident.call(token.app, "read", token.key, pid, token.epoch, _FETCH, [])
         if part is resident.MISSING:
             raise StateLost(f"model partition {pid} (epoch {token.epoch}) is not on this executor")
@@ -1530,11 +1532,12 @@ class StreamingALS(ParamsAttributes):
         rdd.count()
 
     def _install(self, parts: Any) -> None:
-        """Make ``parts`` (RDD[(pid, _Part)], not yet persisted) the snapshot, and hand its
-        partitions to the executors' state servers."""
+        """Make ``parts`` (RDD[(pid, _Part)], not yet persisted, its lineage computable from
+        the driver's data: an empty model or a restore) the snapshot, and hand its partitions
+        to the executors' state servers, in one job."""
         from pyspark import StorageLevel
 
-        self._cut(parts, StorageLevel.DISK_ONLY, True)
+        parts.persist(StorageLevel.DISK_ONLY)  # filled by the job below
         tokens = parts.mapPartitions(_install(parts.context.applicationId, self._key, self._new_epoch(),
                                               self._take_dead()),
                                      preservesPartitioning=True)

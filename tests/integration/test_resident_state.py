@@ -95,7 +95,7 @@ def test_resident_partitions_give_the_cached_rdd_layouts_model_bit_for_bit(spark
 @pytest.mark.parametrize("partitions", [1, 3])
 def test_a_lost_state_server_is_rebuilt_and_no_rating_is_learned_twice_or_lost(spark, partitions):
     sc = spark.sparkContext
-    rows = _stream(900, seed=29)
+    rows = _stream(750, seed=29)
     res, ref = _model("resident", partitions, interval=3), _model("rdd", partitions)
     killed = []
     for k, start in enumerate(range(0, len(rows), 150)):
@@ -108,7 +108,7 @@ def test_a_lost_state_server_is_rebuilt_and_no_rating_is_learned_twice_or_lost(s
         assert sum(x for x in res.last_sink_results if x) == len(batch)
     assert len(set(killed)) == 3  # a new server each time
     assert res.recoveries == 3
-    assert res.ratings_seen == ref.ratings_seen == 900
+    assert res.ratings_seen == ref.ratings_seen == 750
     assert res.positives_seen == ref.positives_seen
     _same(_everything(res), _everything(ref))
 
