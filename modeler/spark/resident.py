@@ -198,6 +198,10 @@ def serve(path: str, watch_pid: int) -> None:
 def _socket_dir() -> str:
     d = os.path.join(tempfile.gettempdir(), f"streamrec-state-{os.getuid()}")
     os.makedirs(d, mode=0o700, exist_ok=True)
+    st = os.stat(d)
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise StateLost(f"{d} must belong to this user with mode 0700 (it holds the model's "
+                        "state-server sockets); remove it or fix its mode")
     return d
 
 
