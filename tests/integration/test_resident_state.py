@@ -72,8 +72,7 @@ def _kill_state_server(sc) -> int:
     raise AssertionError("the state server did not die")
 
 
-# (3 partitions: test_streaming_als checks them, resident by default, against the numpy reference)
-@pytest.mark.parametrize("partitions", [1])
+@pytest.mark.parametrize("partitions", [1, 3])
 def test_resident_partitions_give_the_cached_rdd_layouts_model_bit_for_bit(spark, partitions):
     sc = spark.sparkContext
     rows = _stream(1050)
