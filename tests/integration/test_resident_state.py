@@ -72,7 +72,8 @@ def _kill_state_server(sc) -> int:
     raise AssertionError("the state server did not die")
 
 
-@pytest.mark.parametrize("partitions", [1, 3])
+# (3 partitions: the lost-server test below also ends with resident == rdd bit for bit)
+@pytest.mark.parametrize("partitions", [1])
 def test_resident_partitions_give_the_cached_rdd_layouts_model_bit_for_bit(spark, partitions):
     sc = spark.sparkContext
     rows = _stream(1050)
