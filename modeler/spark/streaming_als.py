@@ -1033,14 +1033,14 @@ class _StepStage:
         return new
 
 
-class _Flat:
-    """``flatMap(f)`` over (pid, part) run inside the state server."""
+class _FlatStage:
+    """``flatMap(f)`` over (pid, part) as a read-only stage (no messages)."""
 
     def __init__(self, f: Any) -> None:
         self.f = f
 
-    def __call__(self, pid: int, part: _Part, msgs: list[Any]) -> list[Any]:
-        return list(self.f((pid, part)))
+    def __call__(self, it: Iterator[tuple[int, Any]]) -> Iterator[Any]:
+        yield from self.f(next(it))
 
 
 class _Finish:
@@ -1072,16 +1072,7 @@ def _remote_read(stage: Any):
 
 
 def _remote_flat(f: Any):
-    fn = _dumps(_Flat(f))
-
-    def run(it: Iterator[tuple[int, Any]]) -> Iterator[Any]:
-        pid, token, _ = _split_token(it)
-        out = resident.call(token.app, "read", token.key, pid, token.epoch, fn, [])
-        if out is resident.MISSING:
-            raise StateLost(f"model partition {pid} (epoch {token.epoch}) is not on this executor")
-        return iter(out)
-
-    return run
+    return _remote_read(_FlatStage(f))
 
 
 def _remote_step(stage: Any, finish: Any, epoch: int, drop: tuple[str, ...]):

@@ -132,10 +132,12 @@ def test_a_released_model_leaves_the_state_server(spark):
     model = _model("resident", 1)
     model.train(sc.parallelize(_stream(300, seed=5), 2))
     key, epoch = model._key, model._epoch
+    app = sc.applicationId
+    held = sc.parallelize([0], 1).map(lambda _: resident.call(app, "has", key, 0, epoch)).collect()[0]
+    assert held is True  # it was there before the release
     model.release()
     other = _model("resident", 1)  # its first step carries the drop
     other.train(sc.parallelize(_stream(300, seed=6), 2))
-    app = sc.applicationId
     held = sc.parallelize([0], 1).map(lambda _: resident.call(app, "has", key, 0, epoch)).collect()[0]
     assert held is False
 
