@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratings", nargs="*", type=Path, default=None)
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument("--splits", default="time,per_user",
+                        help="test splits, comma-separated (modeler.search_eval.SPLITS)")
     parser.add_argument("--skip-drift", action="store_true")
     parser.add_argument("--spark", action="store_true", help="also the Spark side-by-side throughput")
     parser.add_argument("--service", action="store_true",
@@ -173,19 +175,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.service_only:
         figures = json.loads(args.out.read_text()) if args.out.exists() else figures
         files, args.skip_drift, args.spark, args.service = [], True, False, True
-    for f in files:
+    splits = [s for s in args.splits.split(",") if s]
+    for f, split in [(f, split) for f in files for split in splits]:
         t0 = time.perf_counter()
-        d = dataset_experiment(str(f), args.batch_size, args.test_fraction)
+        d = dataset_experiment(str(f), args.batch_size, args.test_fraction, split=split)
         d["seconds"] = time.perf_counter() - t0
         figures["datasets"].append(d)
         for model in ("explicit", "ranking"):
             m = d.get(model, {})
             if "leader_test" in m:
-                print(f"{f.name} {model}: leader {m['leader']} {m['leader_params']} test {m['metric']} "
+                ci = m.get("relative_gap_ci95")
+                users = m["test_users_scored"]
+                ci_s = f" (95% CI {100 * ci[0]:+.1f}%..{100 * ci[1]:+.1f}% over {users} users)" if ci else ""
+                print(f"{f.name} {split} {model}: leader {m['leader']} {m['leader_params']} test {m['metric']} "
                       f"{m['leader_test']:.4f}, best single {m['best_single_test']:.4f} "
-                      f"{m['best_single_params']}, gap {100 * m['relative_gap']:+.2f}%", flush=True)
+                      f"{m['best_single_params']}, gap {100 * m['relative_gap']:+.2f}%{ci_s}", flush=True)
             elif m:
-                print(f"{f.name} {model}: {m}", flush=True)
+                print(f"{f.name} {split} {model}: {m}", flush=True)
     if not args.skip_drift:
         figures["drift"] = drift_experiment()
         dr = figures["drift"]["drift"]

@@ -319,3 +319,25 @@ def test_respawns_refill_only_up_to_the_population():
     assert max(counts[2:]) == 3 and max(counts) <= st3.capacity
     with pytest.raises(SearchConfigError, match="population"):
         SearchSettings(population=-1)
+
+
+def test_per_user_time_split_holds_out_each_users_newest_ratings():
+    """Every user with ≥ 5 ratings gives their newest 20% (by time) to the test set; the
+    stream keeps the rest in time order; a light user stays whole in the stream; nothing is
+    lost or duplicated. The global time split tests only the users who straddle its cut."""
+    from common.datasets import RatingRow
+    from modeler.search_eval import per_user_time_split, time_split
+
+    rows = [RatingRow(f"u{u}", f"m{j}", 4.0, 1000 * u + j) for u in range(6) for j in range(10)]
+    rows += [RatingRow("light", f"m{j}", 3.0, 5 + j) for j in range(3)]
+    train, test = per_user_time_split(rows[::-1], 0.2)
+    assert sorted(train + test) == sorted(rows)
+    assert [r.timestamp for r in train] == sorted(r.timestamp for r in train)
+    for u in range(6):
+        held = sorted(r.item for r in test if r.user == f"u{u}")
+        assert held == ["m8", "m9"]  # the two newest of ten
+        assert max(r.timestamp for r in train if r.user == f"u{u}") < min(
+            r.timestamp for r in test if r.user == f"u{u}")
+    assert not [r for r in test if r.user == "light"]
+    _, global_test = time_split(rows, 0.2)
+    assert len({r.user for r in test}) == 6 > len({r.user for r in global_test})
