@@ -1546,8 +1546,10 @@ class StreamingALS(ParamsAttributes):
         ``checkpoint_interval`` batches, the one O(model) transfer of the resident layout."""
         from pyspark import StorageLevel
 
+        t0 = time.perf_counter()
         snap = self._state.mapPartitions(_fetch, preservesPartitioning=True)
         self._cut(snap, StorageLevel.DISK_ONLY, True)
+        log.info("model snapshot at batch %d: %.1f s", self.batches, time.perf_counter() - t0)
         for old in [self._snapshot, *self._since]:
             if old is not None:
                 old.unpersist()
