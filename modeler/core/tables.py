@@ -17,6 +17,41 @@ if TYPE_CHECKING:
     from modeler.core.als_math import ALSParams
 
 
+#: Rows per step when scanning statistics: bounds the temporaries of a scan over a table.
+_CHUNK = 4096
+
+
+def _bits_set(gram: np.ndarray, moment: np.ndarray, mass: np.ndarray,
+              rows: np.ndarray | None = None, values: bool = False) -> np.ndarray:
+    """Per row (of ``rows``, or all), True when its statistics have any bit set (``values``:
+    any value ≠ 0, so −0.0 counts as none), scanned ``_CHUNK`` rows at a time."""
+    n = len(mass) if rows is None else len(rows)
+    out = np.zeros(n, dtype=bool)
+    for a in range(0, n, _CHUNK):
+        b = min(n, a + _CHUNK)
+        idx: Any = slice(a, b) if rows is None else rows[a:b]
+        g = np.ascontiguousarray(gram[idx]).reshape(b - a, -1)
+        m = np.ascontiguousarray(moment[idx])
+        w = np.ascontiguousarray(mass[idx])
+        if not values:
+            g, m, w = g.view(np.uint32), m.view(np.uint32), w.view(np.uint32)
+        out[a:b] = (w != 0) | (m != 0).any(axis=1) | (g != 0).any(axis=1)
+    return out
+
+
+def _put_rows(dst: tuple[np.ndarray, ...], at: np.ndarray, src: tuple[np.ndarray, ...],
+              rows: np.ndarray) -> None:
+    """``dst[at] = src[rows]`` for the three statistics arrays, skipping the rows of ``src``
+    that are all zero bits (``dst`` holds zeros there already). Zero rows are never written,
+    so the pages of a fresh ``np.zeros`` that only zeros would land on are never touched: a
+    table or working set whose rows mostly hold no statistics (the ranking model with
+    per-key histories) costs memory for the rows that do only."""
+    nz = np.flatnonzero(_bits_set(src[0], src[1], src[2], rows=rows))
+    if len(nz):
+        for d, s in zip(dst, src, strict=True):
+            d[at[nz]] = s[rows[nz]]
+
+
 @dataclass
 class RowStats:
     """Least-squares statistics of some rows (see :class:`FactorTable`), float32."""
@@ -30,15 +65,28 @@ class RowStats:
         return cls(np.zeros((n, rank, rank), dtype=np.float32), np.zeros((n, rank), dtype=np.float32),
                    np.zeros(n, dtype=np.float32))
 
+    @property
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.gram, self.moment, self.mass
+
     @classmethod
     def concat(cls, parts: Sequence[RowStats], rank: int) -> RowStats:
-        if not parts:
-            return cls.zeros(0, rank)
-        return cls(np.concatenate([p.gram for p in parts]), np.concatenate([p.moment for p in parts]),
-                   np.concatenate([p.mass for p in parts]))
+        if len(parts) == 1:  # nothing to join (the caller owns the parts: no copy)
+            return parts[0]
+        out = cls.zeros(sum(len(p.mass) for p in parts), rank)
+        at = 0
+        for p in parts:
+            n = len(p.mass)
+            _put_rows(out.arrays, np.arange(at, at + n), p.arrays, np.arange(n))
+            at += n
+        return out
 
     def select(self, mask: np.ndarray) -> RowStats:
-        return RowStats(self.gram[mask], self.moment[mask], self.mass[mask])
+        """The rows where ``mask`` is True (a copy; zero rows are not written)."""
+        rows = np.flatnonzero(mask)
+        out = RowStats.zeros(len(rows), self.gram.shape[1] if self.gram.ndim == 3 else 0)
+        _put_rows(out.arrays, np.arange(len(rows)), self.arrays, rows)
+        return out
 
 
 @dataclass
@@ -77,9 +125,7 @@ class FactorTable:
     def stats_held(self, rows: np.ndarray | None = None) -> np.ndarray:
         """True for the rows (all by default) whose statistics (A, b, N) are not all zero:
         the only ones a solve needs to add, or a pickle to carry."""
-        g, m, w = (self.gram, self.moment, self.mass) if rows is None else (
-            self.gram[rows], self.moment[rows], self.mass[rows])
-        return (w != 0) | (m != 0).any(axis=1) | (g.reshape(len(w), -1) != 0).any(axis=1)
+        return _bits_set(self.gram, self.moment, self.mass, rows, values=True)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -108,11 +154,9 @@ class FactorTable:
 
     def stats(self, rows: np.ndarray) -> RowStats:
         """Copies of the least-squares statistics of ``rows`` (zeros where row == −1)."""
-        known = rows >= 0
+        known = np.flatnonzero(rows >= 0)
         out = RowStats.zeros(len(rows), self.rank)
-        out.gram[known] = self.gram[rows[known]]
-        out.moment[known] = self.moment[rows[known]]
-        out.mass[known] = self.mass[rows[known]]
+        _put_rows(out.arrays, known, (self.gram, self.moment, self.mass), rows[known])
         return out
 
     def __len__(self) -> int:
@@ -154,12 +198,15 @@ class FactorTable:
         buf["bias"][start:end] = np.asarray(bias, dtype=np.float32)
         buf["vec"][start:end] = np.asarray(vec, dtype=np.float32).reshape(-1, self.rank)
         buf["count"][start:end] = 0 if count is None else np.asarray(count, dtype=np.int64)
-        for name in ("touched", "gram", "moment", "mass"):
-            buf[name][start:end] = 0
+        buf["touched"][start:end] = False
+        # gram/moment/mass rows from ``start`` on are zero already: a buffer's rows past the
+        # views' end are never written (``_buffers``), and writing zeros would make pages of
+        # statistics resident that most ranking rows never use.
         for name, b in buf.items():
             setattr(self, name, b[:end])
 
     _GROWN = ("bias", "vec", "count", "touched", "gram", "moment", "mass")
+    _STATS = ("gram", "moment", "mass")
 
     def _buffers(self, start: int, end: int) -> dict[str, np.ndarray]:
         """The backing buffers, with room for ``end`` rows (rows < ``start`` kept)."""
@@ -175,7 +222,10 @@ class FactorTable:
         new = {}
         for k, (shape, dtype) in shapes.items():
             new[k] = np.zeros(shape, dtype=dtype)
-            new[k][:start] = getattr(self, k)[:start]
+            if k not in self._STATS:
+                new[k][:start] = getattr(self, k)[:start]
+        old = np.arange(start)  # statistics: only the rows with bits set (the rest stay untouched zeros)
+        _put_rows(tuple(new[k] for k in self._STATS), old, tuple(getattr(self, k) for k in self._STATS), old)
         self.__dict__["_buf"] = new
         return new
 
@@ -212,7 +262,12 @@ class FactorTable:
         self.count[rows] += np.asarray(count_inc, dtype=np.int64)
         self.touched[rows] = True
         if stats is not None:
-            self.gram[rows], self.moment[rows], self.mass[rows] = stats.gram, stats.moment, stats.mass
+            # Only rows with bits set on either side: a zero row written over a zero row
+            # changes no bit, and would touch a page of statistics the table never needs.
+            own = (self.gram, self.moment, self.mass)
+            write = np.flatnonzero(_bits_set(*stats.arrays) | _bits_set(*own, rows=rows))
+            for d, src in zip(own, stats.arrays, strict=True):
+                d[rows[write]] = src[write]
 
     def records(self, only_touched: bool = False) -> list[tuple[str, tuple[float, np.ndarray]]]:
         """``[(id, (bias, vector float32 (rank,)))]``."""

@@ -72,6 +72,27 @@ MISSING = _Missing()
 START_TIMEOUT_S = 60.0
 
 
+class Pickled(NamedTuple):
+    """A model partition as the state server pickled it (op ``dump``): what a snapshot RDD
+    holds. The Python worker that fetches it never unpickles it, so a snapshot costs the
+    worker the pickle's bytes, not the partition as objects next to its pickle; ``install``
+    unpickles it in the server."""
+
+    blob: bytes
+
+    def load(self) -> Any:
+        return pickle.loads(self.blob)
+
+
+class _Raw:
+    """A server's answer sent with ``send_bytes`` (the client gets the bytes)."""
+
+    __slots__ = ("blob",)
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+
+
 # ---------------------------------------------------------------------------------------------
 # The server
 # ---------------------------------------------------------------------------------------------
@@ -99,6 +120,8 @@ class _Server:
         if op == "install":
             key, pid, epoch, part, drop = args
             self.drop(drop)
+            if isinstance(part, Pickled):  # a snapshot's record (op "dump")
+                part = part.load()
             with self.lock:
                 self.entries[(key, pid)] = _Entry(epoch, part)
             return True
@@ -109,6 +132,15 @@ class _Server:
         if op == "drop":
             self.drop(args[0])
             return True
+        if op == "dump":  # the partition pickled, for a snapshot: answered raw (serve_connection)
+            key, pid, epoch = args
+            e = self.entry(key, pid)
+            if e is None:
+                return MISSING
+            with e.lock:
+                if e.epoch != epoch:
+                    return MISSING
+                return _Raw(pickle.dumps(e.part, protocol=pickle.HIGHEST_PROTOCOL))
         if op == "read":
             key, pid, epoch, fn, msgs = args
             e = self.entry(key, pid)
@@ -159,7 +191,15 @@ class _Server:
                     import traceback
                     reply = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
                 try:
-                    conn.send(reply)
+                    if reply[0] == "ok" and isinstance(reply[1], _Raw):
+                        # Large bytes go as they are: pickling them into the reply would
+                        # hold a second copy of the partition's pickle in this process.
+                        blob, reply = reply[1].blob, None
+                        conn.send(("raw", len(blob)))
+                        conn.send_bytes(blob)
+                        del blob
+                    else:
+                        conn.send(reply)
                 except (EOFError, OSError):
                     return
 
@@ -219,6 +259,12 @@ def _start(path: str, watch_pid: int) -> None:
     """Start the server detached (a double fork: it is nobody's child, so it never lingers
     as a zombie of the worker that happened to start it)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    # glibc malloc: a fixed mmap threshold, so the large numpy arrays of a step or a dump
+    # always come from mmap and go back to the system when freed (the default threshold
+    # rises to 32 MB after such a free, and later arrays then fragment the heaps and stay
+    # resident), and few arenas for the one-thread-per-connection server. Overridable.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(8 << 20))
+    env.setdefault("MALLOC_ARENA_MAX", "2")
     child = os.fork()
     if child == 0:  # pragma: no cover - the intermediate process
         try:
@@ -264,6 +310,8 @@ def call(app: str, op: str, *args: Any) -> Any:
         try:
             conn.send((op, args))
             status, value = conn.recv()
+            if status == "raw":
+                value = conn.recv_bytes()
             break
         except (EOFError, OSError, BrokenPipeError):
             _conn.pop(path, None)  # the server died: the second attempt starts a new one

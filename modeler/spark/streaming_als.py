@@ -34,10 +34,12 @@ rows between partitions. Layout, chosen after the seeds' performance warnings:
   state server of its host (:mod:`modeler.spark.resident`): the model RDD holds
   ``(pid, Token)``, the same stage functions run inside the server on the partition in place,
   and only messages and answers move. A snapshot every ``checkpoint_interval`` batches (on
-  disk) and the routed batches since rebuild a lost partition bit for bit (docs/scale.md §8).
+  disk; the partitions as their servers pickled them, never unpickled in a worker) and the
+  routed batches since rebuild a lost partition bit for bit (docs/scale.md §8).
 
 Memory bound: factors ``(n_users + n_items) × (rank + 2) × 4`` bytes plus ids (and, with the
-``"rls"`` vector step, ``(rank² + rank + 1) × 4`` bytes of statistics per key), and at most
+``"rls"`` vector step, ``(rank² + rank + 1) × 4`` bytes of statistics per key that holds
+some: rows without are never written, so their pages stay unallocated), and at most
 ``reservoir_size`` (expected, ±√R) replay ratings (ids as fixed-width strings + rating +
 priority, and an item-side copy of id + priority) - independent of the length of the stream. See docs/streaming_als.md.
 
@@ -1095,7 +1097,7 @@ def _install(app: str, key: str, epoch: int, drop: tuple[str, ...]):
     """mapPartitions function: hand each (pid, _Part) to this host's state server."""
 
     def run(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Token]]:
-        for pid, part in it:
+        for pid, part in it:  # a _Part, or a snapshot's resident.Pickled
             resident.call(app, "install", key, pid, epoch, part, drop)
             yield pid, Token(app, key, epoch)
 
@@ -1118,6 +1120,19 @@ def _fetch(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, _Part]]:
         if part is resident.MISSING:
             raise StateLost(f"model partition {pid} (epoch {token.epoch}) is not on this executor")
         yield pid, part
+
+
+def _dump(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, resident.Pickled]]:
+    """The whole partition pickled by its state server, for a snapshot (not unpickled here:
+    :func:`_install` hands it back to a server as it is)."""
+    for pid, value in it:
+        token = value.token if isinstance(value, Stepped) else value
+        if token is None:
+            raise StateLost(f"model partition {pid}: no token (its state was lost)")
+        blob = resident.call(token.app, "dump", token.key, pid, token.epoch)
+        if blob is resident.MISSING:
+            raise StateLost(f"model partition {pid} (epoch {token.epoch}) is not on this executor")
+        yield pid, resident.Pickled(blob)
 
 
 def _whole(pid: int, part: _Part, msgs: list[Any]) -> _Part:
@@ -1521,7 +1536,9 @@ class StreamingALS(ParamsAttributes):
             rdd.checkpoint()
         else:
             rdd.localCheckpoint()
-        rdd.count()
+        # Counted in the JVM: a Python count would read every record back into a worker
+        # (for a snapshot, the whole model's pickle once more).
+        rdd._jrdd.count()
 
     def _install(self, parts: Any) -> None:
         """Make ``parts`` (RDD[(pid, _Part)], not yet persisted, its lineage computable from
@@ -1546,8 +1563,10 @@ class StreamingALS(ParamsAttributes):
         ``checkpoint_interval`` batches, the one O(model) transfer of the resident layout."""
         from pyspark import StorageLevel
 
-        snap = self._state.mapPartitions(_fetch, preservesPartitioning=True)
+        t0 = time.perf_counter()
+        snap = self._state.mapPartitions(_dump, preservesPartitioning=True)
         self._cut(snap, StorageLevel.DISK_ONLY, True)
+        log.info("model snapshot at batch %d: %.1f s", self.batches, time.perf_counter() - t0)
         for old in [self._snapshot, *self._since]:
             if old is not None:
                 old.unpersist()

@@ -85,6 +85,9 @@ class TreeSampler(threading.Thread):
         self.pid, self.period = pid, period
         self.peak_rss = self.peak_pss = 0
         self.peak_by_kind: dict[str, int] = {}
+        self.peak_pss_by_kind: dict[str, int] = {}
+        #: Every sample: (unix time, RSS by kind, PSS by kind), to line the peak up with the log.
+        self.timeline: list[tuple[float, dict[str, int], dict[str, int]]] = []
         self._servers: list[Any] = []
         self.stop = threading.Event()
 
@@ -125,6 +128,7 @@ class TreeSampler(threading.Thread):
             procs += self._state_servers(psutil, {p.pid for p in procs})
             rss = pss = 0
             kinds: dict[str, int] = {}
+            pss_kinds: dict[str, int] = {}
             for p in procs:
                 try:
                     r = p.memory_info().rss
@@ -134,13 +138,27 @@ class TreeSampler(threading.Thread):
                 kind = ("jvm" if name.startswith("java") else "driver" if p.pid == self.pid
                         else "state_server" if p in self._servers else "python_workers")
                 kinds[kind] = kinds.get(kind, 0) + r
+                s = self._pss(p.pid)
+                pss_kinds[kind] = pss_kinds.get(kind, 0) + s
                 rss += r
-                pss += self._pss(p.pid)
+                pss += s
             self.peak_rss = max(self.peak_rss, rss)
             self.peak_pss = max(self.peak_pss, pss)
             for k, v in kinds.items():
                 self.peak_by_kind[k] = max(self.peak_by_kind.get(k, 0), v)
+            for k, v in pss_kinds.items():
+                self.peak_pss_by_kind[k] = max(self.peak_pss_by_kind.get(k, 0), v)
+            self.timeline.append((time.time(), kinds, pss_kinds))
             self.stop.wait(self.period)
+
+
+def peak_sample(timeline: list[tuple[float, dict[str, int], dict[str, int]]]) -> dict[str, Any]:
+    """The sample with the highest total PSS: when it was and how it splits by process kind
+    (the peaks by kind need not coincide)."""
+    if not timeline:
+        return {}
+    t, by_rss, by_pss = max(timeline, key=lambda s: sum(s[2].values()))
+    return {"t": round(t, 2), "pss_by_process_kind": by_pss, "rss_by_process_kind": by_rss}
 
 
 def produce_backlog(bootstrap: str, topic: str, n: int, seed: int) -> dict[str, Any]:
@@ -294,6 +312,9 @@ def run_rank(broker_url: str, topic: str, rank: int, args: argparse.Namespace, o
             time.sleep(0.2)
         sampler.stop.set()
         sampler.join(5)
+        with open(out_dir / f"scale-memory-rank{rank}-{store}.jsonl", "w") as fh:
+            for t, by_rss, by_pss in sampler.timeline:
+                fh.write(json.dumps({"t": round(t, 2), "rss": by_rss, "pss": by_pss}) + "\n")
         versions = list(watcher.versions)
         busy = versions[args.warmup - 1:]
         if len(busy) < 3:
@@ -336,6 +357,8 @@ def run_rank(broker_url: str, topic: str, rank: int, args: argparse.Namespace, o
             "modeler_peak_rss_bytes": sampler.peak_rss,
             "modeler_peak_pss_bytes": sampler.peak_pss,
             "modeler_peak_rss_by_process_kind": sampler.peak_by_kind,
+            "modeler_peak_pss_by_process_kind": sampler.peak_pss_by_kind,
+            "modeler_peak_pss_sample": peak_sample(sampler.timeline),
             "redis": rfig,
             "predictor": pfig,
             "load_average_1m_at_end": round(os.getloadavg()[0], 2),

@@ -57,3 +57,73 @@ def test_arrays_replaced_from_outside_are_not_overwritten_by_a_stale_buffer():
     t.vec[0] = 5.0
     t.add_rows(["x"], np.zeros(1), np.ones((1, 3)))
     assert (t.vec[0] == 5.0).all() and (t.vec[-1] == 1.0).all() and len(t.vec) == len(t)
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).view(np.uint32)
+
+
+def _sparse_stats(n: int, rank: int, seed: int) -> RowStats:
+    """Statistics where most rows are all zero (as the ranking model's), one row holding
+    only −0.0 (zero by value, not by bits)."""
+    rng = np.random.default_rng(seed)
+    st = RowStats.zeros(n, rank)
+    held = rng.random(n) < 0.2
+    st.gram[held] = rng.normal(size=(int(held.sum()), rank, rank))
+    st.moment[held] = rng.normal(size=(int(held.sum()), rank))
+    st.mass[held] = rng.random(int(held.sum())) + 1
+    st.gram[np.flatnonzero(~held)[0]] = -0.0
+    return st
+
+
+def test_statistics_keep_every_bit_through_growth_upserts_and_copies():
+    rank = 4
+    t = FactorTable(rank)
+    ref = RowStats.zeros(0, rank)  # the dense statement of the same writes
+    rng = np.random.default_rng(3)
+    for b in range(12):
+        keys = [f"k{b}-{j}" for j in range(50)]
+        t.add_rows(keys, rng.normal(size=50), rng.normal(size=(50, rank)))
+        ref = RowStats(*(np.concatenate([a, np.zeros_like(a[:50], shape=(50, *a.shape[1:]))])
+                         for a in ref.arrays))
+        pick = rng.choice(len(t), size=min(60, len(t)), replace=False)
+        k = len(pick)
+        st = _sparse_stats(k, rank, b)
+        t.upsert([t.ids[j] for j in pick], np.zeros(k, np.float32), np.zeros((k, rank), np.float32),
+                 np.zeros(k), st)
+        for a, s in zip(ref.arrays, st.arrays, strict=True):
+            a[pick] = s
+        for a, r in zip((t.gram, t.moment, t.mass), ref.arrays, strict=True):
+            np.testing.assert_array_equal(_bits(a), _bits(r))
+    rows = np.r_[rng.choice(len(t), size=100), -1, -1]
+    got = t.stats(rows)
+    for g, r in zip(got.arrays, ref.arrays, strict=True):
+        np.testing.assert_array_equal(_bits(g[:-2]), _bits(r[rows[:-2]]))
+        assert not _bits(g[-2:]).any()
+    mask = rng.random(len(rows)) < 0.5
+    sel = got.select(mask)
+    both = RowStats.concat([sel, got], rank)
+    for s, c, g in zip(sel.arrays, both.arrays, got.arrays, strict=True):
+        np.testing.assert_array_equal(_bits(s), _bits(g[mask]))
+        np.testing.assert_array_equal(_bits(c), _bits(np.concatenate([g[mask], g])))
+    back = pickle.loads(pickle.dumps(t))
+    held = t.stats_held()
+    for a, b_ in zip((back.gram, back.moment, back.mass), (t.gram, t.moment, t.mass), strict=True):
+        np.testing.assert_array_equal(_bits(a[held]), _bits(b_[held]))
+
+
+def test_rows_of_zero_statistics_are_not_written():
+    """What keeps the pages of unused statistics untouched: a copy skips the rows that are all
+    zero bits (the destination is zeros already), and copies −0.0 rows."""
+    from modeler.core.tables import _put_rows
+
+    src = _sparse_stats(40, 3, 0)
+    dst = RowStats(*(np.full_like(a, np.nan) for a in src.arrays))
+    rows = np.arange(40)
+    _put_rows(dst.arrays, rows, src.arrays, rows)
+    zero = ~(_bits(src.gram).reshape(40, -1).any(axis=1) | _bits(src.moment).any(axis=1)
+             | (_bits(src.mass) != 0))
+    assert zero.sum() > 20 and (~zero).sum() > 5
+    assert np.isnan(dst.gram[zero]).all() and np.isnan(dst.mass[zero]).all()
+    np.testing.assert_array_equal(_bits(dst.gram[~zero]), _bits(src.gram[~zero]))
+    np.testing.assert_array_equal(_bits(dst.moment[~zero]), _bits(src.moment[~zero]))
