@@ -121,9 +121,14 @@ class RankingArm:
         return BatchLoss(ndcg, len(ranks))
 
     def test_score(self, test: Sequence[RatingRow]) -> float:
-        """Mean NDCG@10 over test users known to the model with a positive test item:
-        binary relevance, DCG = Σ_{hits at 0-based position p < 10} 1/log2(p + 2), divided by
-        the ideal DCG of min(10, #relevant) hits."""
+        """Mean NDCG@10 over test users known to the model with a positive test item
+        (:meth:`user_test_scores`)."""
+        return mean_score(self.user_test_scores(test))
+
+    def user_test_scores(self, test: Sequence[RatingRow]) -> dict[str, float]:
+        """NDCG@10 per test user known to the model with a positive test item: binary
+        relevance, DCG = Σ_{hits at 0-based position p < 10} 1/log2(p + 2), divided by the
+        ideal DCG of min(10, #relevant) hits."""
         w = self._weights_of(np.array([r.rating for r in test], dtype=np.float64))
         relevant: dict[str, set[str]] = {}
         for r, wt in zip(test, w):
@@ -137,8 +142,20 @@ class RankingArm:
             dcg = sum(1.0 / math.log2(p + 2.0) for p, i in enumerate(top) if i in rel)
             ideal = sum(1.0 / math.log2(p + 2.0) for p in range(min(10, len(rel))))
             scores[user] = dcg / ideal
-        self.user_scores = scores
-        return float(np.mean(list(scores.values()))) if scores else 0.0
+        return scores
+
+
+def mean_score(scores: dict[str, float]) -> float:
+    return float(np.mean(list(scores.values()))) if scores else 0.0
+
+
+def scored(arm: Arm, test: Sequence[RatingRow]) -> tuple[float, dict[str, float]]:
+    """An arm's test score, and its per-user scores where it has them (the ranking arm)."""
+    per_user = getattr(arm, "user_test_scores", None)
+    if per_user is None:
+        return arm.test_score(test), {}
+    users = per_user(test)
+    return mean_score(users), users
 
 
 ArmFactory = Callable[[Params], Arm]
@@ -233,12 +250,11 @@ def replay_search(factory: ArmFactory, candidates: Sequence[Params], settings: S
             on_batch(b, state)
     seconds = time.perf_counter() - t0
     lead = state.leader_candidate()
-    leader_test = arms[lead.cid].test_score(test) if test else float("nan")
+    leader_test, leader_users = scored(arms[lead.cid], test) if test else (float("nan"), {})
     return SearchRun(
         leader=lead.cid, leader_params=dict(lead.params), leader_test=leader_test,
         switches=[s._asdict() for s in state.switches], live_final=[c.cid for c in state.live()],
-        candidates=state.summary(), seconds=seconds, max_live=max_live,
-        leader_user_scores=dict(getattr(arms[lead.cid], "user_scores", {})))
+        candidates=state.summary(), seconds=seconds, max_live=max_live, leader_user_scores=leader_users)
 
 
 def hindsight(factory: ArmFactory, candidates: Sequence[Params], batches: Sequence[Sequence[RatingRow]],
@@ -250,8 +266,9 @@ def hindsight(factory: ArmFactory, candidates: Sequence[Params], batches: Sequen
         t0 = time.perf_counter()
         for batch in batches:
             arm.step(batch)
-        out.append({"params": dict(params), "test": arm.test_score(test),
-                    "seconds": time.perf_counter() - t0, "user_scores": dict(getattr(arm, "user_scores", {}))})
+        score, users = scored(arm, test)
+        out.append({"params": dict(params), "test": score, "seconds": time.perf_counter() - t0,
+                    "user_scores": users})
     return out
 
 

@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Any, NamedTuple
@@ -114,6 +115,16 @@ class _Server:
         with self.lock:
             return self.entries.get((key, pid))
 
+    @contextlib.contextmanager
+    def current(self, key: str, pid: int, epoch: int) -> Iterator[_Entry | None]:
+        """The entry of (key, pid), locked, if it holds ``epoch``; else None."""
+        e = self.entry(key, pid)
+        if e is None:
+            yield None
+            return
+        with e.lock:
+            yield e if e.epoch == epoch else None
+
     def handle(self, op: str, args: tuple) -> Any:
         if op == "ping":
             return os.getpid()
@@ -134,22 +145,12 @@ class _Server:
             return True
         if op == "dump":  # the partition pickled, for a snapshot: answered raw (serve_connection)
             key, pid, epoch = args
-            e = self.entry(key, pid)
-            if e is None:
-                return MISSING
-            with e.lock:
-                if e.epoch != epoch:
-                    return MISSING
-                return _Raw(pickle.dumps(e.part, protocol=pickle.HIGHEST_PROTOCOL))
+            with self.current(key, pid, epoch) as e:
+                return MISSING if e is None else _Raw(pickle.dumps(e.part, protocol=pickle.HIGHEST_PROTOCOL))
         if op == "read":
             key, pid, epoch, fn, msgs = args
-            e = self.entry(key, pid)
-            if e is None:
-                return MISSING
-            with e.lock:
-                if e.epoch != epoch:
-                    return MISSING
-                return pickle.loads(fn)(pid, e.part, msgs)
+            with self.current(key, pid, epoch) as e:
+                return MISSING if e is None else pickle.loads(fn)(pid, e.part, msgs)
         if op == "step":
             key, pid, expect, new, fn, msgs, finish, drop = args
             self.drop(drop)

@@ -1110,28 +1110,27 @@ def _held(it: Iterator[tuple[int, Any]]) -> Iterator[bool]:
         yield token is not None and bool(resident.call(token.app, "has", token.key, pid, token.epoch))
 
 
-def _fetch(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, _Part]]:
-    """The whole partition, out of its state server (snapshots and whole-model reads)."""
+def _whole_calls(it: Iterator[tuple[int, Any]], op: str, *args: Any) -> Iterator[tuple[int, Any]]:
+    """Per (pid, token): the answer of its state server to ``op`` on the whole partition."""
     for pid, value in it:
         token = value.token if isinstance(value, Stepped) else value
         if token is None:
             raise StateLost(f"model partition {pid}: no token (its state was lost)")
-        part = resident.call(token.app, "read", token.key, pid, token.epoch, _FETCH, [])
-        if part is resident.MISSING:
+        out = resident.call(token.app, op, token.key, pid, token.epoch, *args)
+        if out is resident.MISSING:
             raise StateLost(f"model partition {pid} (epoch {token.epoch}) is not on this executor")
-        yield pid, part
+        yield pid, out
+
+
+def _fetch(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, _Part]]:
+    """The whole partition, out of its state server (whole-model reads)."""
+    return _whole_calls(it, "read", _FETCH, [])
 
 
 def _dump(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, resident.Pickled]]:
     """The whole partition pickled by its state server, for a snapshot (not unpickled here:
     :func:`_install` hands it back to a server as it is)."""
-    for pid, value in it:
-        token = value.token if isinstance(value, Stepped) else value
-        if token is None:
-            raise StateLost(f"model partition {pid}: no token (its state was lost)")
-        blob = resident.call(token.app, "dump", token.key, pid, token.epoch)
-        if blob is resident.MISSING:
-            raise StateLost(f"model partition {pid} (epoch {token.epoch}) is not on this executor")
+    for pid, blob in _whole_calls(it, "dump"):
         yield pid, resident.Pickled(blob)
 
 
