@@ -125,26 +125,21 @@ def segment_sums(rows: np.ndarray, q: np.ndarray, target: np.ndarray, groups: Gr
     """Per row with ratings: (row numbers ascending, n = Σ w, G = Σ w q qᵀ, h = Σ w·target·q),
     float64; w = 1 without ``weights``.
 
-    Sorted once (or ``groups`` of the same rows, reused), then summed with ``reduceat``.
+    Grouped once (or ``groups`` of the same rows, reused), then summed by
+    :meth:`Groups.moments` (padded batched products).
     """
     rank = q.shape[1]
     if not len(rows):
         return (np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros((0, rank, rank)), np.zeros((0, rank)))
     g = groups or Groups.of(rows)
-    qs = np.asarray(q, dtype=np.float64)[g.order]
+    target = np.asarray(target, dtype=np.float64)
     if weights is None:
-        n, wq = g.n, qs
+        n = g.n
+        gram, h = g.moments(q, np.ones(len(rows)), target)
     else:
-        w = np.asarray(weights, dtype=np.float64)[g.order]
-        n, wq = np.add.reduceat(w, g.starts), qs * w[:, None]
-    h = np.add.reduceat(np.asarray(target, dtype=np.float64)[g.order][:, None] * wq, g.starts, axis=0)
-    gram = np.empty((len(g.keys), rank, rank))
-    # One column of the upper triangle at a time: temporaries of (ratings × rank) at most.
-    # (Measured: as fast as any layout of the full outer products, which need rank² per rating.)
-    for c in range(rank):
-        upper = np.add.reduceat(wq[:, c:c + 1] * qs[:, c:], g.starts, axis=0)
-        gram[:, c, c:] = upper
-        gram[:, c:, c] = upper
+        w = np.asarray(weights, dtype=np.float64)
+        n = np.add.reduceat(w[g.order], g.starts)
+        gram, h = g.moments(q, w, w * target)
     return g.keys, n, gram, h
 
 

@@ -120,41 +120,14 @@ def implicit_sums(rows: np.ndarray, q: np.ndarray, gram_w: np.ndarray, rhs_w: np
                   mass_w: np.ndarray, groups: Groups | None = None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per row with events: (rows ascending, n = Σ mass_w, G = Σ gram_w q qᵀ, h = Σ rhs_w q),
-    float64. Sorted once (or ``groups`` of the same rows), summed with ``reduceat``."""
+    float64. Grouped once (or ``groups`` of the same rows), summed by :meth:`Groups.moments`."""
     rank = q.shape[1]
     if not len(rows):
         return np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros((0, rank, rank)), np.zeros((0, rank))
     g = groups or Groups.of(rows)
-    qs = np.asarray(q, dtype=np.float64)[g.order]
-    h = np.add.reduceat(qs * np.asarray(rhs_w, dtype=np.float64)[g.order][:, None], g.starts, axis=0)
     n = np.add.reduceat(np.asarray(mass_w, dtype=np.float64)[g.order], g.starts)
-    gram = grouped_gram(qs, np.asarray(gram_w, dtype=np.float64)[g.order], g.starts,
-                        g.n.astype(np.int64))
+    gram, h = g.moments(q, gram_w, rhs_w)
     return g.keys, n, gram, h
-
-
-def grouped_gram(qs: np.ndarray, w: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """G_g = Σ_{e∈g} w_e q_e q_eᵀ for contiguous groups of rows of ``qs`` (float64).
-
-    Groups are bucketed by size (next power of two) and padded with zero-weight rows, so
-    each bucket is ONE batched matrix product (n_groups, rank, S) @ (n_groups, S, rank):
-    no Python loop per group and at most twice the events' memory per bucket.
-    """
-    rank = qs.shape[1]
-    out = np.empty((len(starts), rank, rank))
-    if not len(starts):
-        return out
-    bucket = np.ceil(np.log2(np.maximum(sizes, 1))).astype(np.int64)
-    for b in np.unique(bucket).tolist():
-        gi = np.flatnonzero(bucket == b)
-        width = 1 << b
-        offs = np.arange(width)
-        valid = offs[None, :] < sizes[gi][:, None]
-        idx = np.where(valid, starts[gi][:, None] + offs[None, :], 0)
-        qb = qs[idx]  # (groups, width, rank)
-        wq = qb * np.where(valid, w[idx], 0.0)[:, :, None]
-        out[gi] = np.matmul(qb.transpose(0, 2, 1), wq)
-    return out
 
 
 def gramian(vec: np.ndarray) -> np.ndarray:

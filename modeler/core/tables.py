@@ -343,3 +343,57 @@ class Groups:
         starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]]) if len(rows) \
             else np.zeros(0, dtype=np.int64)
         return cls(order, starts, sorted_rows[starts], np.diff(np.r_[starts, len(rows)]).astype(np.float64))
+
+    def moments(self, q: np.ndarray, gram_w: np.ndarray, rhs_w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per group g (in ``keys`` order): G_g = Σ gram_w q qᵀ and h_g = Σ rhs_w q, float64,
+        over the events of the group (``q``, ``gram_w``, ``rhs_w``: one row or value per
+        event, in the order the groups were made from).
+
+        Groups of similar size are padded with zero-weight events to a common width and
+        summed as ONE batched product (groups, rank, width) @ (groups, width, rank + 1):
+        no Python loop per group, no rank loop. The widths are a fixed ladder (each ~1.25×
+        the last: at most 25% padding), so a group's width, and with it the bits of its
+        sums, depends on its own events only, never on which other groups share the call
+        (the layouts of the Spark model solve the same keys in different company). Padded
+        temporaries are bounded by :data:`_PAD_EVENTS` events per product.
+        """
+        rank = q.shape[1]
+        n = len(self.starts)
+        gram = np.empty((n, rank, rank))
+        h = np.empty((n, rank))
+        if not n:
+            return gram, h
+        gram_w = np.asarray(gram_w, dtype=np.float64)
+        rhs_w = np.asarray(rhs_w, dtype=np.float64)
+        sizes = self.n.astype(np.int64)
+        widths = pad_widths(sizes)
+        for width in np.unique(widths).tolist():
+            members = np.flatnonzero(widths == width)
+            step = max(1, _PAD_EVENTS // width)
+            offs = np.arange(width)
+            for a in range(0, len(members), step):
+                gi = members[a:a + step]
+                valid = offs[None, :] < sizes[gi][:, None]
+                ev = self.order[np.where(valid, self.starts[gi][:, None] + offs[None, :], 0)]
+                qb = np.asarray(q[ev], dtype=np.float64)  # (groups, width, rank)
+                qt = qb.transpose(0, 2, 1)
+                wq = qb * np.where(valid, gram_w[ev], 0.0)[:, :, None]
+                gram[gi] = np.matmul(qt, wq)
+                h[gi] = np.matmul(qt, np.where(valid, rhs_w[ev], 0.0)[:, :, None])[:, :, 0]
+        return gram, h
+
+
+#: Padded events per batched product in :meth:`Groups.moments` (bounds its temporaries:
+#: ~3 arrays of this many × rank float64).
+_PAD_EVENTS = 1 << 15
+
+#: Ratio between successive padded widths of :meth:`Groups.moments`.
+_PAD_RATIO = 1.25
+
+
+def pad_widths(sizes: np.ndarray) -> np.ndarray:
+    """The padded width of groups of these sizes: the smallest rung of the ladder
+    ⌈1.25^j⌉ (j = 0, 1, …) that holds the group; 1 for an empty one."""
+    sz = np.maximum(np.asarray(sizes, dtype=np.int64), 1)
+    j = np.ceil(np.log(sz) / np.log(_PAD_RATIO) - 1e-9)
+    return np.maximum(np.ceil(_PAD_RATIO ** j - 1e-9).astype(np.int64), sz)

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 from modeler.io.kafka_parse import DEFAULT_MAX_WEIGHT, parse_message
 from modeler.io.kafka_plan import OffsetRange
+from modeler.workerheap import settle
 
 log = logging.getLogger(__name__)
 
@@ -393,6 +394,7 @@ def batch_blocks(
     acc = sc.accumulator({}, param)
 
     def read(it: Iterable[OffsetRange]) -> Iterator[Block]:
+        settle()
         for block in read_ranges(it, bootstrap, dlq_topic, rating_min, rating_max, max_weight):
             acc.add({block.partition: block.summary()})
             yield block

@@ -40,6 +40,7 @@ from modeler.core.search import (
     probe_target_ranks,
     ranking_gains,
 )
+from modeler.workerheap import settle
 
 _MODELS = "models"
 _BATCH = "batch"
@@ -218,6 +219,7 @@ def _side_by_side_stage(kind: str, base: ALSParams, spawn: Mapping[str, Params],
     """The one task: the models' record and the batch's records meet here."""
 
     def stage(it: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+        settle()
         models: dict[str, Any] = {}
         records: list[Any] = []
         for tag, x in it:

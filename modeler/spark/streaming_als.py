@@ -120,6 +120,7 @@ from modeler.core.ranking import (
 )
 from modeler.spark import resident
 from modeler.spark.resident import StateLost, Token
+from modeler.workerheap import settle
 
 log = logging.getLogger(__name__)
 
@@ -468,6 +469,7 @@ def _route_ratings(params: ALSParams):
     ranking, weighting = params.ranking, params.weighting
 
     def route(index: int, it: Iterator[Any]) -> Iterator[tuple[int, Routed]]:
+        settle()
         (us, its, rs, ts), (ius, iis, iws, its_), bad_shape = split_events(it)
         users, items, rates, stamps, rejected = validate_arrays(us, its, rs, ts, lo, hi)
         iu, ii, iw, it_, irej = validate_implicit(ius, iis, iws, its_)
@@ -551,6 +553,7 @@ def _history_requests(params: ALSParams, batch_no: int, sweep: tuple[float, floa
     P = params.num_partitions
 
     def stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, RankRequest]]:
+        settle()
         pid, part, blocks = _split(it)
         if part.ranking is None:
             return
@@ -626,6 +629,7 @@ def _gather_stage(params: ALSParams, batch_no: int, fraction: float, r_batch_no:
     """B: per partition, the rows the batch (and its replay) needs, newcomers initialised."""
 
     def stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Gathered]]:
+        settle()
         pid, part, msgs = _split(it)
         blocks = [b for b in msgs if isinstance(b, Routed)]
         requests = [b for b in msgs if isinstance(b, RankRequest)] if params.num_partitions > 1 else None
@@ -812,6 +816,7 @@ def _learn_stage(params: ALSParams, rating_sum: float, ratings_seen: int,
     lo, hi = params.rating_min, params.rating_max
 
     def stage(it: Iterator[tuple[int, Gathered]]) -> Iterator[tuple[int, Learned]]:
+        settle()
         msgs = sorted((m for _, m in it), key=lambda m: m.src)
         u_ids = [k for m in msgs for k in m.u_ids]
         i_ids = [k for m in msgs for k in m.i_ids]
@@ -953,6 +958,7 @@ def _fused_stage(params: ALSParams, batch_no: int, fraction: float, rating_sum: 
     learn = _learn_stage(params, rating_sum, ratings_seen, carry)
 
     def stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, _Part]]:
+        settle()
         pid, part, blocks = _split(it)
         gathered = list(gather(itertools.chain([(pid, part)], ((pid, b) for b in blocks))))
         learned = list(learn(iter(gathered)))
@@ -965,6 +971,7 @@ def _finish(sink: Any):
     """The per-partition end of ``train()``: the batch statistics, and the sink's answer."""
 
     def finish(kv: tuple[int, _Part]) -> tuple[dict[str, Any], Any]:
+        settle()
         pid, part = kv
         if sink is None or not part.learned:  # nothing learned: nothing to write
             return part.stats, None
@@ -1064,6 +1071,7 @@ def _remote_read(stage: Any):
     fn = _dumps(_ReadStage(stage))
 
     def run(it: Iterator[tuple[int, Any]]) -> Iterator[Any]:
+        settle()
         pid, token, msgs = _split_token(it)
         out = resident.call(token.app, "read", token.key, pid, token.epoch, fn, msgs)
         if out is resident.MISSING:
@@ -1083,6 +1091,7 @@ def _remote_step(stage: Any, finish: Any, epoch: int, drop: tuple[str, ...]):
     fn, fin = _dumps(_StepStage(stage)), _dumps(_Finish(finish))
 
     def run(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Stepped]]:
+        settle()
         pid, token, msgs = _split_token(it)
         out = resident.call(token.app, "step", token.key, pid, token.epoch, epoch, fn, msgs, fin, drop)
         if out is resident.MISSING:
@@ -1097,6 +1106,7 @@ def _install(app: str, key: str, epoch: int, drop: tuple[str, ...]):
     """mapPartitions function: hand each (pid, _Part) to this host's state server."""
 
     def run(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Token]]:
+        settle()
         for pid, part in it:  # a _Part, or a snapshot's resident.Pickled
             resident.call(app, "install", key, pid, epoch, part, drop)
             yield pid, Token(app, key, epoch)
@@ -1151,6 +1161,7 @@ _DEAD: list[str] = []
 
 def _route_pairs(num_partitions: int):
     def route(index: int, it: Iterator[Any]) -> Iterator[tuple[int, tuple]]:
+        settle()
         recs = list(it)
         users = [str(r[0]) for r in recs]
         items = [str(r[1]) for r in recs]
@@ -1169,6 +1180,7 @@ def _route_pairs(num_partitions: int):
 
 def _predict_user_side(num_partitions: int):
     def stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, tuple]]:
+        settle()
         pid, part, msgs = _split(it)
         for src, users, items, payload in msgs:
             bu, uv = gather(part.users, part.users.lookup(users.tolist()))
@@ -1183,6 +1195,7 @@ def _predict_user_side(num_partitions: int):
 
 def _predict_item_side(mu: float, lo: float, hi: float):
     def stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple]:
+        settle()
         _, part, msgs = _split(it)
         for _, users, items, payload, bu, uv in msgs:
             bi, iv = gather(part.items, part.items.lookup(items.tolist()))
