@@ -79,6 +79,7 @@ from modeler.core.als_math import (
     solve_rows,
     splitmix64,
 )
+from modeler.core.tables import each_run
 
 REG_SCALINGS = ("count", "constant")
 INIT_SALT = 0x5A17  # ranking vectors start from other draws than the explicit ones
@@ -153,31 +154,40 @@ def implicit_half_step(rows: np.ndarray, table: FactorTable, other_rows: np.ndar
         return 0
     q = other.vec[other_rows]
     conf = np.asarray(conf, dtype=np.float64)
-    keys, n_k, gram, h = implicit_sums(rows, q, conf - 1.0, conf, np.ones(len(rows)), g)
+    gram_w = conf - 1.0
+    gram_other = np.asarray(gram_other, dtype=np.float64)
+    diagonal = np.arange(table.rank)
     # β (``forgetting``) < 1 discounts the statistics: β A_k, β b_k, β N_k.
     beta = forgetting
-    # lhs = G_pass + β A_k + G_other, rhs = β b_k + h. With per-key histories most keys hold
-    # no statistics (nothing evicted yet): only rows with some are added, in place (adding
-    # zeros would change no bit of the sums).
-    mass = table.mass[keys]
-    st = np.flatnonzero(table.stats_held(keys))
-    lhs = gram
-    rhs = h
-    if len(st):
-        lhs[st] += beta * table.gram[keys[st]].astype(np.float64)
-        rhs[st] = beta * table.moment[keys[st]].astype(np.float64) + rhs[st]
-    lhs += np.asarray(gram_other, dtype=np.float64)[None]
-    if reg_scaling == "count":
-        diag = reg_param * (beta * mass.astype(np.float64) + n_k)
-    else:
-        diag = np.full(len(keys), float(reg_param))
-    lhs[:, np.arange(table.rank), np.arange(table.rank)] += (diag + 1e-9)[:, None]
-    with np.errstate(over="ignore", invalid="ignore"):
-        new_v = solve_rows(lhs, rhs).astype(np.float32)
-    ok = np.isfinite(new_v).all(axis=1)
-    table.vec[keys[ok]] = new_v[ok]
-    table.touched[keys] = True
-    return int((~ok).sum())
+
+    def solve_run(_: slice, run: Groups) -> int:
+        keys, n_k = run.keys, run.n
+        gram, h = run.moments(q, gram_w, conf)
+        # lhs = G_pass + β A_k + G_other, rhs = β b_k + h. With per-key histories most keys
+        # hold no statistics (nothing evicted yet): only rows with some are added, in place
+        # (adding zeros would change no bit of the sums).
+        st = np.flatnonzero(table.stats_held(keys))
+        lhs = gram
+        rhs = h
+        if len(st):
+            lhs[st] += beta * table.gram[keys[st]].astype(np.float64)
+            rhs[st] = beta * table.moment[keys[st]].astype(np.float64) + rhs[st]
+        lhs += gram_other[None]
+        if reg_scaling == "count":
+            diag = reg_param * (beta * table.mass[keys].astype(np.float64) + n_k)
+        else:
+            diag = np.full(len(keys), float(reg_param))
+        lhs[:, diagonal, diagonal] += (diag + 1e-9)[:, None]
+        with np.errstate(over="ignore", invalid="ignore"):
+            new_v = solve_rows(lhs, rhs).astype(np.float32)
+        ok = np.isfinite(new_v).all(axis=1)
+        table.vec[keys[ok]] = new_v[ok]
+        table.touched[keys] = True
+        return int((~ok).sum())
+
+    # One run of keys at a time (tables.each_run): the same bits, a fraction of the memory
+    # traffic, both cores.
+    return sum(each_run(g, table.rank, solve_run))
 
 
 def fold_implicit(rows: np.ndarray, table: FactorTable, other_rows: np.ndarray,
@@ -192,13 +202,19 @@ def fold_implicit(rows: np.ndarray, table: FactorTable, other_rows: np.ndarray,
     if maturity > 0 and partner_count is not None:
         pn = np.asarray(partner_count, dtype=np.float64)
         m = pn / (pn + maturity)
-    keys, n, gram, h = implicit_sums(rows, other.vec[other_rows], m * (conf - 1.0), m * conf, m)
-    if not len(keys):
+    if not len(rows):
         return
+    g = Groups.of(rows)
+    q = other.vec[other_rows]
+    n = np.add.reduceat(m[g.order], g.starts)
+    gram_w, rhs_w = m * (conf - 1.0), m * conf
     beta = forgetting  # A ← β A + ΔA (likewise b, N): old, staler terms fade with each touch
-    table.gram[keys] = (beta * table.gram[keys].astype(np.float64) + gram).astype(np.float32)
-    table.moment[keys] = (beta * table.moment[keys].astype(np.float64) + h).astype(np.float32)
-    table.mass[keys] = (beta * table.mass[keys].astype(np.float64) + n).astype(np.float32)
+    for at, run in g.chunks(table.rank):  # the sums of implicit_sums, one run of keys at a time
+        keys = run.keys
+        gram, h = run.moments(q, gram_w, rhs_w)
+        table.gram[keys] = (beta * table.gram[keys].astype(np.float64) + gram).astype(np.float32)
+        table.moment[keys] = (beta * table.moment[keys].astype(np.float64) + h).astype(np.float32)
+        table.mass[keys] = (beta * table.mass[keys].astype(np.float64) + n[at]).astype(np.float32)
 
 
 @dataclass

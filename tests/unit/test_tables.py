@@ -127,3 +127,61 @@ def test_rows_of_zero_statistics_are_not_written():
     assert np.isnan(dst.gram[zero]).all() and np.isnan(dst.mass[zero]).all()
     np.testing.assert_array_equal(_bits(dst.gram[~zero]), _bits(src.gram[~zero]))
     np.testing.assert_array_equal(_bits(dst.moment[~zero]), _bits(src.moment[~zero]))
+
+
+def _half_steps(monkeypatch, sum_entries: int, threads: int):
+    """Both models' half steps on one random working set, with the given run size and threads."""
+    from modeler.core import tables
+    from modeler.core.als_math import ALSParams, rls_half_step
+    from modeler.core.ranking import gramian, implicit_half_step
+
+    monkeypatch.setattr(tables, "_SUM_ENTRIES", sum_entries)
+    monkeypatch.setattr(tables, "RUN_THREADS", threads)
+    rng = np.random.default_rng(11)
+    n_users, n_items, rank, n = 700, 90, 6, 5000
+    u_rows = rng.integers(0, n_users, n)
+    i_rows = rng.integers(0, n_items, n)
+
+    def table(k: int) -> FactorTable:
+        t = FactorTable(rank)
+        t.add_rows([f"k{j}" for j in range(k)], rng.normal(size=k).astype(np.float32),
+                   rng.normal(size=(k, rank)).astype(np.float32))
+        held = rng.random(k) < 0.3  # some rows hold statistics, most none
+        g = rng.normal(size=(k, rank, rank)).astype(np.float32)
+        t.gram[held] = np.einsum("kij,klj->kil", g, g)[held]
+        t.moment[held] = rng.normal(size=(k, rank)).astype(np.float32)[held]
+        t.mass[held] = rng.uniform(1, 9, k).astype(np.float32)[held]
+        return t
+
+    users, items = table(n_users), table(n_items)
+    r_users, r_items = table(n_users), table(n_items)
+    conf = 1.0 + 3.0 * rng.random(n)
+    refused = implicit_half_step(u_rows, r_users, i_rows, r_items, conf, gramian(r_items.vec), 0.1, "count")
+    rates = rng.uniform(0.5, 5.0, n)
+    refused += rls_half_step(3.5, rates, i_rows, items, u_rows, users, ALSParams(rank=rank))
+    return refused, users, items, r_users, r_items
+
+
+def test_solves_in_runs_on_two_threads_keep_every_bit(monkeypatch):
+    # Groups.chunks/each_run split a pass's keys into runs solved on up to two threads; a
+    # key's sums and solve are its own, so neither the runs nor the threads change a bit.
+    want = _half_steps(monkeypatch, 1 << 30, 1)
+    for sum_entries, threads in ((64 * 36, 1), (64 * 36, 2), (100 * 36, 2)):
+        got = _half_steps(monkeypatch, sum_entries, threads)
+        assert got[0] == want[0]
+        for a, b in zip(got[1:], want[1:], strict=True):
+            assert a.vec.tobytes() == b.vec.tobytes()
+            assert a.bias.tobytes() == b.bias.tobytes()
+            assert a.touched.tolist() == b.touched.tolist()
+
+
+def test_runs_cover_every_group_once_in_order():
+    from modeler.core.tables import Groups
+
+    g = Groups.of(np.random.default_rng(3).integers(0, 5000, 20000))
+    runs = list(g.chunks(rank=10))  # 2²¹ / 100 = 20,971 keys a run: one run
+    assert len(runs) == 1 and runs[0][1].keys.tolist() == g.keys.tolist()
+    runs = list(g.chunks(rank=200))  # 52 keys a run, at least 64
+    assert all(len(r.keys) == 64 for _, r in runs[:-1])
+    assert np.concatenate([r.keys for _, r in runs]).tolist() == g.keys.tolist()
+    assert [at.start for at, _ in runs] == list(range(0, len(g.keys), 64))
