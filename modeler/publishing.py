@@ -337,8 +337,7 @@ def ranking_meta(model: Any, models: tuple[str, ...]) -> dict[str, Any]:
 
 def model_state(model: Any) -> dict[str, Any]:
     """Scalars a restore needs besides factors and counts (JSON, stored with the version)."""
-    state = model.state()  # lazy RDDs: only its scalars are used here
-    return dict(state.extra)
+    return dict(model.state_extra())
 
 
 def _factor_records(only_touched: bool) -> Callable[[tuple[int, Any]], Any]:

@@ -196,10 +196,14 @@ class SearchModel(ParamsAttributes):
     def state(self) -> _LeaderScalars:
         """The leader's scalars as ``StreamingALS.state().extra`` (the version's
         ``model_state``: a service restarted without a search resumes from the leader)."""
+        return _LeaderScalars(self.state_extra())
+
+    def state_extra(self) -> dict[str, Any]:
+        """``state().extra``: the leader's scalars (what ``model_state`` stores)."""
         extra = dict(self.scalars.get(self.leader, {}))
         extra.pop("mu", None)
         extra.pop("ratings_seen", None)
-        return _LeaderScalars(extra)
+        return extra
 
     # -- one batch ------------------------------------------------------------------------
 

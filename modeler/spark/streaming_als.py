@@ -1841,17 +1841,23 @@ class StreamingALS(ParamsAttributes):
             items=flat(rows(_items_of)),
             mu=self.mu,
             ratings_seen=self.ratings_seen,
-            extra={"rating_sum": self.rating_sum, "batches": self.batches,
-                   "last_batch_size": self.last_batch_size, "params": self.params.to_dict(),
-                   "positives_seen": self.positives_seen,
-                   "conf_minus_1_sum": self.conf_minus_1_sum,
-                   "ranking_batches": self.ranking_batches,
-                   "ranking_last_batch_size": self.ranking_last_batch_size},
+            extra=self.state_extra(),
             ranking_users=flat(rows(_ranking_users_of)) if ranking else None,
             ranking_items=flat(rows(_ranking_items_of)) if ranking else None,
         )
 
     state_rdds = state
+
+    def state_extra(self) -> dict[str, Any]:
+        """``state().extra``, the scalars a restore needs besides the factors, without the
+        state's RDDs (each of which, resident, first checks with a Spark job that every
+        partition is held: four jobs a batch for a publish that reads none of them)."""
+        return {"rating_sum": self.rating_sum, "batches": self.batches,
+                "last_batch_size": self.last_batch_size, "params": self.params.to_dict(),
+                "positives_seen": self.positives_seen,
+                "conf_minus_1_sum": self.conf_minus_1_sum,
+                "ranking_batches": self.ranking_batches,
+                "ranking_last_batch_size": self.ranking_last_batch_size}
 
     @classmethod
     def restore(
