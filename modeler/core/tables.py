@@ -4,6 +4,7 @@ reservoir, and row groupings; plain picklable objects (one per partition in Spar
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -166,13 +167,14 @@ class FactorTable:
 
     def rows(self, keys: Sequence[str]) -> np.ndarray:
         """Row numbers of existing keys (KeyError for an unknown key)."""
-        index = self.index
-        return np.fromiter((index[k] for k in keys), dtype=np.int64, count=len(keys))
+        ks = keys.tolist() if isinstance(keys, np.ndarray) else keys
+        return np.fromiter(map(self.index.__getitem__, ks), dtype=np.int64, count=len(ks))
 
     def lookup(self, keys: Sequence[str]) -> np.ndarray:
-        """Row numbers, −1 for unknown keys."""
-        get = self.index.get
-        return np.fromiter((get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+        """Row numbers, −1 for unknown keys (``map`` over the dict's own ``get``: no Python
+        frame per key)."""
+        ks = keys.tolist() if isinstance(keys, np.ndarray) else keys
+        return np.fromiter(map(self.index.get, ks, itertools.repeat(-1)), dtype=np.int64, count=len(ks))
 
     def ensure(self, keys: Iterable[str], seed: int, init_scale: float) -> int:
         """Add rows for keys never seen (in first-seen order), initialised from (seed, id)."""
