@@ -82,12 +82,6 @@ class SearchStats(NamedTuple):
     decision: Decision | None
 
 
-class _LeaderScalars(NamedTuple):
-    """What ``model_state(model)`` reads of a model: ``state().extra``."""
-
-    extra: dict[str, Any]
-
-
 def search_kind(metric: str) -> str:
     return RANKING if metric in ("ndcg@10", "recall@10") else EXPLICIT
 
@@ -193,13 +187,9 @@ class SearchModel(ParamsAttributes):
     def _state(self) -> Any:  # what the service unpersists on a reset
         return self.sbs._state
 
-    def state(self) -> _LeaderScalars:
-        """The leader's scalars as ``StreamingALS.state().extra`` (the version's
-        ``model_state``: a service restarted without a search resumes from the leader)."""
-        return _LeaderScalars(self.state_extra())
-
     def state_extra(self) -> dict[str, Any]:
-        """``state().extra``: the leader's scalars (what ``model_state`` stores)."""
+        """The leader's scalars as ``StreamingALS.state_extra()`` (the version's
+        ``model_state``: a service restarted without a search resumes from the leader)."""
         extra = dict(self.scalars.get(self.leader, {}))
         extra.pop("mu", None)
         extra.pop("ratings_seen", None)

@@ -109,6 +109,8 @@ from modeler.core.tables import (  # noqa: F401
     Reservoir,
     RowStats,
     each_run,
+    fold_runs,
+    group_mass,
     keep_fraction,
     keep_mask,
 )
@@ -135,13 +137,11 @@ def segment_sums(rows: np.ndarray, q: np.ndarray, target: np.ndarray, groups: Gr
     g = groups or Groups.of(rows)
     target = np.asarray(target, dtype=np.float64)
     if weights is None:
-        n = g.n
         gram, h = g.moments(q, np.ones(len(rows)), target)
     else:
         w = np.asarray(weights, dtype=np.float64)
-        n = np.add.reduceat(w[g.order], g.starts)
         gram, h = g.moments(q, w, w * target)
-    return g.keys, n, gram, h
+    return g.keys, group_mass(g, weights), gram, h
 
 
 def solve_rows(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
@@ -218,17 +218,8 @@ def fold_statistics(mu: float, rates: np.ndarray, rows: np.ndarray, table: Facto
         partner_n = other.count[other_rows].astype(np.float64)
         w = partner_n / (partner_n + maturity)
     g = Groups.of(rows)
-    if w is None:
-        n, gram_w, rhs_w = g.n, np.ones(len(rows)), target
-    else:
-        n, gram_w, rhs_w = np.add.reduceat(w[g.order], g.starts) if len(rows) else g.n, w, w * target
-    beta = forgetting
-    for at, run in g.chunks(table.rank):  # the sums of segment_sums, one run of keys at a time
-        keys = run.keys
-        gram, h = run.moments(q_vec, gram_w, rhs_w)
-        table.gram[keys] = (beta * table.gram[keys].astype(np.float64) + gram).astype(np.float32)
-        table.moment[keys] = (beta * table.moment[keys].astype(np.float64) + h).astype(np.float32)
-        table.mass[keys] = (beta * table.mass[keys].astype(np.float64) + n[at]).astype(np.float32)
+    gram_w, rhs_w = (np.ones(len(rows)), target) if w is None else (w, w * target)
+    fold_runs(table, g, q_vec, gram_w, rhs_w, group_mass(g, w), forgetting)
 
 
 def seed_statistics(table: FactorTable, partner_moment: np.ndarray, reg_param: float) -> None:

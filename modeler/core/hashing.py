@@ -28,9 +28,15 @@ def partition_of(key: str, num_partitions: int) -> int:
     return zlib.crc32(key.encode("utf-8")) % num_partitions
 
 
+def id_list(keys: Sequence[str]) -> Sequence[str]:
+    """``keys`` as a list when it is a numpy array (iterating one makes a numpy scalar per
+    id, twice the cost of a list's str), else as it is."""
+    return keys.tolist() if isinstance(keys, np.ndarray) else keys
+
+
 def hash_ids(keys: Sequence[str]) -> np.ndarray:
     """:func:`stable_hash` of many ids as a uint64 array."""
-    ks = keys.tolist() if isinstance(keys, np.ndarray) else keys
+    ks = id_list(keys)
     # str.encode's default is UTF-8, as stable_hash's; map() runs without a Python frame per id.
     return np.fromiter(map(zlib.crc32, map(str.encode, ks)), dtype=np.uint64, count=len(ks))
 

@@ -79,7 +79,7 @@ from modeler.core.als_math import (
     solve_rows,
     splitmix64,
 )
-from modeler.core.tables import each_run
+from modeler.core.tables import each_run, fold_runs, group_mass
 
 REG_SCALINGS = ("count", "constant")
 INIT_SALT = 0x5A17  # ranking vectors start from other draws than the explicit ones
@@ -115,20 +115,6 @@ def ranking_init(ids: Sequence[str], rank: int, seed: int, init_scale: float) ->
 # ---------------------------------------------------------------------------------------------
 # Sums, solves, statistics, Gramians
 # ---------------------------------------------------------------------------------------------
-
-
-def implicit_sums(rows: np.ndarray, q: np.ndarray, gram_w: np.ndarray, rhs_w: np.ndarray,
-                  mass_w: np.ndarray, groups: Groups | None = None
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per row with events: (rows ascending, n = Σ mass_w, G = Σ gram_w q qᵀ, h = Σ rhs_w q),
-    float64. Grouped once (or ``groups`` of the same rows), summed by :meth:`Groups.moments`."""
-    rank = q.shape[1]
-    if not len(rows):
-        return np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros((0, rank, rank)), np.zeros((0, rank))
-    g = groups or Groups.of(rows)
-    n = np.add.reduceat(np.asarray(mass_w, dtype=np.float64)[g.order], g.starts)
-    gram, h = g.moments(q, gram_w, rhs_w)
-    return g.keys, n, gram, h
 
 
 def gramian(vec: np.ndarray) -> np.ndarray:
@@ -202,19 +188,9 @@ def fold_implicit(rows: np.ndarray, table: FactorTable, other_rows: np.ndarray,
     if maturity > 0 and partner_count is not None:
         pn = np.asarray(partner_count, dtype=np.float64)
         m = pn / (pn + maturity)
-    if not len(rows):
-        return
     g = Groups.of(rows)
-    q = other.vec[other_rows]
-    n = np.add.reduceat(m[g.order], g.starts)
-    gram_w, rhs_w = m * (conf - 1.0), m * conf
-    beta = forgetting  # A ← β A + ΔA (likewise b, N): old, staler terms fade with each touch
-    for at, run in g.chunks(table.rank):  # the sums of implicit_sums, one run of keys at a time
-        keys = run.keys
-        gram, h = run.moments(q, gram_w, rhs_w)
-        table.gram[keys] = (beta * table.gram[keys].astype(np.float64) + gram).astype(np.float32)
-        table.moment[keys] = (beta * table.moment[keys].astype(np.float64) + h).astype(np.float32)
-        table.mass[keys] = (beta * table.mass[keys].astype(np.float64) + n[at]).astype(np.float32)
+    # A ← β A + ΔA (likewise b, N): old, staler terms fade with each touch.
+    fold_runs(table, g, other.vec[other_rows], m * (conf - 1.0), m * conf, group_mass(g, m), forgetting)
 
 
 @dataclass
@@ -900,7 +876,6 @@ __all__ = [
     "gramian",
     "gramian_delta",
     "implicit_half_step",
-    "implicit_sums",
     "learn_ranking_batch",
     "pair_keys",
     "probe_hits",

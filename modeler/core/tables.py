@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from modeler.core.hashing import init_factors, replay_mask
+from modeler.core.hashing import id_list, init_factors, replay_mask
 from modeler.core.sgd import aggregate, apply_update, finite_rows
 
 if TYPE_CHECKING:
@@ -167,13 +167,13 @@ class FactorTable:
 
     def rows(self, keys: Sequence[str]) -> np.ndarray:
         """Row numbers of existing keys (KeyError for an unknown key)."""
-        ks = keys.tolist() if isinstance(keys, np.ndarray) else keys
+        ks = id_list(keys)
         return np.fromiter(map(self.index.__getitem__, ks), dtype=np.int64, count=len(ks))
 
     def lookup(self, keys: Sequence[str]) -> np.ndarray:
         """Row numbers, −1 for unknown keys (``map`` over the dict's own ``get``: no Python
         frame per key)."""
-        ks = keys.tolist() if isinstance(keys, np.ndarray) else keys
+        ks = id_list(keys)
         return np.fromiter(map(self.index.get, ks, itertools.repeat(-1)), dtype=np.int64, count=len(ks))
 
     def ensure(self, keys: Iterable[str], seed: int, init_scale: float) -> int:
@@ -399,6 +399,27 @@ class Groups:
                 gram[gi] = np.matmul(qt, wq)
                 h[gi] = np.matmul(qt, np.where(valid, rhs_w[ev], 0.0)[:, :, None])[:, :, 0]
         return gram, h
+
+
+def group_mass(groups: Groups, weights: np.ndarray | None = None) -> np.ndarray:
+    """Σ ``weights`` over each group's events (float64; the groups' counts without weights)."""
+    if weights is None or not len(groups.order):
+        return groups.n
+    return np.add.reduceat(np.asarray(weights, dtype=np.float64)[groups.order], groups.starts)
+
+
+def fold_runs(table: FactorTable, groups: Groups, q: np.ndarray, gram_w: np.ndarray,
+              rhs_w: np.ndarray, mass: np.ndarray, forgetting: float) -> None:
+    """Fold per-group sums into ``table``'s statistics, one run of keys at a time
+    (:meth:`Groups.chunks`): A ← β A + Σ gram_w q qᵀ, b ← β b + Σ rhs_w q, N ← β N + ``mass``
+    (one value per group, e.g. :func:`group_mass`), float64 sums stored as float32."""
+    beta = forgetting
+    for at, run in groups.chunks(table.rank):
+        keys = run.keys
+        gram, h = run.moments(q, gram_w, rhs_w)
+        table.gram[keys] = (beta * table.gram[keys].astype(np.float64) + gram).astype(np.float32)
+        table.moment[keys] = (beta * table.moment[keys].astype(np.float64) + h).astype(np.float32)
+        table.mass[keys] = (beta * table.mass[keys].astype(np.float64) + mass[at]).astype(np.float32)
 
 
 def each_run(groups: Groups, rank: int, work: Callable[[slice, Groups], Any]) -> list[Any]:
