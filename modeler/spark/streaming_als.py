@@ -69,13 +69,15 @@ import pickle
 import time
 import uuid
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from common.schema import RatingScale
+from modeler.core import tables
 from modeler.core.als_math import (
     ALSParams,
     FactorTable,
@@ -408,6 +410,14 @@ class Gathered(NamedTuple):
     ranking: RankGathered | None
 
 
+class RankSource(NamedTuple):
+    """B -> C, ranking model only: what partition ``src`` gathered for it (the fields of a
+    :class:`Gathered` that :func:`_learn_ranking` reads)."""
+
+    src: int
+    ranking: RankGathered | None
+
+
 class RankLearned(NamedTuple):
     """C -> D, ranking model: partition p's learned rows, what its replay sample keeps, and
     the batch's events by p's users (for the seen pairs)."""
@@ -625,8 +635,10 @@ def _gather_ranking(params: ALSParams, part: _RankPart, blocks: list[Routed], ba
 
 
 def _gather_stage(params: ALSParams, batch_no: int, fraction: float, r_batch_no: int = 0,
-                  r_fraction: float = 0.0, r_sweep: tuple[float, float] = (0.0, 0.0)):
-    """B: per partition, the rows the batch (and its replay) needs, newcomers initialised."""
+                  r_fraction: float = 0.0, r_sweep: tuple[float, float] = (0.0, 0.0),
+                  with_ranking: bool = True):
+    """B: per partition, the rows the batch (and its replay) needs, newcomers initialised
+    (``with_ranking`` False: the explicit model's only, the ranking model gathered elsewhere)."""
 
     def stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Gathered]]:
         settle()
@@ -659,7 +671,7 @@ def _gather_stage(params: ALSParams, batch_no: int, fraction: float, r_batch_no:
         u_ids, ub, uv, u_fresh, u_count, u_st = rows_of(part.users, np.concatenate([new_u, rep_u]))
         i_ids, ib, iv, i_fresh, i_count, i_st = rows_of(part.items, np.concatenate([here_i, mirror_i]))
         ranking = None
-        if part.ranking is not None:
+        if part.ranking is not None and with_ranking:
             ranking = _gather_ranking(params, part.ranking, blocks, r_batch_no, r_fraction, r_sweep,
                                       requests)
         yield 0, Gathered(pid, u_ids, ub, uv, u_fresh, i_ids, ib, iv, i_fresh,
@@ -680,10 +692,11 @@ class RankingCarry:
     replay_fraction: float = 0.0
 
 
-def _learn_ranking(params: ALSParams, carry: RankingCarry, msgs: list[Gathered],
+def _learn_ranking(params: ALSParams, carry: RankingCarry, msgs: Sequence[Gathered | RankSource],
                    stats: dict[str, Any]) -> list[RankLearned]:
     """C, ranking model: the batch's positives (and replay) learned against the carried
-    Gramians (:func:`modeler.core.ranking.learn_ranking_batch`); rows back per partition."""
+    Gramians (:func:`modeler.core.ranking.learn_ranking_batch`); rows back per partition.
+    ``msgs``: what each partition gathered (its ``src`` and ``ranking``)."""
     P = params.num_partitions
     rk = [m.ranking for m in msgs if m.ranking is not None]
     u_ids = [k for r in rk for k in r.u_ids]
@@ -953,18 +966,77 @@ def _fused_stage(params: ALSParams, batch_no: int, fraction: float, rating_sum: 
                  copy: bool = True):
     """B+C+D in one task, for a model of ONE partition: gather, learn and write back without
     the two shuffles between them (each PySpark stage and task costs tens of ms, far more
-    than the numpy work of a batch). The same functions as the four-stage plan, chained."""
-    gather = _gather_stage(params, batch_no, fraction, r_batch_no, r_fraction, r_sweep)
-    learn = _learn_stage(params, rating_sum, ratings_seen, carry)
+    than the numpy work of a batch). The same functions as the four-stage plan, chained.
+
+    With the ranking model on and two threads (:data:`modeler.core.tables.RUN_THREADS`),
+    the ranking model's gather, learn and write-back run on a second thread beside the
+    explicit model's (:func:`_ranking_pass`): the two read and write disjoint parts of the
+    partition and neither reads the other's results, so the bits are those of one thread."""
+    side = carry is not None and tables.RUN_THREADS > 1
+    gather = _gather_stage(params, batch_no, fraction, r_batch_no, r_fraction, r_sweep,
+                           with_ranking=not side)
+    learn = _learn_stage(params, rating_sum, ratings_seen, None if side else carry)
+    apply = _apply_stage if copy else _apply_in_place
 
     def stage(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, _Part]]:
         settle()
         pid, part, blocks = _split(it)
-        gathered = list(gather(itertools.chain([(pid, part)], ((pid, b) for b in blocks))))
-        learned = list(learn(iter(gathered)))
-        yield from (_apply_stage if copy else _apply_in_place)(itertools.chain([(pid, part)], learned))
+        if not side or part.ranking is None:
+            gathered = list(gather(itertools.chain([(pid, part)], ((pid, b) for b in blocks))))
+            learned = list(learn(iter(gathered)))
+            yield from apply(itertools.chain([(pid, part)], learned))
+            return
+        assert carry is not None
+        ranking = _side_pool().submit(_ranking_pass, params, pid, part.ranking, blocks, r_batch_no,
+                                      r_fraction, r_sweep, carry, copy)
+        try:
+            alone = dataclasses.replace(part, ranking=None)
+            gathered = list(gather(itertools.chain([(pid, alone)], ((pid, b) for b in blocks))))
+            learned = list(learn(iter(gathered)))
+            (_, new), = apply(itertools.chain([(pid, alone)], learned))
+        finally:
+            done = ranking.result()  # waited for even when the explicit side failed
+        yield pid, dataclasses.replace(new, ranking=done.part, implicit_batch=done.implicit,
+                                       learned=new.learned + done.learned,
+                                       stats={**new.stats, **done.stats})
 
     return stage
+
+
+class RankingPass(NamedTuple):
+    """The ranking model's share of a fused batch (:func:`_ranking_pass`): its new partition
+    share, the statistics it adds to the batch's, the events it learned, and the batch's
+    implicit events (for a sink)."""
+
+    part: _RankPart
+    stats: dict[str, Any]
+    learned: int
+    implicit: tuple[np.ndarray, np.ndarray, np.ndarray] | None
+
+
+def _ranking_pass(params: ALSParams, pid: int, part: _RankPart, blocks: list[Any], r_batch_no: int,
+                  r_fraction: float, r_sweep: tuple[float, float], carry: RankingCarry,
+                  copy: bool) -> RankingPass:
+    """B+C+D of the ranking model alone, in a model of one partition: what
+    :func:`_gather_stage`, :func:`_learn_stage` and :func:`_applied` do for it."""
+    routed = [b for b in blocks if isinstance(b, Routed)]
+    gathered = _gather_ranking(params, part, routed, r_batch_no, r_fraction, r_sweep, None)
+    stats: dict[str, Any] = {}
+    msg, = _learn_ranking(params, carry, [RankSource(pid, gathered)], stats)
+    return RankingPass(_apply_ranking(part, msg, copy), stats, len(gathered.ev_weights),
+                       (msg.imp_users, msg.imp_items, msg.imp_weights))
+
+
+_side: ThreadPoolExecutor | None = None
+
+
+def _side_pool() -> ThreadPoolExecutor:
+    """The thread of :func:`_ranking_pass` (one per process; not the runs' pool of
+    :func:`modeler.core.tables.each_run`, which both models' passes submit to)."""
+    global _side
+    if _side is None:
+        _side = ThreadPoolExecutor(1, thread_name_prefix="ranking")
+    return _side
 
 
 def _finish(sink: Any):
