@@ -71,7 +71,9 @@ bench-search: bootstrap
 	$(PY) -m tests.benchmarks.bench_search
 
 # An ML-25M-shaped backlog through the broker into the modeler at ranks 10 and 50 (long:
-# not part of `make bench`). BENCH_SCALE_ARGS="--ratings 1000000 --ranks 10" for a shorter run.
+# not part of `make bench`). BENCH_SCALE_ARGS="--ratings 1000000 --ranks 10" for a shorter run;
+# "--kill-at 0.6" adds a kill -9 and restart mid-stream (exactly once, restart time),
+# "--fresh-seconds 60" a freshness phase at 70% of the measured throughput once drained.
 bench-scale: bootstrap
 	nice -n 10 $(PY) -m tests.benchmarks.bench_scale $(BENCH_SCALE_ARGS)
 
