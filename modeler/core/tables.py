@@ -136,8 +136,9 @@ class FactorTable:
         n = len(self.mass)
         if self.gram.shape == (n, self.rank, self.rank) and n:
             rows = np.flatnonzero(self.stats_held())
-            state.update(gram=self.gram[rows], moment=self.moment[rows], mass=self.mass[rows],
-                         stats_rows=rows, stats_n=n)
+            if len(rows) < n:  # every row holds some (the explicit model): the arrays as they are, no copy
+                state.update(gram=self.gram[rows], moment=self.moment[rows], mass=self.mass[rows],
+                             stats_rows=rows, stats_n=n)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -185,3 +185,22 @@ def test_runs_cover_every_group_once_in_order():
     assert all(len(r.keys) == 64 for _, r in runs[:-1])
     assert np.concatenate([r.keys for _, r in runs]).tolist() == g.keys.tolist()
     assert [at.start for at, _ in runs] == list(range(0, len(g.keys), 64))
+
+
+def test_a_table_whose_every_row_holds_statistics_pickles_them_as_they_are():
+    """The explicit model's rows all hold statistics: the pickle carries the arrays without a
+    row index (no gathered copy of them at a snapshot), and they come back bit for bit."""
+    rng = np.random.default_rng(3)
+    t = FactorTable(4)
+    t.add_rows([f"k{j}" for j in range(50)], rng.normal(size=50).astype(np.float32),
+               rng.normal(size=(50, 4)).astype(np.float32))
+    t.gram[:] = rng.normal(size=(50, 4, 4)).astype(np.float32)
+    t.moment[:] = rng.normal(size=(50, 4)).astype(np.float32)
+    t.mass[:] = rng.uniform(1, 5, 50).astype(np.float32)
+    t.mass[7] = -0.0  # still held: its gram and moment are not zero
+    assert "stats_rows" not in t.__getstate__()
+    back = pickle.loads(pickle.dumps(t, protocol=pickle.HIGHEST_PROTOCOL))
+    for a, b_ in zip((back.gram, back.moment, back.mass, back.vec), (t.gram, t.moment, t.mass, t.vec), strict=True):
+        assert a.shape == b_.shape and a.tobytes() == b_.tobytes()
+    t.gram[9], t.moment[9], t.mass[9] = 0, 0, 0  # one row without: the index is back
+    assert len(t.__getstate__()["stats_rows"]) == 49
