@@ -28,8 +28,10 @@ numpy-free and Spark-free: the functions it runs bring their own imports.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
+import io
 import os
 import pickle
 import subprocess
@@ -73,25 +75,76 @@ MISSING = _Missing()
 START_TIMEOUT_S = 60.0
 
 
-class Pickled(NamedTuple):
-    """A model partition as the state server pickled it (op ``dump``): what a snapshot RDD
-    holds. The Python worker that fetches it never unpickles it, so a snapshot costs the
-    worker the pickle's bytes, not the partition as objects next to its pickle; ``install``
-    unpickles it in the server."""
+#: Bytes of a snapshot's pickle per record: no process of the snapshot's path (the state
+#: server, the Python worker, the JVM) holds more of it than a few of these at once.
+CHUNK_BYTES = 4 << 20
 
+
+class PickleChunk(NamedTuple):
+    """Piece ``seq`` of a model partition as its state server pickled it (op ``dump``): a
+    snapshot RDD holds a partition as these records, in order, ``last`` on the final one.
+    No worker unpickles them; ``install_chunk`` hands each to a server, which unpickles the
+    partition when the last has come."""
+
+    seq: int
     blob: bytes
-
-    def load(self) -> Any:
-        return pickle.loads(self.blob)
+    last: bool
 
 
-class _Raw:
-    """A server's answer sent with ``send_bytes`` (the client gets the bytes)."""
+class _ChunkWriter:
+    """A file for :class:`pickle.Pickler` that sends what it is given as ``send_bytes``
+    messages of :data:`CHUNK_BYTES` (the last one shorter), never holding more than one."""
 
-    __slots__ = ("blob",)
+    def __init__(self, conn: Connection, size: int) -> None:
+        self.conn, self.size, self.buf, self.sent = conn, size, bytearray(), 0
 
-    def __init__(self, blob: bytes) -> None:
-        self.blob = blob
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        n, i = len(view), 0
+        if self.buf:
+            i = min(n, self.size - len(self.buf))
+            self.buf += view[:i]
+            if len(self.buf) < self.size:
+                return n
+            self._send(self.buf)
+            self.buf = bytearray()
+        while n - i >= self.size:  # a large array's bytes go out in place, a chunk at a time
+            self._send(view[i:i + self.size])
+            i += self.size
+        self.buf += view[i:]
+        return n
+
+    def _send(self, data: Any) -> None:
+        self.conn.send_bytes(data)
+        self.sent += 1
+
+    def close(self) -> None:
+        if self.buf or not self.sent:
+            self._send(self.buf)
+            self.buf = bytearray()
+
+
+class _ChunkReader(io.RawIOBase):
+    """The concatenation of a list of chunks as a file, each chunk let go once read."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks, self.at = collections.deque(chunks), 0
+        chunks.clear()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        out, done = memoryview(b).cast("B"), 0
+        while done < len(out) and self.chunks:
+            head = self.chunks[0]
+            take = min(len(out) - done, len(head) - self.at)
+            out[done:done + take] = memoryview(head)[self.at:self.at + take]
+            done, self.at = done + take, self.at + take
+            if self.at == len(head):
+                self.chunks.popleft()
+                self.at = 0
+        return done
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,6 +162,8 @@ class _Entry:
 class _Server:
     def __init__(self) -> None:
         self.entries: dict[tuple[str, int], _Entry] = {}
+        #: Snapshot chunks received so far per (key, pid): (epoch, chunks), op install_chunk.
+        self.pending: dict[tuple[str, int], tuple[int, list[bytes]]] = {}
         self.lock = threading.Lock()
 
     def entry(self, key: str, pid: int) -> _Entry | None:
@@ -131,8 +186,25 @@ class _Server:
         if op == "install":
             key, pid, epoch, part, drop = args
             self.drop(drop)
-            if isinstance(part, Pickled):  # a snapshot's record (op "dump")
-                part = part.load()
+            with self.lock:
+                self.entries[(key, pid)] = _Entry(epoch, part)
+            return True
+        if op == "install_chunk":  # a snapshot's partition, one PickleChunk at a time
+            key, pid, epoch, chunk, drop = args
+            self.drop(drop)
+            with self.lock:
+                if chunk.seq == 0:  # a first chunk starts over (a retried task included)
+                    self.pending[(key, pid)] = (epoch, [])
+                got_epoch, chunks = self.pending.get((key, pid), (None, []))
+                if got_epoch != epoch or len(chunks) != chunk.seq:
+                    self.pending.pop((key, pid), None)
+                    raise ValueError(f"snapshot chunk {chunk.seq} of partition {pid} (epoch {epoch}) "
+                                     f"out of order: {len(chunks)} chunks of epoch {got_epoch} held")
+                chunks.append(chunk.blob)
+                if not chunk.last:
+                    return False
+                del self.pending[(key, pid)]
+            part = pickle.Unpickler(io.BufferedReader(_ChunkReader(chunks), CHUNK_BYTES)).load()
             with self.lock:
                 self.entries[(key, pid)] = _Entry(epoch, part)
             return True
@@ -143,10 +215,6 @@ class _Server:
         if op == "drop":
             self.drop(args[0])
             return True
-        if op == "dump":  # the partition pickled, for a snapshot: answered raw (serve_connection)
-            key, pid, epoch = args
-            with self.current(key, pid, epoch) as e:
-                return MISSING if e is None else _Raw(pickle.dumps(e.part, protocol=pickle.HIGHEST_PROTOCOL))
         if op == "read":
             key, pid, epoch, fn, msgs = args
             with self.current(key, pid, epoch) as e:
@@ -178,6 +246,29 @@ class _Server:
         with self.lock:
             for k in [k for k in self.entries if k[0] in gone]:
                 del self.entries[k]
+            for k in [k for k in self.pending if k[0] in gone]:
+                del self.pending[k]
+
+    def dump(self, conn: Connection, key: str, pid: int, epoch: int, chunk_bytes: int) -> None:
+        """Op ``dump``, for a snapshot: the partition pickled straight onto ``conn`` in
+        chunks. Answered ``("chunks", None)``, the chunks, an empty message, then
+        ``("ok", n)`` or ``("error", why)``; or only ``("ok", MISSING)``."""
+        with self.current(key, pid, epoch) as e:
+            if e is None:
+                conn.send(("ok", MISSING))
+                return
+            conn.send(("chunks", None))
+            out = _ChunkWriter(conn, max(1, int(chunk_bytes)))
+            try:
+                pickle.Pickler(out, protocol=pickle.HIGHEST_PROTOCOL).dump(e.part)
+                out.close()
+                reply: Any = ("ok", out.sent)
+            except (EOFError, OSError):
+                raise
+            except BaseException as exc:
+                reply = ("error", f"{type(exc).__name__}: {exc}")
+        conn.send_bytes(b"")
+        conn.send(reply)
 
     def serve_connection(self, conn: Connection) -> None:
         with conn:
@@ -186,21 +277,19 @@ class _Server:
                     op, args = conn.recv()
                 except (EOFError, OSError):
                     return
+                if op == "dump":
+                    try:
+                        self.dump(conn, *args)
+                    except (EOFError, OSError):
+                        return
+                    continue
                 try:
                     reply: Any = ("ok", self.handle(op, args))
                 except BaseException as exc:  # reported to the task, which raises it
                     import traceback
                     reply = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
                 try:
-                    if reply[0] == "ok" and isinstance(reply[1], _Raw):
-                        # Large bytes go as they are: pickling them into the reply would
-                        # hold a second copy of the partition's pickle in this process.
-                        blob, reply = reply[1].blob, None
-                        conn.send(("raw", len(blob)))
-                        conn.send_bytes(blob)
-                        del blob
-                    else:
-                        conn.send(reply)
+                    conn.send(reply)
                 except (EOFError, OSError):
                     return
 
@@ -311,8 +400,6 @@ def call(app: str, op: str, *args: Any) -> Any:
         try:
             conn.send((op, args))
             status, value = conn.recv()
-            if status == "raw":
-                value = conn.recv_bytes()
             break
         except (EOFError, OSError, BrokenPipeError):
             _conn.pop(path, None)  # the server died: the second attempt starts a new one
@@ -321,6 +408,47 @@ def call(app: str, op: str, *args: Any) -> Any:
     if status == "error":
         raise RuntimeError(f"state server: {value}")
     return value
+
+
+def dump(app: str, key: str, pid: int, epoch: int, chunk_bytes: int | None = None) -> Any:
+    """Partition ``pid`` of model ``key`` (at ``epoch``) pickled by application ``app``'s state
+    server here, as an iterator of :class:`PickleChunk` of ``chunk_bytes`` (default
+    :data:`CHUNK_BYTES`; read it to the end before the next call), or :data:`MISSING`."""
+    path = socket_path(app)
+    for attempt in (0, 1):
+        conn = _connect(path)
+        try:
+            conn.send(("dump", (key, pid, epoch, chunk_bytes or CHUNK_BYTES)))
+            status, value = conn.recv()
+            break
+        except (EOFError, OSError):
+            _conn.pop(path, None)
+            if attempt:
+                raise
+    if status == "error":
+        raise RuntimeError(f"state server: {value}")
+    if status == "ok":
+        return value
+
+    def chunks() -> Iterator[PickleChunk]:
+        done = False
+        try:
+            seq, blob = 0, conn.recv_bytes()
+            while blob:
+                nxt = conn.recv_bytes()
+                yield PickleChunk(seq, blob, not nxt)
+                seq, blob = seq + 1, nxt
+            status, value = conn.recv()
+            done = True
+        finally:
+            if not done:  # stopped half-way: the connection is mid-answer, so not reused
+                if _conn.get(path) is conn:
+                    del _conn[path]
+                conn.close()
+        if status == "error":
+            raise RuntimeError(f"state server: {value}")
+
+    return chunks()
 
 
 def server_pid(app: str) -> int:

@@ -1175,12 +1175,17 @@ def _remote_step(stage: Any, finish: Any, epoch: int, drop: tuple[str, ...]):
 
 
 def _install(app: str, key: str, epoch: int, drop: tuple[str, ...]):
-    """mapPartitions function: hand each (pid, _Part) to this host's state server."""
+    """mapPartitions function: hand each (pid, _Part), or each partition's snapshot chunks
+    (pid, resident.PickleChunk) in order, to this host's state server."""
 
     def run(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Token]]:
         settle()
-        for pid, part in it:  # a _Part, or a snapshot's resident.Pickled
-            resident.call(app, "install", key, pid, epoch, part, drop)
+        for pid, part in it:
+            if isinstance(part, resident.PickleChunk):
+                if not resident.call(app, "install_chunk", key, pid, epoch, part, drop):
+                    continue  # more of this partition to come
+            else:
+                resident.call(app, "install", key, pid, epoch, part, drop)
             yield pid, Token(app, key, epoch)
 
     return run
@@ -1209,11 +1214,22 @@ def _fetch(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, _Part]]:
     return _whole_calls(it, "read", _FETCH, [])
 
 
-def _dump(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, resident.Pickled]]:
-    """The whole partition pickled by its state server, for a snapshot (not unpickled here:
-    :func:`_install` hands it back to a server as it is)."""
-    for pid, blob in _whole_calls(it, "dump"):
-        yield pid, resident.Pickled(blob)
+def _dump(chunk_bytes: int):
+    """mapPartitions function: each whole partition pickled by its state server, for a
+    snapshot, as records of ``chunk_bytes`` (not unpickled here: :func:`_install` hands them
+    back to a server as they are), so no process on the way holds the whole pickle."""
+
+    def run(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, resident.PickleChunk]]:
+        for pid, value in it:
+            token = value.token if isinstance(value, Stepped) else value
+            chunks = (resident.MISSING if token is None
+                      else resident.dump(token.app, token.key, pid, token.epoch, chunk_bytes))
+            if chunks is resident.MISSING:
+                raise StateLost(f"model partition {pid} is not on this executor (its state was lost)")
+            for chunk in chunks:
+                yield pid, chunk
+
+    return run
 
 
 def _whole(pid: int, part: _Part, msgs: list[Any]) -> _Part:
@@ -1337,7 +1353,9 @@ class StreamingALS(ParamsAttributes):
     ``ranking_alpha``, ``weighting``, ...) may be given as a keyword; its default lives there.
     ``checkpoint_interval``: batches between reliable checkpoints
     (when the SparkContext has a checkpoint directory; other batches cut lineage with
-    ``localCheckpoint``).
+    ``localCheckpoint``). ``state_store="resident"`` keeps the partitions in the executors'
+    state servers (:mod:`modeler.spark.resident`); its snapshots are records of
+    ``snapshot_chunk_bytes`` of the partitions' pickles (default ``resident.CHUNK_BYTES``).
 
     Not thread-safe: call ``train``/``predict`` from one thread.
     """
@@ -1363,6 +1381,7 @@ class StreamingALS(ParamsAttributes):
         checkpoint_interval: int = 20,
         params: ALSParams | None = None,
         state_store: str = "rdd",
+        snapshot_chunk_bytes: int | None = None,
         **more: Any,
     ) -> None:
         if state_store not in STATE_STORES:
@@ -1412,6 +1431,7 @@ class StreamingALS(ParamsAttributes):
         # RDD[(pid, _Part)] (every checkpoint_interval batches, on disk), the driver's scalars
         # at that point and the routed batches since: what a lost partition is rebuilt from.
         self.state_store = state_store
+        self.snapshot_chunk_bytes = int(snapshot_chunk_bytes or resident.CHUNK_BYTES)
         self._state: Any = None
         self._key = uuid.uuid4().hex
         self._epoch = 0
@@ -1648,7 +1668,7 @@ class StreamingALS(ParamsAttributes):
         from pyspark import StorageLevel
 
         t0 = time.perf_counter()
-        snap = self._state.mapPartitions(_dump, preservesPartitioning=True)
+        snap = self._state.mapPartitions(_dump(self.snapshot_chunk_bytes), preservesPartitioning=True)
         self._cut(snap, StorageLevel.DISK_ONLY, True)
         log.info("model snapshot at batch %d: %.1f s", self.batches, time.perf_counter() - t0)
         for old in [self._snapshot, *self._since]:

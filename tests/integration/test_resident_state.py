@@ -28,7 +28,8 @@ def _stream(n: int, seed: int = 17) -> list[tuple]:
 def _model(store: str, partitions: int, interval: int = 3) -> StreamingALS:
     return StreamingALS(rank=4, iterations=2, reg_param=0.08, seed=5, num_partitions=partitions,
                         reservoir_size=300, ranking_rank=5, ranking_history=4,
-                        checkpoint_interval=interval, state_store=store)
+                        checkpoint_interval=interval, state_store=store,
+                        snapshot_chunk_bytes=2048)  # a snapshot of several records a partition
 
 
 def _everything(model: StreamingALS) -> dict[str, dict]:
