@@ -76,8 +76,10 @@ START_TIMEOUT_S = 60.0
 
 
 #: Bytes of a snapshot's pickle per record: no process of the snapshot's path (the state
-#: server, the Python worker, the JVM) holds more of it than a few of these at once.
-CHUNK_BYTES = 4 << 20
+#: server, the Python worker, the JVM) holds more of it than a few of these at once. Under
+#: half a G1 region (1 MiB at the driver's 2g heap), so the JVM never allocates them as
+#: humongous objects (at 600k ratings: JVM peak 619 MiB against 695 with 4 MiB records).
+CHUNK_BYTES = 256 << 10
 
 
 class PickleChunk(NamedTuple):
