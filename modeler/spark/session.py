@@ -8,6 +8,12 @@ import tempfile
 
 from pyspark.sql import SparkSession
 
+#: G1 gives committed heap back: a concurrent cycle at least every 5 s without a collection,
+#: and the heap shrunk at its end to at most 30% free. Without them the driver's committed
+#: heap grew with the snapshots of a long stream and was never returned (docs/scale.md: at
+#: 3M ratings the JVM's peak PSS 890 -> 631 MiB, ratings/s unchanged within the noise).
+JVM_OPTIONS = "-XX:G1PeriodicGCInterval=5000 -XX:MaxHeapFreeRatio=30 -XX:MinHeapFreeRatio=10"
+
 
 def get_spark(
     master: str = "local[*]",
@@ -31,6 +37,8 @@ def get_spark(
         .config("spark.sql.shuffle.partitions", "8")
         .config("spark.default.parallelism", "8")
         .config("spark.driver.memory", os.environ.get("SPARK_DRIVER_MEMORY", "2g"))
+        .config("spark.driver.extraJavaOptions", os.environ.get("SPARK_DRIVER_JAVA_OPTIONS", JVM_OPTIONS))
+        .config("spark.executor.extraJavaOptions", os.environ.get("SPARK_EXECUTOR_JAVA_OPTIONS", JVM_OPTIONS))
         .config("spark.python.worker.reuse", "true")
         .config("spark.driver.bindAddress", os.environ.get("SPARK_DRIVER_BIND_ADDRESS", "127.0.0.1"))
         .config("spark.driver.host", os.environ.get("SPARK_DRIVER_HOST", "127.0.0.1"))
