@@ -8,7 +8,7 @@ import tempfile
 
 from pyspark.sql import SparkSession
 
-#: G1 gives committed heap back: a concurrent cycle at least every 5 s without a collection,
+#: G1 gives committed heap back: a concurrent cycle whenever 5 s pass without a collection,
 #: and the heap shrunk at its end to at most 30% free. Without them the driver's committed
 #: heap grew with the snapshots of a long stream and was never returned (docs/scale.md: at
 #: 3M ratings the JVM's peak PSS 890 -> 631 MiB, ratings/s unchanged within the noise).
