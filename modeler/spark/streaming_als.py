@@ -2009,7 +2009,11 @@ class StreamingALS(ParamsAttributes):
             # Factors and counts carry no least-squares statistics: seed them from the counts
             # (als_math.seed_statistics) with each side's count-weighted second moment; the
             # ranking model's Gramians are the sums of v vᵀ over all rows.
-            built = state.persist()
+            from pyspark import StorageLevel
+
+            # On disk: a whole partition is one record, which the JVM would otherwise hold
+            # on its heap (at ~190k keys the restore took the JVM from ~600 MiB to 1.8 GiB).
+            built = state.persist(StorageLevel.DISK_ONLY)
             moments = built.map(_moments).reduce(_add_moments)
             if p.ranking:
                 model.gram_users, model.gram_items = moments[4][0], moments[5][0]
