@@ -121,7 +121,7 @@ class _ChunkWriter:
         self.sent += 1
 
     def close(self) -> None:
-        if self.buf or not self.sent:
+        if self.buf:  # never an empty message: that ends the answer (Server.dump)
             self._send(self.buf)
             self.buf = bytearray()
 
@@ -265,9 +265,9 @@ class _Server:
                 pickle.Pickler(out, protocol=pickle.HIGHEST_PROTOCOL).dump(e.part)
                 out.close()
                 reply: Any = ("ok", out.sent)
-            except (EOFError, OSError):
+            except (EOFError, OSError):  # the connection: nothing more can be sent
                 raise
-            except BaseException as exc:
+            except Exception as exc:  # the partition would not pickle: the task is told
                 reply = ("error", f"{type(exc).__name__}: {exc}")
         conn.send_bytes(b"")
         conn.send(reply)
@@ -396,20 +396,26 @@ def _connect(path: str) -> Connection:
 
 def call(app: str, op: str, *args: Any) -> Any:
     """One request to application ``app``'s state server on this host (started if need be)."""
-    path = socket_path(app)
+    _, _, value = _request(socket_path(app), op, args)
+    return value
+
+
+def _request(path: str, op: str, args: tuple) -> tuple[Connection, str, Any]:
+    """Send one request to the state server at ``path`` (started if need be; once more on a
+    new connection if the first has died) and read its first answer; raise its error."""
     for attempt in (0, 1):
         conn = _connect(path)
         try:
             conn.send((op, args))
             status, value = conn.recv()
             break
-        except (EOFError, OSError, BrokenPipeError):
+        except (EOFError, OSError):
             _conn.pop(path, None)  # the server died: the second attempt starts a new one
             if attempt:
                 raise
     if status == "error":
         raise RuntimeError(f"state server: {value}")
-    return value
+    return conn, status, value
 
 
 def dump(app: str, key: str, pid: int, epoch: int, chunk_bytes: int | None = None) -> Any:
@@ -417,18 +423,7 @@ def dump(app: str, key: str, pid: int, epoch: int, chunk_bytes: int | None = Non
     server here, as an iterator of :class:`PickleChunk` of ``chunk_bytes`` (default
     :data:`CHUNK_BYTES`; read it to the end before the next call), or :data:`MISSING`."""
     path = socket_path(app)
-    for attempt in (0, 1):
-        conn = _connect(path)
-        try:
-            conn.send(("dump", (key, pid, epoch, chunk_bytes or CHUNK_BYTES)))
-            status, value = conn.recv()
-            break
-        except (EOFError, OSError):
-            _conn.pop(path, None)
-            if attempt:
-                raise
-    if status == "error":
-        raise RuntimeError(f"state server: {value}")
+    conn, status, value = _request(path, "dump", (key, pid, epoch, chunk_bytes or CHUNK_BYTES))
     if status == "ok":
         return value
 
