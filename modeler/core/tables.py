@@ -210,6 +210,14 @@ class FactorTable:
         for name, b in buf.items():
             setattr(self, name, b[:end])
 
+    def reserve(self, n: int) -> None:
+        """Room for ``n`` rows in all, so that appending up to that many (a restore, a chunk
+        of rows at a time) copies no buffer on the way."""
+        start = len(self.ids)
+        if n > start:
+            for name, b in self._buffers(start, n).items():
+                setattr(self, name, b[:start])
+
     _GROWN = ("bias", "vec", "count", "touched", "gram", "moment", "mass")
     _STATS = ("gram", "moment", "mass")
 

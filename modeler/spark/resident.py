@@ -166,6 +166,9 @@ class _Server:
         self.entries: dict[tuple[str, int], _Entry] = {}
         #: Snapshot chunks received so far per (key, pid): (epoch, chunks), op install_chunk.
         self.pending: dict[tuple[str, int], tuple[int, list[bytes]]] = {}
+        #: Partitions being built piece by piece per (key, pid): (epoch, pieces applied, the
+        #: partition so far), op install_piece.
+        self.building: dict[tuple[str, int], tuple[int, int, Any]] = {}
         self.lock = threading.Lock()
 
     def entry(self, key: str, pid: int) -> _Entry | None:
@@ -210,6 +213,26 @@ class _Server:
             with self.lock:
                 self.entries[(key, pid)] = _Entry(epoch, part)
             return True
+        if op == "install_piece":  # a partition built here from pieces (a restore's rows)
+            key, pid, epoch, piece, drop = args
+            self.drop(drop)
+            with self.lock:
+                if piece.seq == 0:  # a first piece starts over (a retried task included)
+                    self.building[(key, pid)] = (epoch, 0, None)
+                got_epoch, applied, part = self.building.get((key, pid), (None, 0, None))
+                if got_epoch != epoch or applied != piece.seq:
+                    self.building.pop((key, pid), None)
+                    raise ValueError(f"piece {piece.seq} of partition {pid} (epoch {epoch}) out of "
+                                     f"order: {applied} pieces of epoch {got_epoch} applied")
+                # Applied under the server's lock: pieces of one partition come in order from
+                # one task, and a restore's pieces are small.
+                part = piece.grow(part)
+                if not piece.last:
+                    self.building[(key, pid)] = (epoch, applied + 1, part)
+                    return False
+                del self.building[(key, pid)]
+                self.entries[(key, pid)] = _Entry(epoch, part)
+            return True
         if op == "has":
             key, pid, epoch = args
             e = self.entry(key, pid)
@@ -250,6 +273,8 @@ class _Server:
                 del self.entries[k]
             for k in [k for k in self.pending if k[0] in gone]:
                 del self.pending[k]
+            for k in [k for k in self.building if k[0] in gone]:
+                del self.building[k]
 
     def dump(self, conn: Connection, key: str, pid: int, epoch: int, chunk_bytes: int) -> None:
         """Op ``dump``, for a snapshot: the partition pickled straight onto ``conn`` in

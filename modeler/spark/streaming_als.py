@@ -1175,8 +1175,9 @@ def _remote_step(stage: Any, finish: Any, epoch: int, drop: tuple[str, ...]):
 
 
 def _install(app: str, key: str, epoch: int, drop: tuple[str, ...]):
-    """mapPartitions function: hand each (pid, _Part), or each partition's snapshot chunks
-    (pid, resident.PickleChunk) in order, to this host's state server."""
+    """mapPartitions function: hand each (pid, _Part), each partition's snapshot chunks
+    (pid, resident.PickleChunk) or a restore's pieces (pid, RowChunk) in order, to this
+    host's state server."""
 
     def run(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Token]]:
         settle()
@@ -1184,6 +1185,9 @@ def _install(app: str, key: str, epoch: int, drop: tuple[str, ...]):
             if isinstance(part, resident.PickleChunk):
                 if not resident.call(app, "install_chunk", key, pid, epoch, part, drop):
                     continue  # more of this partition to come
+            elif isinstance(part, RowChunk):
+                if not resident.call(app, "install_piece", key, pid, epoch, part, drop):
+                    continue
             else:
                 resident.call(app, "install", key, pid, epoch, part, drop)
             yield pid, Token(app, key, epoch)
@@ -1645,9 +1649,9 @@ class StreamingALS(ParamsAttributes):
         rdd._jrdd.count()
 
     def _install(self, parts: Any) -> None:
-        """Make ``parts`` (RDD[(pid, _Part)], not yet persisted, its lineage computable from
-        the driver's data: an empty model or a restore) the snapshot, and hand its partitions
-        to the executors' state servers, in one job."""
+        """Make ``parts`` (RDD[(pid, _Part)] of an empty model, or RDD[(pid, RowChunk)] of a
+        restore; not yet persisted, its lineage computable from the driver's data) the
+        snapshot, and hand its partitions to the executors' state servers, in one job."""
         from pyspark import StorageLevel
 
         parts.persist(StorageLevel.DISK_ONLY)  # filled by the job below
@@ -1974,16 +1978,19 @@ class StreamingALS(ParamsAttributes):
         probe's seen pairs start empty.
 
         ``kwargs`` are constructor arguments (rank, learning_rate, ...); without them
-        ``extra["params"]`` (as written by :meth:`state`) is used. ``extra["rating_sum"]``
+        ``extra["params"]`` (as written by :meth:`state`) is used (``state_store`` and
+        ``snapshot_chunk_bytes``, the layout's, may be given either way; the latter also
+        sizes the pieces each partition is built from). ``extra["rating_sum"]``
         restores μ's running sum exactly (default ``mu × ratings_seen``). Training continues
         from the restored factors, biases, counts and μ; the replay sample starts empty and
         refills from the stream (it is not persisted).
         """
         extra = dict(extra or {})
-        store = kwargs.pop("state_store", "rdd")
+        layout = {"state_store": kwargs.pop("state_store", "rdd"),
+                  "snapshot_chunk_bytes": kwargs.pop("snapshot_chunk_bytes", None)}
         use_saved = not kwargs and "params" in extra
-        model = (cls(params=ALSParams(**extra["params"]), state_store=store) if use_saved
-                 else cls(state_store=store, **kwargs))
+        model = (cls(params=ALSParams(**extra["params"]), **layout) if use_saved
+                 else cls(**layout, **kwargs))
         model.mu = float(mu)
         model.ratings_seen = int(ratings_seen)
         model.rating_sum = float(extra.get("rating_sum", mu * ratings_seen))
@@ -1995,39 +2002,36 @@ class StreamingALS(ParamsAttributes):
         model.ranking_last_batch_size = int(extra.get("ranking_last_batch_size", 0))
         p = model.params
         P = p.num_partitions
-        rank = p.rank
         sides = user_rdd.map(lambda rec: (0, rec)).union(item_rdd.map(lambda rec: (1, rec)))
         if p.ranking and ranking_user_rdd is not None:
             sides = sides.union(ranking_user_rdd.map(lambda rec: (2, rec)))
         if p.ranking and ranking_item_rdd is not None:
             sides = sides.union(ranking_item_rdd.map(lambda rec: (3, rec)))
         tagged = model._keyed(sides.map(lambda t: (partition_of(str(t[1][0]), P), t)))
-        state = model._zip(model._empty_state(sc), tagged).mapPartitions(
-            _build_part(rank, p.ranking_rank), preservesPartitioning=True)
-        built = None
+        rows = model._zip(model._empty_state(sc), tagged)
+        seeding = None
         if p.vector_step == "rls" or p.ranking:
             # Factors and counts carry no least-squares statistics: seed them from the counts
             # (als_math.seed_statistics) with each side's count-weighted second moment; the
-            # ranking model's Gramians are the sums of v vᵀ over all rows.
-            from pyspark import StorageLevel
-
-            # On disk: a whole partition is one record, which the JVM would otherwise hold
-            # on its heap (at ~190k keys the restore took the JVM from ~600 MiB to 1.8 GiB).
-            built = state.persist(StorageLevel.DISK_ONLY)
-            moments = built.map(_moments).reduce(_add_moments)
+            # ranking model's Gramians are the sums of v vᵀ over all rows. One pass over the
+            # rows first (they are small: no statistics), then the partitions are built.
+            moments = rows.mapPartitions(_row_moments(p)).reduce(_add_moments)
             if p.ranking:
                 model.gram_users, model.gram_items = moments[4][0], moments[5][0]
-            state = built.mapPartitions(_seed_part(moments, p, model.mean_conf_minus_1),
-                                        preservesPartitioning=True)
+            seeding = _Seeding(moments, p, model.mean_conf_minus_1)
+        # Each partition as pieces of rows, built where it will live (in the resident layout,
+        # its state server): no process holds a whole partition's pickle (at ~190k keys the
+        # partition built in a worker and handed on whole took the tree to 2.8 GB).
+        chunks = rows.mapPartitions(_row_chunks(p, seeding, model.snapshot_chunk_bytes),
+                                    preservesPartitioning=True)
         if model.resident:
-            model._install(state)
+            model._install(chunks)  # the pieces are also the snapshot until the first one
         else:
+            state = chunks.mapPartitions(_built, preservesPartitioning=True)
             state.persist()
             state.localCheckpoint()
             state.count()
             model._state = state
-        if built is not None:
-            built.unpersist()
         return model
 
     @classmethod
@@ -2037,70 +2041,170 @@ class StreamingALS(ParamsAttributes):
         return cls.restore(sc, user_rdd, item_rdd, mu, ratings_seen, None, **kwargs)
 
 
-def _moments(kv: tuple[int, _Part]) -> tuple[tuple[np.ndarray, float], ...]:
-    """Per partition: count-weighted second moments of the four tables, and the ranking
-    model's plain Gramians (sums over partitions: :func:`_add_moments`)."""
-    part = kv[1]
-    rk = part.ranking
-    ru = rk.users if rk is not None else FactorTable(1)
-    ri = rk.items if rk is not None else FactorTable(1)
-    return (second_moment(part.users.vec, part.users.count),
-            second_moment(part.items.vec, part.items.count),
-            second_moment(ru.vec, ru.count), second_moment(ri.vec, ri.count),
-            (gramian(ru.vec), float(len(ru))), (gramian(ri.vec), float(len(ri))))
+class _Seeding(NamedTuple):
+    """What a restored partition's statistics are seeded from (:func:`_row_moments` summed
+    over partitions): the four tables' count-weighted second moments, the ranking model's
+    Gramians and its mean confidence − 1."""
+
+    moments: tuple[tuple[np.ndarray, float], ...]
+    params: ALSParams
+    mean_conf_minus_1: float
+
+    def apply(self, part: _Part) -> None:
+        """Seed, in place, the rows of ``part`` that have a count but no statistics yet."""
+        def mean(m):
+            return m[0] / m[1] if m[1] else m[0]
+
+        p, m = self.params, self.moments
+        if p.vector_step == "rls":
+            seed_statistics(part.users, mean(m[1]), p.reg_param)
+            seed_statistics(part.items, mean(m[0]), p.reg_param)
+        rk = part.ranking
+        if rk is not None:
+            seed_ranking_statistics(rk.users, mean(m[3]), m[5][0], self.mean_conf_minus_1,
+                                    p.ranking_reg_param, p.ranking_reg_scaling)
+            seed_ranking_statistics(rk.items, mean(m[2]), m[4][0], self.mean_conf_minus_1,
+                                    p.ranking_reg_param, p.ranking_reg_scaling)
+
+
+def _tables_of(part: _Part) -> dict[int, FactorTable]:
+    """The tables of a partition by restore side: 0/1 users/items, 2/3 the ranking model's."""
+    out = {0: part.users, 1: part.items}
+    if part.ranking is not None:
+        out.update({2: part.ranking.users, 3: part.ranking.items})
+    return out
+
+
+class _Rows(NamedTuple):
+    """Some restored rows of one table, sorted by id."""
+
+    side: int
+    ids: list[str]
+    bias: np.ndarray
+    vec: np.ndarray
+    counts: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def cut(self, start: int, end: int) -> _Rows:
+        return _Rows(self.side, self.ids[start:end], self.bias[start:end], self.vec[start:end],
+                     self.counts[start:end])
+
+
+def _sorted_rows(part: _Part, recs: list[Any], ranks: dict[int, int]) -> list[_Rows]:
+    """A partition's restore records ``(side, (id, (bias, vector[, count])))`` as one
+    :class:`_Rows` per table of ``part`` (ids sorted; a side without records: no rows)."""
+    out = []
+    for side in _tables_of(part):
+        rank = ranks[side]
+        chosen = sorted((r for s, r in recs if s == side), key=lambda r: str(r[0]))
+        vecs = (np.asarray([np.asarray(r[1][1], dtype=np.float32).reshape(-1) for r in chosen])
+                if chosen else np.zeros((0, rank), np.float32))
+        if vecs.shape[1] != rank:
+            raise ValueError(f"factors have rank {vecs.shape[1]}, the model rank {rank}")
+        out.append(_Rows(side, [str(r[0]) for r in chosen],
+                         np.asarray([float(r[1][0]) for r in chosen], dtype=np.float32), vecs,
+                         np.asarray([int(r[1][2]) if len(r[1]) > 2 else 0 for r in chosen], dtype=np.int64)))
+    return out
+
+
+def _row_moments(params: ALSParams):
+    """mapPartitions function over the restore's union: per partition, the count-weighted
+    second moments of the four tables' rows and the ranking model's plain Gramians, as the
+    built tables would give them (summed over partitions by :func:`_add_moments`)."""
+    ranks = {0: params.rank, 1: params.rank, 2: params.ranking_rank, 3: params.ranking_rank}
+
+    def run(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[tuple[np.ndarray, float], ...]]:
+        _, part, recs = _split(it)
+        rows = {r.side: r for r in _sorted_rows(part, recs, ranks)}
+        empty = _Rows(-1, [], np.zeros(0, np.float32), np.zeros((0, 1), np.float32), np.zeros(0, np.int64))
+        u, i, ru, ri = (rows.get(k, empty) for k in range(4))
+        yield (second_moment(u.vec, u.counts), second_moment(i.vec, i.counts),
+               second_moment(ru.vec, ru.counts), second_moment(ri.vec, ri.counts),
+               (gramian(ru.vec), float(len(ru))), (gramian(ri.vec), float(len(ri))))
+
+    return run
 
 
 def _add_moments(a, b):
     return tuple((x[0] + y[0], x[1] + y[1]) for x, y in zip(a, b, strict=True))
 
 
-def _seed_part(moments, params: ALSParams, mean_conf_minus_1: float):
-    def mean(m):
-        return m[0] / m[1] if m[1] else m[0]
+@dataclass
+class RowChunk:
+    """Piece ``seq`` of a restored partition: some of its rows (the tables' rows in id
+    order, each table's after the previous one's), ``last`` on the final piece. The first
+    piece carries the empty partition and each table's row count (so the tables are sized
+    once); every piece, the seeding. A state server builds the partition from them as they
+    come (op ``install_piece``, :meth:`grow`), so no process holds more than a piece of it
+    besides the partition itself; the cached-RDD layout folds them in one worker."""
 
-    users_c, items_c = mean(moments[0]), mean(moments[1])
-    r_users_c, r_items_c = mean(moments[2]), mean(moments[3])
-    g_users, g_items = moments[4][0], moments[5][0]
-    rls = params.vector_step == "rls"
+    seq: int
+    last: bool
+    rows: tuple[_Rows, ...]
+    seeding: _Seeding | None
+    first: _Part | None = None
+    sizes: tuple[tuple[int, int], ...] = ()
 
-    def seed(it: Iterator[tuple[int, _Part]]) -> Iterator[tuple[int, _Part]]:
-        for pid, part in it:
-            users, items = part.users.copy(), part.items.copy()
-            if rls:
-                seed_statistics(users, items_c, params.reg_param)
-                seed_statistics(items, users_c, params.reg_param)
-            rk = part.ranking
-            if rk is not None:
-                ru, ri = rk.users.copy(), rk.items.copy()
-                seed_ranking_statistics(ru, r_items_c, g_items, mean_conf_minus_1,
-                                        params.ranking_reg_param, params.ranking_reg_scaling)
-                seed_ranking_statistics(ri, r_users_c, g_users, mean_conf_minus_1,
-                                        params.ranking_reg_param, params.ranking_reg_scaling)
-                rk = _RankPart(ru, ri, rk.replay, rk.mirror, rk.seen, rk.u_hist, rk.i_hist)
-            yield pid, _Part(users, items, part.replay, part.mirror, ranking=rk)
-
-    return seed
+    def grow(self, part: _Part | None) -> _Part:
+        """The partition with this piece's rows added (and seeded)."""
+        if self.seq == 0:
+            part = self.first
+        if part is None:
+            raise ValueError(f"restore piece {self.seq} came before the partition's first")
+        if self.seq == 0:
+            for side, n in self.sizes:
+                _tables_of(part)[side].reserve(n)
+        tables_ = _tables_of(part)
+        for r in self.rows:
+            tables_[r.side].add_rows(r.ids, r.bias, r.vec, r.counts)
+        if self.seeding is not None:
+            self.seeding.apply(part)
+        return part
 
 
-def _build_part(rank: int, ranking_rank: int):
-    def build(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, _Part]]:
+def _row_chunks(params: ALSParams, seeding: _Seeding | None, chunk_bytes: int):
+    """mapPartitions function over the restore's union: each partition as
+    :class:`RowChunk` records of about ``chunk_bytes`` of rows."""
+    ranks = {0: params.rank, 1: params.rank, 2: params.ranking_rank, 3: params.ranking_rank}
+
+    def run(it: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, RowChunk]]:
         pid, part, recs = _split(it)
-        tables = [(0, part.users, rank), (1, part.items, rank)]
-        if part.ranking is not None:
-            tables += [(2, part.ranking.users, ranking_rank), (3, part.ranking.items, ranking_rank)]
-        for side, table, rank_ in tables:
-            chosen = sorted((r for s, r in recs if s == side), key=lambda r: str(r[0]))
-            if not chosen:
-                continue
-            ids = [str(r[0]) for r in chosen]
-            vecs = np.asarray([np.asarray(r[1][1], dtype=np.float32).reshape(-1) for r in chosen])
-            if vecs.shape[1] != rank_:
-                raise ValueError(f"factors have rank {vecs.shape[1]}, the model rank {rank_}")
-            table.add_rows(ids, np.asarray([float(r[1][0]) for r in chosen]), vecs,
-                           np.asarray([int(r[1][2]) if len(r[1]) > 2 else 0 for r in chosen]))
-        yield pid, part
+        rows = _sorted_rows(part, recs, ranks)
+        del recs
+        sizes = tuple((r.side, len(r)) for r in rows)
+        pieces: list[list[_Rows]] = [[]]
+        room = chunk_bytes
+        for r in rows:
+            per_row = 4 * (ranks[r.side] + 4) + 2 * max((len(k) for k in r.ids), default=0) + 60
+            at = 0
+            while at < len(r):
+                take = max(1, min(len(r) - at, room // per_row))
+                pieces[-1].append(r.cut(at, at + take))
+                at += take
+                room -= take * per_row
+                if room < per_row:
+                    pieces.append([])
+                    room = chunk_bytes
+        if not pieces[-1] and len(pieces) > 1:
+            pieces.pop()
+        for seq, piece in enumerate(pieces):
+            yield pid, RowChunk(seq, seq == len(pieces) - 1, tuple(piece), seeding,
+                                first=part if seq == 0 else None, sizes=sizes if seq == 0 else ())
 
-    return build
+    return run
+
+
+def _built(it: Iterator[tuple[int, RowChunk]]) -> Iterator[tuple[int, _Part]]:
+    """mapPartitions function: the partitions a run of :class:`RowChunk` records build (the
+    cached-RDD layout's restore; the resident one builds them in the state servers)."""
+    part = None
+    for pid, chunk in it:
+        part = chunk.grow(None if chunk.seq == 0 else part)
+        if chunk.last:
+            yield pid, part
+            part = None
 
 
 __all__ = ["ModelState", "PartitionUpdate", "StreamingALS", "TrainStats"]

@@ -128,6 +128,43 @@ def test_a_lost_server_between_batches_is_rebuilt_for_a_read_too(spark):
     assert res.recoveries == 1
 
 
+@pytest.mark.parametrize("partitions", [1, 3])
+def test_a_restore_built_in_the_state_server_from_pieces_equals_the_cached_rdd_layouts(spark, partitions):
+    """The restored partitions are built where they live, from pieces of rows (here ~20 rows
+    a piece, so every partition takes several): the same model as the cached-RDD layout's
+    restore (one piece a partition), and the pieces rebuild a server lost before the first
+    snapshot."""
+    sc = spark.sparkContext
+    rows = _stream(900, seed=37)
+    trained = _model("rdd", partitions)
+    for start in range(0, 450, 150):
+        trained.train(sc.parallelize(rows[start:start + 150], 2))
+    state = trained.state()
+
+    def collected(rdd):
+        return sc.parallelize([(k, (b, np.asarray(v, np.float32), c)) for k, (b, v, c) in rdd.collect()], 2)
+
+    def restored(store: str, chunk: int) -> StreamingALS:
+        return StreamingALS.restore(
+            sc, collected(state.users), collected(state.items), state.mu, state.ratings_seen,
+            state.extra, ranking_user_rdd=collected(state.ranking_users),
+            ranking_item_rdd=collected(state.ranking_items), state_store=store, snapshot_chunk_bytes=chunk)
+
+    res, ref = restored("resident", 2048), restored("rdd", 1 << 30)
+    np.testing.assert_array_equal(res.gram_items, ref.gram_items)
+    np.testing.assert_allclose(res.gram_items, trained.gram_items, atol=1e-9)  # recomputed from the rows
+    _same(_everything(res), _everything(ref))
+    for k, start in enumerate(range(450, 900, 150)):
+        if k == 1:  # before the first snapshot: rebuilt from the restore's pieces
+            _kill_state_server(sc)
+        batch = sc.parallelize(rows[start:start + 150], 2)
+        a, b = res.train(batch), ref.train(batch)
+        assert a.prequential_sse == b.prequential_sse and a.ranking_hits == b.ranking_hits
+    assert res.recoveries == 1 and res.ratings_seen == ref.ratings_seen == 900
+    np.testing.assert_array_equal(res.gram_users, ref.gram_users)
+    _same(_everything(res), _everything(ref))
+
+
 def test_a_released_model_leaves_the_state_server(spark):
     sc = spark.sparkContext
     model = _model("resident", 1)
