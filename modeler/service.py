@@ -618,32 +618,28 @@ def new_model(settings: ModelerSettings) -> StreamingALS:
 
 def restore_model(spark: Any, settings: ModelerSettings, restored: pub.Restored) -> Any:
     """Rebuild the model of a published version: factors, counts, μ and its running sum."""
-    from modeler.spark.streaming_als import StreamingALS
+    from modeler.spark.streaming_als import StreamingALS, row_blocks
 
     sc = spark.sparkContext
     meta = restored.meta
-    user_counts = restored.state.get("user_counts", {})
-    item_counts = restored.state.get("item_counts", {})
-    users = [
-        (u, (float(b), v, int(user_counts.get(u, 0))))
-        for u, b, v in zip(restored.user_ids, restored.user_biases, restored.user_vectors, strict=True)
-    ]
-    items = [
-        (i, (float(b), v, int(item_counts.get(i, 0))))
-        for i, b, v in zip(restored.item_ids, restored.item_biases, restored.item_vectors, strict=True)
-    ]
     slices = max(1, settings.model_num_partitions or 1)
+
+    def rdd(ids, biases, vectors, counts: dict[str, str]):
+        # Blocks of rows as arrays: a restore at ~190k keys no longer builds (and pickles)
+        # one tuple with its own numpy array per row.
+        return sc.parallelize(row_blocks(ids, biases, vectors, [int(counts.get(k, 0)) for k in ids]), slices)
+
+    users = rdd(restored.user_ids, restored.user_biases, restored.user_vectors,
+                restored.state.get("user_counts", {}))
+    items = rdd(restored.item_ids, restored.item_biases, restored.item_vectors,
+                restored.state.get("item_counts", {}))
     ranking_kw: dict[str, Any] = {}
     if restored.ranking_user_ids:
-        ru_counts = restored.state.get("ranking_user_counts", {})
-        ri_counts = restored.state.get("ranking_item_counts", {})
         ranking_kw = {
-            "ranking_user_rdd": sc.parallelize(
-                [(u, (0.0, v, int(ru_counts.get(u, 0))))
-                 for u, v in zip(restored.ranking_user_ids, restored.ranking_user_vectors, strict=True)], slices),
-            "ranking_item_rdd": sc.parallelize(
-                [(i, (0.0, v, int(ri_counts.get(i, 0))))
-                 for i, v in zip(restored.ranking_item_ids, restored.ranking_item_vectors, strict=True)], slices),
+            "ranking_user_rdd": rdd(restored.ranking_user_ids, None, restored.ranking_user_vectors,
+                                    restored.state.get("ranking_user_counts", {})),
+            "ranking_item_rdd": rdd(restored.ranking_item_ids, None, restored.ranking_item_vectors,
+                                    restored.state.get("ranking_item_counts", {})),
         }
     extra = dict(restored.model_state)
     kwargs: dict[str, Any] = {}
@@ -665,7 +661,4 @@ def restore_model(spark: Any, settings: ModelerSettings, restored: pub.Restored)
         log.warning("MODEL_RANK=%d ignored: the stored model has rank %d (rebuild to change it)",
                     settings.model_rank, meta.rank)
     kwargs.setdefault("state_store", settings.state_store)
-    return StreamingALS.restore(
-        sc, sc.parallelize(users, slices), sc.parallelize(items, slices),
-        meta.mu, meta.ratings_seen, extra, **ranking_kw, **kwargs,
-    )
+    return StreamingALS.restore(sc, users, items, meta.mu, meta.ratings_seen, extra, **ranking_kw, **kwargs)

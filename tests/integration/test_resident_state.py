@@ -13,7 +13,7 @@ import pytest
 
 from common.synthetic import generate
 from modeler.spark import resident
-from modeler.spark.streaming_als import StreamingALS
+from modeler.spark.streaming_als import StreamingALS, row_blocks
 
 pytestmark = pytest.mark.spark
 
@@ -132,8 +132,8 @@ def test_a_lost_server_between_batches_is_rebuilt_for_a_read_too(spark):
 def test_a_restore_built_in_the_state_server_from_pieces_equals_the_cached_rdd_layouts(spark, partitions):
     """The restored partitions are built where they live, from pieces of rows (here ~20 rows
     a piece, so every partition takes several): the same model as the cached-RDD layout's
-    restore (one piece a partition), and the pieces rebuild a server lost before the first
-    snapshot."""
+    restore (one piece a partition, from RowBlocks rather than a tuple per row), and the
+    pieces rebuild a server lost before the first snapshot."""
     sc = spark.sparkContext
     rows = _stream(900, seed=37)
     trained = _model("rdd", partitions)
@@ -141,16 +141,21 @@ def test_a_restore_built_in_the_state_server_from_pieces_equals_the_cached_rdd_l
         trained.train(sc.parallelize(rows[start:start + 150], 2))
     state = trained.state()
 
-    def collected(rdd):
-        return sc.parallelize([(k, (b, np.asarray(v, np.float32), c)) for k, (b, v, c) in rdd.collect()], 2)
+    def collected(rdd, blocks: bool):
+        rows = [(k, (b, np.asarray(v, np.float32), c)) for k, (b, v, c) in rdd.collect()]
+        if blocks:  # as the service restores: RowBlocks of up to 16 rows
+            return sc.parallelize(row_blocks([r[0] for r in rows], np.asarray([r[1][0] for r in rows]),
+                                             np.asarray([r[1][1] for r in rows]), [r[1][2] for r in rows],
+                                             size=16), 2)
+        return sc.parallelize(rows, 2)
 
-    def restored(store: str, chunk: int) -> StreamingALS:
+    def restored(store: str, chunk: int, blocks: bool) -> StreamingALS:
         return StreamingALS.restore(
-            sc, collected(state.users), collected(state.items), state.mu, state.ratings_seen,
-            state.extra, ranking_user_rdd=collected(state.ranking_users),
-            ranking_item_rdd=collected(state.ranking_items), state_store=store, snapshot_chunk_bytes=chunk)
+            sc, collected(state.users, blocks), collected(state.items, blocks), state.mu, state.ratings_seen,
+            state.extra, ranking_user_rdd=collected(state.ranking_users, blocks),
+            ranking_item_rdd=collected(state.ranking_items, blocks), state_store=store, snapshot_chunk_bytes=chunk)
 
-    res, ref = restored("resident", 2048), restored("rdd", 1 << 30)
+    res, ref = restored("resident", 2048, False), restored("rdd", 1 << 30, True)
     np.testing.assert_array_equal(res.gram_items, ref.gram_items)
     np.testing.assert_allclose(res.gram_items, trained.gram_items, atol=1e-9)  # recomputed from the rows
     _same(_everything(res), _everything(ref))
