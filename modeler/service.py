@@ -61,6 +61,7 @@ from modeler.publishing import (  # noqa: F401 - ranking_meta, version_models: r
     version_models,
 )
 from modeler.search_service import SearchModel, new_search_model, restore_search_model
+from modeler.workerheap import trim
 
 if TYPE_CHECKING:
     from modeler.search_service import SearchStats
@@ -283,6 +284,8 @@ class ModelerService:
                 "restored version %d (%d ratings seen, %d users, %d items), resuming at %s",
                 meta.version, meta.ratings_seen, meta.n_users, meta.n_items, self.offsets,
             )
+            del restored
+            trim()  # the version's rows as read from Redis: ~40% of the driver's memory at ~190k keys
         elif s.model_candidates:
             if s.bootstrap_ratings:
                 log.warning("MODELER_BOOTSTRAP_RATINGS is ignored with MODEL_CANDIDATES (the candidates start cold)")

@@ -1,4 +1,4 @@
-"""Keeps a Spark Python worker's cyclic garbage collector off its long-lived heap.
+"""Keeps a Spark Python worker's garbage collector off its long-lived heap, and trims its C heap after a big task.
 
 PySpark's daemon runs ``gc.collect()`` after every task a reused worker finishes. A worker
 that has imported numpy, pyspark, kafka and redis holds ~58k container objects (functions,
@@ -20,6 +20,8 @@ worker process. Standard library only: importable in any worker.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 
 # Calls of settle() on which the heap is frozen (counted per process).
@@ -39,3 +41,23 @@ def settle() -> None:
 def calls() -> int:
     """How many times :func:`settle` ran in this process."""
     return _calls
+
+
+def trim() -> None:
+    """Hand the C heap's free pages back to the kernel (glibc's ``malloc_trim``; nothing
+    where there is none). For the end of a one-off task that allocated a lot (a restore):
+    a reused worker otherwise keeps that memory for the rest of its life (measured: ~120 MiB
+    more in the workers after a restart at ~190k keys)."""
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _libc = ctypes.CDLL(name) if name else False
+        except OSError:
+            _libc = False
+    if _libc and hasattr(_libc, "malloc_trim"):
+        gc.collect()
+        _libc.malloc_trim(0)
+
+
+_libc: ctypes.CDLL | bool | None = None

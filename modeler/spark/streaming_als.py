@@ -122,7 +122,7 @@ from modeler.core.ranking import (
 )
 from modeler.spark import resident
 from modeler.spark.resident import StateLost, Token
-from modeler.workerheap import settle
+from modeler.workerheap import settle, trim
 
 log = logging.getLogger(__name__)
 
@@ -2178,9 +2178,12 @@ def _row_moments(params: ALSParams):
         rows = {r.side: r for r in _sorted_rows(part, recs, ranks)}
         empty = _Rows(-1, [], np.zeros(0, np.float32), np.zeros((0, 1), np.float32), np.zeros(0, np.int64))
         u, i, ru, ri = (rows.get(k, empty) for k in range(4))
-        yield (second_moment(u.vec, u.counts), second_moment(i.vec, i.counts),
+        out = (second_moment(u.vec, u.counts), second_moment(i.vec, i.counts),
                second_moment(ru.vec, ru.counts), second_moment(ri.vec, ri.counts),
                (gramian(ru.vec), float(len(ru))), (gramian(ri.vec), float(len(ri))))
+        del part, recs, rows, u, i, ru, ri
+        trim()
+        yield out
 
     return run
 
@@ -2247,9 +2250,12 @@ def _row_chunks(params: ALSParams, seeding: _Seeding | None, chunk_bytes: int):
                     room = chunk_bytes
         if not pieces[-1] and len(pieces) > 1:
             pieces.pop()
+        del rows
         for seq, piece in enumerate(pieces):
             yield pid, RowChunk(seq, seq == len(pieces) - 1, tuple(piece), seeding,
                                 first=part if seq == 0 else None, sizes=sizes if seq == 0 else ())
+        del pieces
+        trim()
 
     return run
 
