@@ -86,6 +86,11 @@ class ModelerSettings(CommonSettings):
     keep_versions: int = Field(3, validation_alias=renamed("MODELER_KEEP_VERSIONS", was="KEEP_VERSIONS"), ge=2)
     max_segment_chain: int = Field(
         8, validation_alias=renamed("MODELER_MAX_SEGMENT_CHAIN", was="MAX_SEGMENT_CHAIN"), ge=1)
+    # ... but only once the deltas since the last full segment hold this share of its
+    # records (0: always at the cap); a chain never grows past 8 × the cap. On a large model
+    # each delta is a small share of it, so a full segment (the whole model, a spike in the
+    # batch that writes it) is written every ~1/share × model / delta versions, not every 8.
+    full_segment_share: float = Field(1.0, alias="MODELER_FULL_SEGMENT_SHARE", ge=0.0)
     # A replaced version stays readable at least this long (readers finishing a read).
     gc_min_age_s: float = Field(5.0, validation_alias=renamed("MODELER_GC_MIN_AGE_S", was="GC_MIN_AGE_S"), ge=0.0)
     # Items in the published popular list (the fallback for unknown users).

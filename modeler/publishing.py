@@ -65,6 +65,10 @@ class Chain:
     segments: list[int] = field(default_factory=list)
     popular: list[tuple[str, int]] = field(default_factory=list)
     need_full: bool = True
+    # Records of the chain's full segment and of its deltas since (0, 0 after a restore:
+    # unknown, so the chain's cap decides alone until the next full segment).
+    full_records: int = 0
+    delta_records: int = 0
 
 
 class ModelCounts(NamedTuple):
@@ -120,8 +124,9 @@ class PublishFlow:
         chain of deltas is at its cap, or a search's leader switched on this batch (a version
         never mixes two candidates' rows; unknown while ``planning``, before the batch)."""
         switched = not planning and isinstance(model, SearchModel) and model.switched
-        return pub.segment_is_full(self.chain.need_full, ours, len(self.chain.segments),
-                                   self.settings.max_segment_chain, switched)
+        c = self.chain
+        return pub.segment_is_full(c.need_full, ours, len(c.segments), self.settings.max_segment_chain, switched,
+                                   c.delta_records, c.full_records, self.settings.full_segment_share)
 
     def plan(self, model: Model, version: int) -> pub.PublishPlan:
         """Full or delta, decided once per attempt: before training for the single model,
@@ -272,7 +277,9 @@ class PublishFlow:
             segments.remove(version)
             meta.segments = tuple(segments)
         publisher.publish(meta, entry, popular, model_state(model), search.to_json() if search is not None else None)
-        self.chain = Chain(version, segments, popular, need_full=False)
+        self.chain = Chain(version, segments, popular, need_full=False,
+                           full_records=written if full else chain.full_records,
+                           delta_records=0 if full else chain.delta_records + written)
         try:
             publisher.collect_garbage(s.gc_min_age_s)
         except Exception as exc:  # a failed GC is retried after the next batch

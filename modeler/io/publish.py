@@ -313,11 +313,22 @@ class PublishPlan(NamedTuple):
         return self._replace(sink=None)
 
 
-def segment_is_full(need_full: bool, ours: bool, chain: int, max_chain: int, switched: bool = False) -> bool:
+#: A chain of deltas never grows past this many times ``MODELER_MAX_SEGMENT_CHAIN``.
+CHAIN_HARD_CAP = 8
+
+
+def segment_is_full(need_full: bool, ours: bool, chain: int, max_chain: int, switched: bool = False,
+                    delta_records: int = 0, full_records: int = 0, share: float = 0.0) -> bool:
     """A segment must hold the whole model when: nothing was published yet (or a restore
-    asks for it), Redis no longer holds our chain, the chain of deltas is at its cap, or a
-    search's leader switched (a version never mixes two candidates' rows)."""
-    return need_full or not ours or chain >= max_chain or switched
+    asks for it), Redis no longer holds our chain, a search's leader switched (a version
+    never mixes two candidates' rows), or the chain of deltas is at its cap and they hold
+    ``share`` × the records of the last full segment (``delta_records`` against
+    ``full_records``). Below that share the chain grows, to :data:`CHAIN_HARD_CAP` × the
+    cap: a full segment costs the model, a delta what a batch touched, so on a large model
+    full segments come about every ``share × full / delta`` versions instead of every cap."""
+    if need_full or not ours or switched or chain >= CHAIN_HARD_CAP * max_chain:
+        return True
+    return chain >= max_chain and delta_records >= share * full_records
 
 
 def merge_popular(

@@ -71,7 +71,8 @@ def test_replayed_ratings_become_consistent_versions(spark, bootstrap, topic, re
     producer.flush()
     producer.close()
     settings = settings_for(bootstrap, topic, redis_url, redis_prefix, MODELER_BATCH_MAX_RECORDS=500,
-                            MODELER_MAX_SEGMENT_CHAIN=3, MODELER_KEEP_VERSIONS=2, MODELER_GC_MIN_AGE_S=0)
+                            MODELER_MAX_SEGMENT_CHAIN=3, MODELER_FULL_SEGMENT_SHARE=0,
+                            MODELER_KEEP_VERSIONS=2, MODELER_GC_MIN_AGE_S=0)
     client = redis.Redis.from_url(redis_url)
     sub = client.pubsub()
     sub.subscribe(f"{redis_prefix}:events")

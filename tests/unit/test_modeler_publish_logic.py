@@ -52,6 +52,12 @@ def test_full_or_delta_is_one_rule():
     assert segment_is_full(False, False, 3, 8)  # Redis lost our chain
     assert segment_is_full(False, True, 8, 8)  # the chain is at its cap
     assert segment_is_full(False, True, 3, 8, switched=True)  # a search's leader switched
+    # At the cap, with a share: full once the deltas hold that share of the full's records.
+    assert not segment_is_full(False, True, 8, 8, delta_records=499, full_records=1000, share=0.5)
+    assert segment_is_full(False, True, 8, 8, delta_records=500, full_records=1000, share=0.5)
+    assert not segment_is_full(False, True, 7, 8, delta_records=5000, full_records=1000, share=0.5)
+    assert segment_is_full(False, True, 64, 8, delta_records=1, full_records=1000, share=0.5)  # hard cap
+    assert segment_is_full(False, True, 8, 8, delta_records=0, full_records=0, share=1.0)  # after a restore
     plan = PublishPlan(7, False, SegmentSink("redis://x", "p", 7, False))
     retry = plan.without_sink()
     assert (retry.version, retry.full, retry.sink) == (7, False, None)
