@@ -83,8 +83,9 @@ def write_partition(
     chunk: int = 5000,
     rated_cap: int = 0,
 ) -> Iterator[tuple[int, list[tuple[str, int]], list[tuple[str, int]]]]:
-    """``mapPartitions`` body writing columnar chunks; yields ``(rows written, top items,
-    top items of the ranking model)``.
+    """``mapPartitions`` body writing columnar chunks; yields ``(factor rows written (not the
+    search rows nor the rated entries: what the full-or-delta rule weighs), top items, top
+    items of the ranking model)``.
 
     Chunks (one per model or batch partition, so Spark moves a few numpy arrays, not a
     tuple per row):
@@ -155,9 +156,7 @@ def write_partition(
                     pipe.hset(keys.search_counts(segment, kind), mapping=dict(zip(fields[start:end], text[start:end])))
                 pending += len(ids)
             elif tag == RATED:
-                n_rated = _write_rated_record(pipe, keys, rec, segment, rated_cap)
-                n += n_rated
-                pending += n_rated
+                pending += _write_rated_record(pipe, keys, rec, segment, rated_cap)
             else:
                 raise ValueError(f"unknown record tag {tag!r}")
             if pending >= 4 * chunk:
@@ -290,7 +289,7 @@ class SegmentSink:
 
 
 class WriteResult(NamedTuple):
-    """One partition's answer of :func:`write_partition`: rows written, and the top items by
+    """One partition's answer of :func:`write_partition`: factor rows written, and the top items by
     count among the item rows it wrote (explicit model, ranking model)."""
 
     written: int

@@ -73,7 +73,7 @@ def test_write_partition_caps_by_the_segment_it_writes(redis_url, redis_client, 
         rec = (pub.RATED, ["u"] * 2, [f"s{segment}a", f"s{segment}b"], [4.0, 3.0], ["u"], [f"s{segment}e"], [1.0])
         written, _, _ = next(pub.write_partition([rec], redis_url, keys.prefix, segment,
                                                  rated_cap=4))
-        assert written == 3
+        assert written == 0  # rated entries are not factor rows (the full-or-delta rule's measure)
     kept = _hash(redis_client, keys, "u")
     assert set(kept) == {"s3a", "s3b", "s3e", "s2e"}
     assert set(_order(redis_client, keys, "u").values()) == {2.0, 3.0}
