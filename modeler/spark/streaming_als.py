@@ -596,7 +596,10 @@ def _gather_ranking(params: ALSParams, part: _RankPart, blocks: list[Routed], ba
         probes, hits = run_probe(part.users, part.items, part.seen, ev_u.tolist(), ev_i.tolist(),
                                  ev_t, ev_w > 0, params.ranking_probe_size, params.seed)
 
-    def rows(table: FactorTable, keys: np.ndarray):
+    def rows(table: FactorTable, keys: np.ndarray, solve: list[str] | None = None):
+        """The working set's rows of ``keys``; statistics only for the keys in ``solve``
+        (all when None): a partner of a solved key's history is read for its vector only,
+        and copying (and scanning) its rank × rank statistics was a fifth of this pass."""
         ids, r = _rows_of(table, keys)
         known = r >= 0
         vec = np.zeros((len(ids), table.rank), dtype=np.float32)
@@ -605,6 +608,8 @@ def _gather_ranking(params: ALSParams, part: _RankPart, blocks: list[Routed], ba
         if len(fresh):
             vec[fresh] = ranking_init([ids[j] for j in fresh], table.rank, params.seed, params.init_scale)
         count = np.where(known, table.count[np.maximum(r, 0)] if len(table) else 0, 0)
+        if solve is not None:
+            r = np.where(np.isin(np.asarray(ids, dtype=str), np.asarray(solve, dtype=str)), r, -1)
         return ids, vec, known, count, table.stats(r)
 
     history = None
@@ -624,11 +629,13 @@ def _gather_ranking(params: ALSParams, part: _RankPart, blocks: list[Routed], ba
 
         history = RankHistory(u_plan.solve, only(u_plan.history, u_plan.solve), u_plan.extended,
                               i_plan.solve, only(i_plan.history, i_plan.solve), i_plan.extended)
+        u_solve, i_solve = u_plan.solve, i_plan.solve
     else:
         user_keys = np.concatenate([ev_u[ev_w > 0], rep_u])
         item_keys = np.concatenate([here_i, mirror_i])
-    u_ids, uv, uk, uc, ust = rows(part.users, user_keys)
-    i_ids, iv, ik, ic, ist = rows(part.items, item_keys)
+        u_solve = i_solve = None
+    u_ids, uv, uk, uc, ust = rows(part.users, user_keys, u_solve)
+    i_ids, iv, ik, ic, ist = rows(part.items, item_keys, i_solve)
     return RankGathered(u_ids, uv, uk, uc, ust, i_ids, iv, ik, ic, ist, ev_u, ev_i, ev_w, ev_t,
                         rep_u, rep_i, rep_c, sum(b.n_implicit for b in blocks), probes, hits,
                         _cat([b.ev_implicit for b in blocks], bool), history)
@@ -768,8 +775,9 @@ def _learn_ranking(params: ALSParams, carry: RankingCarry, msgs: Sequence[Gather
         stats.update({"r_new_users": int((~u_known).sum()), "r_new_items": int((~i_known).sum()),
                       "r_refused": out.refused, "r_d_gram_users": out.d_gram_users,
                       "r_d_gram_items": out.d_gram_items})
-        u_vec, i_vec, u_st, i_st = users.vec, items.vec, users.stats(np.arange(len(u_ids))), \
-            items.stats(np.arange(len(i_ids)))
+        # Statistics of the solved rows only (the others were not changed, and hold none here).
+        u_at, i_at = np.flatnonzero(solved_u), np.flatnonzero(solved_i)
+        u_vec, i_vec, u_st, i_st = users.vec, items.vec, users.stats(u_at), items.stats(i_at)
         u_inc = np.bincount(u_rows[:n_pos], minlength=len(u_ids))
         i_inc = np.bincount(i_rows[:n_pos], minlength=len(i_ids))
         if params.ranking_history <= 0:
@@ -781,6 +789,7 @@ def _learn_ranking(params: ALSParams, carry: RankingCarry, msgs: Sequence[Gather
         u_ids, i_ids = [], []
         u_vec = i_vec = np.zeros((0, rank), dtype=np.float32)
         u_st = i_st = RowStats.zeros(0, rank)
+        u_at = i_at = np.zeros(0, dtype=np.int64)
         u_inc = i_inc = np.zeros(0, dtype=np.int64)
         prio, keep = np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=bool)
         solved_u = solved_i = np.zeros(0, dtype=bool)
@@ -795,11 +804,12 @@ def _learn_ranking(params: ALSParams, carry: RankingCarry, msgs: Sequence[Gather
     out_msgs = []
     for p in range(P):
         su, si, ru, ri, se = u_pid == p, i_pid == p, ku_pid == p, ki_pid == p, ev_pid == p
+        st_u, st_i = su[u_at], si[i_at]  # this partition's share of the solved rows' statistics
         su, si = su & solved_u, si & solved_i
         sim = se & ev_imp
         h = ext_of.get(p)
-        out_msgs.append(RankLearned(u_arr[su].tolist(), u_vec[su], u_inc[su], u_st.select(su),
-                                    i_arr[si].tolist(), i_vec[si], i_inc[si], i_st.select(si),
+        out_msgs.append(RankLearned(u_arr[su].tolist(), u_vec[su], u_inc[su], u_st.select(st_u),
+                                    i_arr[si].tolist(), i_vec[si], i_inc[si], i_st.select(st_i),
                                     (ku[ru], ki[ru], kc[ru], kp[ru]), (ki[ri], kp[ri]), keep_frac,
                                     ev_u[se], ev_i[se], ev_u[sim], ev_i[sim], ev_w[sim],
                                     h.u_ext if h is not None else None,
