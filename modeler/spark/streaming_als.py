@@ -808,13 +808,19 @@ def _learn_ranking(params: ALSParams, carry: RankingCarry, msgs: Sequence[Gather
         su, si = su & solved_u, si & solved_i
         sim = se & ev_imp
         h = ext_of.get(p)
-        out_msgs.append(RankLearned(u_arr[su].tolist(), u_vec[su], u_inc[su], u_st.select(st_u),
-                                    i_arr[si].tolist(), i_vec[si], i_inc[si], i_st.select(st_i),
+        out_msgs.append(RankLearned(u_arr[su].tolist(), u_vec[su], u_inc[su], _share(u_st, st_u),
+                                    i_arr[si].tolist(), i_vec[si], i_inc[si], _share(i_st, st_i),
                                     (ku[ru], ki[ru], kc[ru], kp[ru]), (ki[ri], kp[ri]), keep_frac,
                                     ev_u[se], ev_i[se], ev_u[sim], ev_i[sim], ev_w[sim],
                                     h.u_ext if h is not None else None,
                                     h.i_ext if h is not None else None))
     return out_msgs
+
+
+def _share(st: RowStats, mask: np.ndarray) -> RowStats:
+    """The rows of ``st`` where ``mask`` holds; ``st`` itself when that is all of them (one
+    partition: a fresh copy made for the message, not copied again)."""
+    return st if mask.all() else st.select(mask)
 
 
 def _work_table(rank: int, vec: np.ndarray, count: np.ndarray, st: RowStats) -> FactorTable:
