@@ -165,10 +165,11 @@ def test_the_side_by_side_task_reuses_its_python_workers(spark) -> None:
 
         return os.getppid()  # the worker's parent: PySpark's worker daemon
 
-    batches = _batches(n_batches=8, size=200)
+    batches = _batches(n_batches=12, size=200)
     sbs.train(sc.parallelize(batches[0], 2), sink=_daemon_pid)
     daemon, = sbs.last_sink_results
-    seen = set(_children(daemon))
+    before = set(_children(daemon))
+    seen = set(before)
     done = threading.Event()
 
     def watch() -> None:
@@ -184,5 +185,8 @@ def test_the_side_by_side_task_reuses_its_python_workers(spark) -> None:
     finally:
         done.set()
         t.join()
-    # local[2] runs at most two workers at once; reused, they are all the batches ever see.
-    assert len(seen) <= 3, sorted(seen)
+    # Not reused, every batch forks a fresh worker (11 here). Reused, the workers of the first
+    # batch serve the rest; on a loaded machine a task now and then starts before a worker is
+    # back in the daemon's pool, and the daemon forks one more (3 of 7 batches once in CI).
+    forked = seen - before
+    assert len(forked) <= 5, (sorted(before), sorted(forked))
