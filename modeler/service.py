@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from common.errors import StreamrecError
 from common.feedback import Weighting
 from modeler.config import ModelerSettings
+from modeler.io import kafka_read
 from modeler.io import kafka_source as ks
 from modeler.io import publish as pub
 from modeler.metrics import ModelerMetrics
@@ -234,6 +235,7 @@ class ModelerService:
         finally:
             self.publisher.release_lease(self.token)
             self.admin.close()
+            kafka_read.close_clients(self.settings.kafka_bootstrap_servers)
             log.info("modeler stopped at version %d", self.version)
 
     # ------------------------------------------------------------------ start / restore

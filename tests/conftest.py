@@ -3,6 +3,7 @@ SparkSession for the whole run. Each test isolates itself by key prefix / topic 
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -71,6 +72,11 @@ def keys(redis_prefix: str):
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
     proc = start_broker(workdir=tmp_path_factory.mktemp("broker"))
     yield proc
+    # Clients a test left open would retry the stopped broker, logging, until the worker exits.
+    from modeler.io.kafka_read import close_clients
+
+    close_clients(proc.url)
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
     proc.stop()
 
 

@@ -138,7 +138,9 @@ def _producer(bootstrap: str) -> Any:
     return p
 
 
-def _drop_clients(bootstrap: str) -> None:
+def close_clients(bootstrap: str) -> None:
+    """Close this process's cached reader, fetcher and dead-letter producer of ``bootstrap``
+    (after an error, so the next read starts clean; and when the modeler stops)."""
     from modeler.io.kafka_fetch import drop_fetcher
 
     drop_fetcher(bootstrap)
@@ -318,7 +320,7 @@ def read_range(
             block.i_users, block.i_items, block.i_weights, block.i_timestamps = [], [], [], []
         sink.flush()
     except Exception:
-        _drop_clients(bootstrap)
+        close_clients(bootstrap)
         raise
     block.read_seconds = time.perf_counter() - t0
     return block

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
         return 0
     finally:
-        kr._drop_clients(broker.url)
+        kr.close_clients(broker.url)
         broker.stop()
 
 
