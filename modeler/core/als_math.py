@@ -222,12 +222,13 @@ def fold_statistics(mu: float, rates: np.ndarray, rows: np.ndarray, table: Facto
     fold_runs(table, g, q_vec, gram_w, rhs_w, group_mass(g, w), forgetting)
 
 
-def seed_statistics(table: FactorTable, partner_moment: np.ndarray, reg_param: float) -> None:
-    """Statistics for rows that have learned ratings but carry none (a model restored from
-    factors and counts, or started from batch ALS): A = N·C with C the count-weighted mean
-    of Q Qᵀ over the partner side, N the row's count, and m = (A + λN I) V, so the row's
-    ridge solution is its current vector until new ratings arrive."""
-    need = np.flatnonzero((table.mass == 0) & (table.count > 0))
+def seed_statistics(table: FactorTable, partner_moment: np.ndarray, reg_param: float, start: int = 0) -> None:
+    """Statistics for rows (from row ``start`` on) that have learned ratings but carry none
+    (a model restored from factors and counts, or started from batch ALS): A = N·C with C
+    the count-weighted mean of Q Qᵀ over the partner side, N the row's count, and
+    m = (A + λN I) V, so the row's ridge solution is its current vector until new ratings
+    arrive."""
+    need = start + np.flatnonzero((table.mass[start:] == 0) & (table.count[start:] > 0))
     if not len(need):
         return
     count = table.count[need].astype(np.float64)

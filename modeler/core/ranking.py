@@ -274,11 +274,13 @@ def learn_ranking_batch(params: Any, n_new: int, conf: np.ndarray, u_rows: np.nd
 
 
 def seed_ranking_statistics(table: FactorTable, partner_moment: np.ndarray, gram_other: np.ndarray,
-                            mean_conf_minus_1: float, reg_param: float, reg_scaling: str) -> None:
-    """Statistics for rows with positives but none stored (a restored model): A = N (c̄−1) C
-    with C the count-weighted mean q qᵀ of the partner side, and b = (G_other + A + λ_k I) x,
-    so a row's solution is its current vector until new positives arrive."""
-    need = np.flatnonzero((table.mass == 0) & (table.count > 0))
+                            mean_conf_minus_1: float, reg_param: float, reg_scaling: str,
+                            start: int = 0) -> None:
+    """Statistics for rows (from row ``start`` on) with positives but none stored (a restored
+    model): A = N (c̄−1) C with C the count-weighted mean q qᵀ of the partner side, and
+    b = (G_other + A + λ_k I) x, so a row's solution is its current vector until new
+    positives arrive."""
+    need = start + np.flatnonzero((table.mass[start:] == 0) & (table.count[start:] > 0))
     if not len(need):
         return
     count = table.count[need].astype(np.float64)

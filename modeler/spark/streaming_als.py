@@ -2067,21 +2067,22 @@ class _Seeding(NamedTuple):
     params: ALSParams
     mean_conf_minus_1: float
 
-    def apply(self, part: _Part) -> None:
-        """Seed, in place, the rows of ``part`` that have a count but no statistics yet."""
+    def apply(self, part: _Part, start: dict[int, int]) -> None:
+        """Seed, in place, the rows of ``part`` from ``start[side]`` on (the rows a piece
+        appended) that have a count but no statistics yet."""
         def mean(m):
             return m[0] / m[1] if m[1] else m[0]
 
         p, m = self.params, self.moments
         if p.vector_step == "rls":
-            seed_statistics(part.users, mean(m[1]), p.reg_param)
-            seed_statistics(part.items, mean(m[0]), p.reg_param)
+            seed_statistics(part.users, mean(m[1]), p.reg_param, start[0])
+            seed_statistics(part.items, mean(m[0]), p.reg_param, start[1])
         rk = part.ranking
         if rk is not None:
             seed_ranking_statistics(rk.users, mean(m[3]), m[5][0], self.mean_conf_minus_1,
-                                    p.ranking_reg_param, p.ranking_reg_scaling)
+                                    p.ranking_reg_param, p.ranking_reg_scaling, start[2])
             seed_ranking_statistics(rk.items, mean(m[2]), m[4][0], self.mean_conf_minus_1,
-                                    p.ranking_reg_param, p.ranking_reg_scaling)
+                                    p.ranking_reg_param, p.ranking_reg_scaling, start[3])
 
 
 def _tables_of(part: _Part) -> dict[int, FactorTable]:
@@ -2234,10 +2235,11 @@ class RowChunk:
             for side, n in self.sizes:
                 _tables_of(part)[side].reserve(n)
         tables_ = _tables_of(part)
+        start = {side: len(t) for side, t in tables_.items()}
         for r in self.rows:
             tables_[r.side].add_rows(r.ids, r.bias, r.vec, r.counts)
         if self.seeding is not None:
-            self.seeding.apply(part)
+            self.seeding.apply(part, start)
         return part
 
 
