@@ -35,7 +35,7 @@ up: bootstrap
 	$(PY) -m devstack up $(if $(RATINGS_FILE),--ratings $(RATINGS_FILE),) $(if $(FRESH),--fresh,)
 
 test: bootstrap
-	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) $(PYTEST_ARGS)
 
 test-fast: bootstrap
 	$(PY) -m pytest -m "unit" $(PYTEST_ARGS)

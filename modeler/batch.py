@@ -1026,24 +1026,10 @@ def _ship_packages(sc) -> None:
     sc.addPyFile(str(target))
 
 
-def run_job(spark, cfg: JobConfig) -> Report:
-    """Read, index, grid-search, recommend, export and publish as ``cfg`` says; the report.
-
-    Raises :class:`DatasetError` for bad input, :class:`PublishRefused`, :class:`BatchError`.
-    """
-    started = time.perf_counter()
-    if cfg.fmt not in FORMATS:
-        raise BatchError(f"--format must be one of {', '.join(FORMATS)}, not {cfg.fmt!r}")
-    if cfg.layout == "arrays" and cfg.fmt == "csv":
-        raise BatchError("--layout arrays needs --format parquet or json (CSV has no arrays)")
-    if cfg.out is None and not cfg.publish:
-        raise BatchError("nothing to do: give --out DIR and/or --publish")
+def read_and_index(spark, cfg: JobConfig, report: Report) -> tuple[Indexed, bool]:
+    """The job's first step: read ``cfg.input``, weigh and index its pairs (cached); fills the
+    report's input fields. Returns ``(indexed, implicit)``. Raises :class:`DatasetError`."""
     spec = detect_input(cfg.input)
-    report = Report(input=cfg.input)
-    sc = spark.sparkContext
-    _ship_packages(sc)
-    report.spark = {"master": sc.master, "default_parallelism": sc.defaultParallelism, "version": spark.version}
-
     t0 = time.perf_counter()
     parsed = read_input(spark, spec, cfg.scale, cfg.max_weight, cfg.skip_bad)
     implicit = cfg.implicit if cfg.implicit is not None else parsed.kind == "event"
@@ -1060,7 +1046,26 @@ def run_job(spark, cfg: JobConfig) -> Report:
     report.durations["read_index_s"] = round(time.perf_counter() - t0, 2)
     log.info("%s: %d rows (%s, %s) -> %d pairs, %d users, %d items; %s model", cfg.input, report.rows,
              report.format, parsed.kind, report.pairs, report.users, report.items, report.model)
+    return indexed, implicit
 
+
+def run_job(spark, cfg: JobConfig) -> Report:
+    """Read, index, grid-search, recommend, export and publish as ``cfg`` says; the report.
+
+    Raises :class:`DatasetError` for bad input, :class:`PublishRefused`, :class:`BatchError`.
+    """
+    started = time.perf_counter()
+    if cfg.fmt not in FORMATS:
+        raise BatchError(f"--format must be one of {', '.join(FORMATS)}, not {cfg.fmt!r}")
+    if cfg.layout == "arrays" and cfg.fmt == "csv":
+        raise BatchError("--layout arrays needs --format parquet or json (CSV has no arrays)")
+    if cfg.out is None and not cfg.publish:
+        raise BatchError("nothing to do: give --out DIR and/or --publish")
+    report = Report(input=cfg.input)
+    sc = spark.sparkContext
+    _ship_packages(sc)
+    report.spark = {"master": sc.master, "default_parallelism": sc.defaultParallelism, "version": spark.version}
+    indexed, implicit = read_and_index(spark, cfg, report)
     model, mu = train_and_choose(spark, indexed, implicit, cfg, report)
 
     staging = Staging(cfg.out) if cfg.out else None

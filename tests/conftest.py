@@ -20,11 +20,43 @@ ML_SMALL = SHARED_DATA / "ml-latest-small"
 _DIR_MARKERS = {"unit": "unit", "integration": "integration", "e2e": "e2e"}
 
 
+# The files that take longest (seconds on the 2-core CI machine, both workers busy; from
+# `pytest --junitxml`, 2026-12-04). `make test` runs the files on two workers, a file whole on
+# one (`--dist loadfile`), handed out in collection order (`--no-loadscope-reorder`; xdist's
+# own order is by number of tests, which put the one-test, three-minute files last and left
+# one worker alone with them for minutes). Longest first is the classic greedy schedule: the
+# run ends on short files. A stale figure costs some balance, never a result.
+_FILE_SECONDS = {
+    "tests/integration/test_batch_job.py": 255,
+    "tests/integration/test_batch_cluster.py": 195,
+    "tests/integration/test_deploy_image_runs.py": 160,
+    "tests/integration/test_modeler_crash.py": 150,
+    "tests/integration/test_resident_state.py": 110,
+    "tests/integration/test_streaming_als.py": 105,
+    "tests/integration/test_batch_publish.py": 100,
+    "tests/integration/test_bootstrap_evaluate.py": 70,
+    "tests/integration/test_cluster_mode.py": 65,
+    "tests/integration/test_predictor_fuzz.py": 50,
+    "tests/e2e/test_frontend_e2e.py": 50,
+    "tests/integration/test_search_service.py": 40,
+    "tests/integration/test_modeler_service.py": 40,
+    "tests/integration/test_modeler_ranking.py": 25,
+    "tests/integration/test_frontend_api.py": 25,
+    "tests/integration/test_frontend_page.py": 18,
+}
+
+
+def _file_of(item: pytest.Item) -> str:
+    return Path(str(item.fspath)).relative_to(ROOT).as_posix()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         parts = Path(str(item.fspath)).relative_to(ROOT).parts
         if len(parts) > 1 and parts[1] in _DIR_MARKERS:
             item.add_marker(_DIR_MARKERS[parts[1]])
+    # Stable: tests keep their order within a file, files without a figure keep theirs.
+    items.sort(key=lambda item: -_FILE_SECONDS.get(_file_of(item), 0))
 
 
 @pytest.fixture(scope="session")
