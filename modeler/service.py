@@ -317,6 +317,8 @@ class ModelerService:
                                    lambda: self.admin.beginning_offsets(missing))
             self.offsets.update(begin)
         self.backlog = dict.fromkeys(self.offsets)
+        if not isinstance(self.model, SearchModel):
+            self.model.snapshot_in_train = False  # taken after the publish (_snapshot_if_due)
         self._ready = True
 
     def _reset(self) -> None:
@@ -403,7 +405,22 @@ class ModelerService:
             self.dlq_total -= read.n_dlq
             trained.blocks.unpersist()
             return None
-        return self._observe(plan.version, t0, time.perf_counter() - t2, trained, published)
+        report = self._observe(plan.version, t0, time.perf_counter() - t2, trained, published)
+        self._snapshot_if_due()
+        return report
+
+    def _snapshot_if_due(self) -> None:
+        """After the flip: the resident model's snapshot, when one is due (see
+        ``StreamingALS.snapshot_if_due``). A failure here loses nothing (the batch is
+        published, the batches since the last snapshot are kept): it is logged and tried
+        again after the next batch."""
+        model = self._model
+        if isinstance(model, SearchModel) or model.snapshot_in_train:
+            return
+        try:
+            model.snapshot_if_due()
+        except Exception as exc:
+            log.warning("model snapshot failed (%s); trying again after the next batch", short(exc))
 
     @property
     def _model(self) -> Model:

@@ -95,21 +95,31 @@ def test_resident_partitions_give_the_cached_rdd_layouts_model_bit_for_bit(spark
 
 # Losses before the snapshot (after batch 3), just after it, and twice in a row; with 3
 # partitions (the multi-stage plan: a read finds the loss, the job fails) the first only.
-@pytest.mark.parametrize(("partitions", "kills"), [(1, (1, 3, 4)), (3, (1,))])
-def test_a_lost_state_server_is_rebuilt_and_no_rating_is_learned_twice_or_lost(spark, partitions, kills):
+# deferred: the snapshot is taken after train() (snapshot_if_due, as the service does once
+# the batch is published), not inside it; the kill at batch 3 then rebuilds from that snapshot.
+@pytest.mark.parametrize(("partitions", "kills", "deferred"), [(1, (1, 3, 4), True), (3, (1,), False)])
+def test_a_lost_state_server_is_rebuilt_and_no_rating_is_learned_twice_or_lost(spark, partitions, kills,
+                                                                                deferred):
     sc = spark.sparkContext
     rows = _stream(750, seed=29)
     res, ref = _model("resident", partitions, interval=3), _model("rdd", partitions)
-    killed = []
+    res.snapshot_in_train = not deferred
+    killed, snapshots = [], []
     for k, start in enumerate(range(0, len(rows), 150)):
         batch = rows[start:start + 150]
         if k in kills:
             killed.append(_kill_state_server(sc))
         res.train(sc.parallelize(batch, 2), sink=lambda u: len(u.batch_users))
         ref.train(sc.parallelize(batch, 2))
+        if deferred:
+            assert len(res._since) == (k + 1) - 3 * len(snapshots)  # train() took none
+            if res.snapshot_if_due():
+                snapshots.append(k)
+            assert not res.snapshot_if_due()  # once due, once taken
         # the sink saw the batch once: the rebuilt batches since the snapshot are not re-sunk
         assert sum(x for x in res.last_sink_results if x) == len(batch)
     assert len(set(killed)) == len(kills)  # a new server each time
+    assert snapshots == ([2] if deferred else [])  # every 3 batches: after the third
     assert res.recoveries == len(kills)
     assert res.ratings_seen == ref.ratings_seen == 750
     assert res.positives_seen == ref.positives_seen
