@@ -327,7 +327,12 @@ def collect_garbage(
             dead_keys.extend(segment_keys(s))
     pipe = client.pipeline(transaction=True)
     pipe.zrem(keys.versions, *[str(v) for v in doomed])
-    pipe.delete(*dead_keys)
+    # UNLINK, not DEL: the keys go at once, their memory is freed in Redis's background
+    # thread. A dropped full segment at ~210k keys holds hashes of ~200k fields each: DEL of
+    # three of them (users, ranking users, user counts) blocked Redis, so the publish and every
+    # predictor read, for 0.46 s; UNLINK took 2 ms. Batches two after a full segment had
+    # shown a 0.7-0.8 s publish.
+    pipe.unlink(*dead_keys)
     return int(pipe.execute()[1])
 
 

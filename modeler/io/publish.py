@@ -492,7 +492,7 @@ class Publisher:
         names = [self.keys.segment(segment, k) for k in KINDS]
         names += [self.keys.state(segment, n) for n in self.state_names]
         names += self.keys.search_keys(segment)
-        self.client.delete(*names)
+        self.client.unlink(*names)  # freed in Redis's background thread (see collect_garbage)
 
     def segment_exists(self, segment: int) -> bool:
         names = [self.keys.segment(segment, k) for k in KINDS] + self.keys.search_keys(segment)
